@@ -1,0 +1,34 @@
+"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s bench -- --quick``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+INSTALL = ["torch==2.13.0", "-e", ".[dev]"]
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The test suite (run in the current environment: torch wheels are large)."""
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy."""
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples")
+    session.run("mypy")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """The benchmark harness (``-- --quick`` for the three-minute version)."""
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session
+def install(session: nox.Session) -> None:
+    """A clean virtual environment with everything, as CI builds it."""
+    session.install(*INSTALL)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)

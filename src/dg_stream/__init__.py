@@ -1,0 +1,78 @@
+"""dg_stream: lossless speculative decoding with a diffusion drafter, as an async stream.
+
+``import dg_stream`` needs neither torch nor transformers; the local backend imports them when
+it is first used and says which extra to install when they are missing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._backends.base import Backend
+from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
+from ._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    DGStreamError,
+    GenerationError,
+    InvalidRequestError,
+    MissingDependencyError,
+    ModelLoadError,
+    OverloadedError,
+    StreamInterruptedError,
+    VocabularyMismatchError,
+)
+from ._generate import generate
+from ._stream import Completion, GenerationStream
+
+if TYPE_CHECKING:
+    from ._backends.local import LocalBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "Backend",
+    "Chunk",
+    "Completion",
+    "DGStreamError",
+    "FinishReason",
+    "GenerationError",
+    "GenerationRequest",
+    "GenerationStream",
+    "InvalidRequestError",
+    "LocalBackend",
+    "Message",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "OverloadedError",
+    "SamplingParams",
+    "SpeculativeConfig",
+    "Stats",
+    "StepStats",
+    "StreamInterruptedError",
+    "Usage",
+    "VocabularyMismatchError",
+    "__version__",
+    "generate",
+]
+
+_LAZY = {
+    "LocalBackend": ("._backends.local", "LocalBackend"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Heavy backends load on first access so that remote-only users never import torch.
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module_name, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dg_stream' has no attribute {name!r}")

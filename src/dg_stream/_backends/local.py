@@ -1,0 +1,158 @@
+"""The local backend: verifier and drafter in this process, steps on a worker thread."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from .._chunks import Chunk
+from .._config import GenerationRequest, SpeculativeConfig
+from .._errors import DGStreamError, GenerationError, ModelLoadError
+from .._loading import (
+    check_vocabularies,
+    is_causal_checkpoint,
+    load_causal_lm,
+    load_masked_lm,
+    load_tokenizer,
+    require_local_extra,
+    resolve_device_dtype,
+)
+
+__all__ = ["LocalBackend", "default_model_dir"]
+
+_DEFAULT = object()
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default pair lives inside the installed package."""
+    return Path(__file__).resolve().parent.parent / "default_model"
+
+
+class LocalBackend:
+    """Speculative decoding with local models.
+
+    ``verifier``: a path to a transformers causal-LM checkpoint or a loaded model.
+    ``drafter``: a masked-LM (diffusion) checkpoint path or model, a small causal-LM path or
+    model, ``"ngram"`` for prompt lookup, a ``Drafter`` object, or ``None`` for plain decoding.
+    ``block_size``, ``steps``, ``adaptive`` and ``confidence`` are defaults that each request
+    may override. Steps of all generations on one backend run one at a time (a capacity limiter
+    of one per backend), interleaved, each generation with its own cache.
+    """
+
+    def __init__(self, verifier: Any = None, drafter: Any = None, *, tokenizer: Any = None,
+                 drafter_tokenizer: Any = None, device: Any = None, dtype: Any = None,
+                 block_size: int = 8, steps: int = 1, adaptive: bool = False,
+                 confidence: float | None = None, window: int | None = None) -> None:
+        require_local_extra()
+        if verifier is None:
+            verifier = default_model_dir() / "verifier"
+            if drafter is None:
+                drafter = _DEFAULT
+        if drafter is _DEFAULT:
+            drafter = default_model_dir() / "drafter"
+        from .._engine import Engine
+        from .._verifier import Verifier
+
+        self.defaults = SpeculativeConfig(block_size=block_size, steps=steps, adaptive=adaptive,
+                                          confidence=confidence)
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        model, tok = self._verifier_and_tokenizer(verifier, tokenizer)
+        self.verifier = Verifier(model, tok)
+        self.tokenizer = tok
+        self.drafter = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
+        self.engine = Engine(self.verifier, self.drafter, tok, self.defaults)
+        self._limiter = anyio.CapacityLimiter(1)
+        self.model_name = str(verifier) if isinstance(verifier, (str, os.PathLike)) else type(model).__name__
+
+    @classmethod
+    def default(cls, drafter: Any = _DEFAULT, **options: Any) -> LocalBackend:
+        """The embedded default pair (``drafter=None``: verifier alone; ``"ngram"``: lookup)."""
+        return cls(default_model_dir() / "verifier", drafter, **options)
+
+    # -- construction -----------------------------------------------------------------------
+
+    def _verifier_and_tokenizer(self, verifier: Any, tokenizer: Any) -> tuple[Any, Any]:
+        if isinstance(verifier, (str, os.PathLike)):
+            model = load_causal_lm(verifier, self.device, self.dtype)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(verifier)
+        else:
+            model = verifier
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        return model, tokenizer
+
+    def _make_drafter(self, drafter: Any, drafter_tokenizer: Any, steps: int,
+                      confidence: float | None, window: int | None) -> Any:
+        from .._drafters import CausalDrafter, DiffusionDrafter, NgramDrafter
+
+        if drafter is None:
+            return None
+        if isinstance(drafter, str) and drafter == "ngram":
+            return NgramDrafter()
+        if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
+            return drafter  # already a Drafter
+        if isinstance(drafter, (str, os.PathLike)):
+            path = drafter
+            if drafter_tokenizer is None and (Path(path) / "tokenizer_config.json").exists():
+                drafter_tokenizer = load_tokenizer(path)
+            if is_causal_checkpoint(path):
+                drafter = load_causal_lm(path, self.device, self.dtype, what="drafter")
+            else:
+                drafter = load_masked_lm(path, self.device, self.dtype)
+        elif isinstance(drafter_tokenizer, (str, os.PathLike)):
+            drafter_tokenizer = load_tokenizer(drafter_tokenizer)
+        if not hasattr(drafter, "config"):
+            raise ModelLoadError(f"cannot use {type(drafter).__name__} as a drafter")
+        mask_id = self._mask_token_id(drafter, drafter_tokenizer)
+        ignore = frozenset({mask_id}) if mask_id is not None else frozenset()
+        check_vocabularies(self.tokenizer, drafter_tokenizer, self.verifier.vocab_size,
+                           int(drafter.config.vocab_size), ignore)
+        if type(drafter).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            return CausalDrafter(drafter)
+        if mask_id is None:
+            raise ModelLoadError("the diffusion drafter has no mask token: give its tokenizer a "
+                                 "mask_token or set config.mask_token_id")
+        return DiffusionDrafter(drafter, mask_token_id=mask_id, window=window, steps=steps,
+                                confidence=confidence, output_vocab_size=self.verifier.vocab_size)
+
+    def _mask_token_id(self, model: Any, drafter_tokenizer: Any) -> int | None:
+        for source in (drafter_tokenizer, model.config, self.tokenizer):
+            value = getattr(source, "mask_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                return value
+        return None
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Chunks of one generation; each step runs on a worker thread."""
+        session = self.engine.session(request)  # validates and tokenizes: no model work
+        try:
+            while True:
+                try:
+                    chunk = await anyio.to_thread.run_sync(session.step, limiter=self._limiter)
+                except DGStreamError:
+                    raise
+                except Exception as exc:
+                    raise GenerationError(f"model work failed: {exc!r}", text=session.text) from exc
+                if chunk is None:
+                    return
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            session.close()
+
+    async def aclose(self) -> None:
+        """Nothing to release beyond what each stream releases; present for the protocol."""
+        return None
+
+    def __repr__(self) -> str:
+        drafter = type(self.drafter).__name__ if self.drafter is not None else None
+        return f"LocalBackend(verifier={self.model_name!r}, drafter={drafter}, device={self.device})"

@@ -1,0 +1,89 @@
+"""Wire and result types: what a stream yields and what it reports when it ends."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = ["Chunk", "FinishReason", "Stats", "StepStats", "Usage"]
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class StepStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What one verifier call did: tokens drafted, drafts accepted, time spent."""
+
+    drafted: int = 0
+    accepted: int = 0
+    committed: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts, as OpenAI-compatible servers report them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """Totals for one generation.
+
+    ``mean_accepted`` counts accepted *draft* tokens per verifier call;
+    ``tokens_per_call`` also counts the verifier's own token (accepted + 1 on full calls).
+    """
+
+    verifier_calls: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    committed_tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted_tokens / self.verifier_calls if self.verifier_calls else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.committed_tokens / self.verifier_calls if self.verifier_calls else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def add(self, step: StepStats) -> Stats:
+        return msgspec.structs.replace(
+            self,
+            verifier_calls=self.verifier_calls + 1,
+            drafted_tokens=self.drafted_tokens + step.drafted,
+            accepted_tokens=self.accepted_tokens + step.accepted,
+            committed_tokens=self.committed_tokens + step.committed,
+            draft_seconds=self.draft_seconds + step.draft_seconds,
+            verify_seconds=self.verify_seconds + step.verify_seconds,
+        )
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One piece of a stream.
+
+    ``text`` is newly committed text (append-only); ``token_ids`` the ids committed with it;
+    ``draft`` provisional text that follows all committed text so far (replaces the previous
+    chunk's draft; empty unless draft previews were asked for); ``finish_reason`` is set on the
+    last chunk only, which also carries ``usage`` and ``stats``.
+    """
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    draft: str = ""
+    finish_reason: FinishReason | None = None
+    step: StepStats | None = None
+    usage: Usage | None = None
+    stats: Stats | None = None

@@ -1,0 +1,52 @@
+"""The drafter protocol: propose a block of tokens that the verifier will check."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .._config import SamplingParams
+
+__all__ = ["DraftProposal", "DraftSession", "Drafter"]
+
+
+class DraftProposal(NamedTuple):
+    """A drafted block.
+
+    tokens: (k,) ids, k may be smaller than asked (even 0).
+    q: (k, V) the distribution each token was drawn from, conditioned only on what precedes
+    it; ``None`` when that does not hold (out-of-order unmasking, lookup): the acceptance rule
+    then treats the draft as a point mass, which stays exact.
+    """
+
+    tokens: torch.Tensor
+    q: torch.Tensor | None = None
+
+
+class DraftSession(Protocol):
+    """Per-generation drafter state (a cache, say); never shared between generations."""
+
+    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> DraftProposal:
+        """Draft up to ``k`` tokens following ``context`` ((n,) committed ids)."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever the session holds."""
+        ...
+
+
+class Drafter(Protocol):
+    """A source of draft blocks; ``session()`` is called once per generation."""
+
+    #: Number of ids the drafter can emit, or ``None`` when it proposes context ids only.
+    vocab_size: int | None
+    #: Most tokens one proposal may hold (position limits of the model).
+    max_block_size: int
+
+    def session(self) -> DraftSession: ...
+
+
+def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
+    return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None)

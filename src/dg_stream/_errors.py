@@ -1,0 +1,83 @@
+"""dg_stream's exception hierarchy: every error a user can see derives from DGStreamError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "DGStreamError",
+    "GenerationError",
+    "InvalidRequestError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "OverloadedError",
+    "StreamInterruptedError",
+    "VocabularyMismatchError",
+]
+
+
+class DGStreamError(Exception):
+    """Base class of every dg_stream error."""
+
+
+class InvalidRequestError(DGStreamError, ValueError):
+    """A parameter or prompt is invalid; raised before any model work starts.
+
+    ``param`` names the offending parameter when there is one.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class MissingDependencyError(DGStreamError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class ModelLoadError(DGStreamError):
+    """A model, tokenizer or checkpoint could not be loaded."""
+
+
+class VocabularyMismatchError(ModelLoadError):
+    """The drafter and the verifier do not share a vocabulary."""
+
+
+class GenerationError(DGStreamError):
+    """Model work failed while generating; ``text`` holds what was produced before the failure."""
+
+    def __init__(self, message: str, *, text: str = "") -> None:
+        super().__init__(message)
+        self.text = text
+
+
+class APIConnectionError(GenerationError):
+    """The server could not be reached (or the connection broke before any output)."""
+
+
+class APITimeoutError(APIConnectionError):
+    """A connect, first-chunk, idle or total timeout expired."""
+
+
+class APIStatusError(GenerationError):
+    """The server answered with an error status; ``status_code`` and ``body`` say which."""
+
+    def __init__(self, message: str, *, status_code: int, body: object = None, text: str = "") -> None:
+        super().__init__(message, text=text)
+        self.status_code = status_code
+        self.body = body
+
+
+class OverloadedError(APIStatusError):
+    """The server is at capacity (429/503); ``retry_after`` is its advice in seconds."""
+
+    def __init__(self, message: str, *, status_code: int, retry_after: float | None = None,
+                 body: object = None) -> None:
+        super().__init__(message, status_code=status_code, body=body)
+        self.retry_after = retry_after
+
+
+class StreamInterruptedError(GenerationError):
+    """The stream broke after output had started; ``text`` carries everything received."""

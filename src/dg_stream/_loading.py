@@ -1,0 +1,112 @@
+"""Loading verifiers, drafters and tokenizers from local paths or objects (never a hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._errors import MissingDependencyError, ModelLoadError, VocabularyMismatchError
+
+__all__ = ["check_vocabularies", "load_causal_lm", "load_masked_lm", "load_tokenizer",
+           "require_local_extra", "resolve_device_dtype"]
+
+LOCAL_HINT = "the local backend needs torch and transformers: pip install 'dg-stream[local]'"
+
+
+def require_local_extra() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"{LOCAL_HINT} ({exc})") from exc
+
+
+def resolve_device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dtype
+
+
+def _check_path(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{what} path does not exist: {p} (dg_stream loads local "
+                             f"checkpoints only; download models beforehand)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(_check_path(path, "tokenizer")),
+                                             local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {path}: {exc}") from exc
+
+
+def _load(auto_class: Any, path: str | os.PathLike[str], what: str, device: Any, dtype: Any) -> Any:
+    p = _check_path(path, what)
+    try:
+        model = auto_class.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the {what} from {p}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load_causal_lm(path: str | os.PathLike[str], device: Any, dtype: Any, what: str = "verifier") -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, what, device, dtype)
+
+
+def load_masked_lm(path: str | os.PathLike[str], device: Any, dtype: Any) -> Any:
+    from transformers import AutoModelForMaskedLM
+
+    return _load(AutoModelForMaskedLM, path, "drafter", device, dtype)
+
+
+def is_causal_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint's config names a causal-LM architecture."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(_check_path(path, "drafter")), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the drafter config at {path}: {exc}") from exc
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
+               for a in (getattr(config, "architectures", None) or []))
+
+
+def check_vocabularies(verifier_tokenizer: Any, drafter_tokenizer: Any,
+                       verifier_vocab: int, drafter_vocab: int | None,
+                       ignore_ids: frozenset[int] = frozenset()) -> None:
+    """Refuse a drafter whose token ids do not mean what the verifier's mean.
+
+    With both tokenizers, every verifier token must have the same id in the drafter's (the
+    drafter may add tokens, e.g. its mask token). Without them, vocabulary sizes must match.
+    """
+    if drafter_vocab is None:
+        return  # lookup drafters propose context ids only
+    if verifier_tokenizer is not None and drafter_tokenizer is not None:
+        v, d = verifier_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+        wrong = [t for t, i in v.items() if i not in ignore_ids and d.get(t) != i]
+        if wrong:
+            raise VocabularyMismatchError(
+                f"the drafter's tokenizer does not match the verifier's: {len(wrong)} token(s) "
+                f"differ (e.g. {wrong[0]!r} is {v[wrong[0]]} for the verifier and "
+                f"{d.get(wrong[0])} for the drafter)")
+        return
+    if drafter_vocab != verifier_vocab:
+        raise VocabularyMismatchError(
+            f"the drafter's vocabulary ({drafter_vocab} ids) differs from the verifier's "
+            f"({verifier_vocab} ids); pass tokenizers to compare them token by token")

@@ -1,0 +1,99 @@
+"""The autoregressive verifier: any transformers causal LM, scored a block at a time.
+
+A generation's KV cache holds every committed token except the newest one. Each call feeds
+that newest token followed by the draft block, giving logits for the k draft positions plus
+one bonus position; afterwards the cache is cropped back to exactly what was kept.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+__all__ = ["Verifier", "VerifierCache", "cache_keyword"]
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward() keyword for a KV cache: ``cache`` in newer transformers, else the old name."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class VerifierCache:
+    """One generation's KV cache and the number of tokens it holds."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers import DynamicCache
+
+        self.kv: Any = DynamicCache(config=model.config)
+        # Sliding-window layers drop old states unless told to keep them for a rollback.
+        self.kv.activate_past_recording()
+        self.length = 0
+
+    def release(self) -> None:
+        """Drop the tensors now rather than when the session is garbage-collected."""
+        self.kv = None
+        self.length = 0
+
+    def rollback(self, length: int) -> None:
+        """Forget everything after the first ``length`` tokens."""
+        if length < self.length:
+            self.kv.crop(length - self.length)  # a negative count removes that many tokens
+            self.length = length
+
+
+class Verifier:
+    """Wraps a causal LM: its device, end-of-sequence ids, context limit and forward pass."""
+
+    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]
+                              if model.get_output_embeddings() is not None else model.config.vocab_size)
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        self.max_length = self._max_length(model.config)
+        self._cache_keyword = cache_keyword(model)
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        generation = getattr(model, "generation_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos is not None:
+            ids.update(int(e) for e in eos)
+        return frozenset(ids)
+
+    @staticmethod
+    def _max_length(config: Any) -> int | None:
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def new_cache(self) -> VerifierCache:
+        return VerifierCache(self.model)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: VerifierCache) -> torch.Tensor:
+        """Append ``ids`` ((T,)) to the cache and return their next-token logits (T, V)."""
+        start = cache.length
+        positions = torch.arange(start, start + ids.shape[0], device=self.device)
+        out = self.model(
+            input_ids=ids.to(self.device)[None],
+            use_cache=True,
+            position_ids=positions[None],
+            **{self._cache_keyword: cache.kv},
+        )
+        cache.length = start + ids.shape[0]
+        return out.logits[0].float()  # (T, V)

@@ -1,0 +1,69 @@
+"""Tiny models and a tiny tokenizer for tests: random-init transformers configs, built offline."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEXT = (
+    "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n"
+    "        self.items.append(x)\n\nprint('héllo wörld ✓ 日本語 🙂')\n"
+) * 4
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer_dir(root: str) -> Path:
+    from dg_stream.train.tokenizer import train_tokenizer
+
+    return train_tokenizer([TEXT], Path(root) / "tiny-tokenizer", vocab_size=300)
+
+
+def tiny_tokenizer(root: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir(root))
+
+
+ARCHITECTURES = ["llama", "qwen2", "gpt2", "gpt_neox", "mistral", "phi"]
+
+
+def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, eos_token_id: int = 0) -> Any:
+    """A random-init causal LM of the given family with a sharp (low-entropy) output layer."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_id=eos_token_id,
+                                  bos_token_id=eos_token_id, pad_token_id=1)
+    if arch == "gpt2":
+        config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=512, **common)
+    elif arch == "gpt_neox":
+        config = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=512, **common)
+    elif arch == "phi":
+        config = tf.PhiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=512, **common)
+    else:
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+        extra: dict[str, Any] = {"sliding_window": 24} if arch == "mistral" else {}
+        config = cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                     **extra, **common)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger logits: fewer near-ties, more varied greedy text
+        model.get_output_embeddings().weight.mul_(4.0)
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = 1
+    return model.eval()
+
+
+def tiny_masked_lm(vocab_size: int, mask_token_id: int, seed: int = 1, positions: int = 64) -> Any:
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=positions, mask_token_id=mask_token_id)
+    torch.manual_seed(seed)
+    return tf.BertForMaskedLM(config).eval()
