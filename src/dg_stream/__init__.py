@@ -25,6 +25,19 @@ from ._errors import (
     VocabularyMismatchError,
 )
 from ._generate import generate
+from ._operators import (
+    DerivedStream,
+    Operator,
+    by_lines,
+    by_sentences,
+    by_words,
+    collect,
+    map_text,
+    stop_at,
+    tee,
+    until,
+    with_timeout,
+)
 from ._stream import Completion, GenerationStream
 
 if TYPE_CHECKING:
@@ -40,6 +53,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "DGStreamError",
+    "DerivedStream",
     "FinishReason",
     "GenerationError",
     "GenerationRequest",
@@ -49,6 +63,7 @@ __all__ = [
     "Message",
     "MissingDependencyError",
     "ModelLoadError",
+    "Operator",
     "OverloadedError",
     "SamplingParams",
     "SpeculativeConfig",
@@ -58,7 +73,16 @@ __all__ = [
     "Usage",
     "VocabularyMismatchError",
     "__version__",
+    "by_lines",
+    "by_sentences",
+    "by_words",
+    "collect",
     "generate",
+    "map_text",
+    "stop_at",
+    "tee",
+    "until",
+    "with_timeout",
 ]
 
 _LAZY = {
