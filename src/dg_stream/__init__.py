@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._backends.base import Backend
+from ._chat import ChatReply, ChatSession
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig
 from ._errors import (
@@ -50,6 +51,8 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "Backend",
+    "ChatReply",
+    "ChatSession",
     "Chunk",
     "Completion",
     "DGStreamError",

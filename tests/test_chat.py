@@ -1,0 +1,194 @@
+"""ChatSession: history, streamed replies, completion-only commits, trimming, fallbacks."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+import dg_stream
+from dg_stream import ChatSession, Chunk, GenerationRequest, InvalidRequestError, Message
+from dg_stream._prompt import render_plain_chat
+
+
+class Recording:
+    """A backend that forwards to another and remembers every request it was given."""
+
+    def __init__(self, inner: Any, *, tokenizer: bool = True) -> None:
+        self.inner = inner
+        self.requests: list[GenerationRequest] = []
+        if tokenizer:
+            self.tokenizer = inner.tokenizer
+            self.verifier = inner.verifier
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        return self.inner.stream(request)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_reply_streams_and_joins_history(tiny_backend: Any) -> None:
+    backend = Recording(tiny_backend)
+    chat = ChatSession(backend, system="Be brief.", max_new_tokens=12)
+
+    async def main() -> tuple[list[str], Any]:
+        reply = chat.send("hello")
+        pieces = [chunk.text async for chunk in reply]
+        second = await chat.ask("and again")
+        return pieces, second
+
+    pieces, second = anyio.run(main)
+    assert len(chat.history) == 4
+    assert chat.history[0] == Message("user", "hello")
+    assert chat.history[1] == Message("assistant", "".join(pieces).strip())
+    assert chat.history[3] == Message("assistant", second.strip())
+    first, last = backend.requests
+    assert first.messages == [Message("system", "Be brief."), Message("user", "hello")]
+    assert last.messages is not None and last.messages[1:3] == list(chat.history[:2])
+    assert first.stop == ()  # the tiny tokenizer has a chat template: no plain-format stop
+
+
+def test_reply_equals_plain_generate_over_the_same_messages(tiny_backend: Any) -> None:
+    chat = ChatSession(tiny_backend, max_new_tokens=10)
+
+    async def main() -> tuple[str, str]:
+        via_chat = await chat.ask("def add")
+        direct = await dg_stream.generate([{"role": "user", "content": "def add"}],
+                                          backend=tiny_backend, max_new_tokens=10).collect()
+        return via_chat, direct.text
+
+    via_chat, direct = anyio.run(main)
+    assert via_chat == direct
+
+
+@pytest.mark.parametrize("how", ["break", "aclose", "cancel"])
+def test_interrupted_reply_is_not_half_added(tiny_backend: Any, how: str) -> None:
+    chat = ChatSession(tiny_backend, max_new_tokens=40)
+
+    async def main() -> None:
+        await chat.ask("first")
+        reply = chat.send("second")
+        if how == "break":
+            async with reply:
+                async for _ in reply:
+                    break
+        elif how == "aclose":
+            await reply.__anext__()
+            await reply.aclose()
+        else:
+            with anyio.CancelScope() as scope:
+                async for _ in reply:
+                    scope.cancel()
+        assert reply.closed and not reply.committed
+
+    anyio.run(main)
+    assert [m.content for m in chat.history if m.role == "user"] == ["first"]
+
+
+def test_one_reply_at_a_time(tiny_backend: Any) -> None:
+    chat = ChatSession(tiny_backend, max_new_tokens=8)
+
+    async def main() -> None:
+        unstarted = chat.send("never read")
+        reply = chat.send("read")  # replaces the unstarted one
+        with pytest.raises(RuntimeError, match="replaced"):
+            await unstarted.collect()
+        await reply.__anext__()
+        with pytest.raises(RuntimeError, match="still streaming"):
+            chat.send("too early")
+        await reply.collect()
+        chat.send("now fine")
+
+    anyio.run(main)
+    assert [m.content for m in chat.history if m.role == "user"] == ["read"]
+
+
+def test_oldest_turns_are_trimmed_to_fit(tiny_backend: Any) -> None:
+    backend = Recording(tiny_backend)
+    chat = ChatSession(backend, system="sys", max_new_tokens=8, max_context_tokens=70)
+
+    async def main() -> None:
+        for i in range(6):
+            await chat.ask(f"message number {i} with some words in it")
+
+    anyio.run(main)
+    assert chat.trimmed_turns > 0
+    for request in backend.requests:
+        assert request.messages is not None
+        assert request.messages[0] == Message("system", "sys")  # the system message stays
+        assert chat.count_tokens(request.messages) + 8 <= 70
+    last = backend.requests[-1].messages
+    assert last is not None and last[-1].content.startswith("message number 5")
+    # Turns are dropped whole, oldest first.
+    users = [m.content for m in chat.history if m.role == "user"]
+    assert users == [f"message number {i} with some words in it" for i in range(6 - len(users), 6)]
+    assert [m.role for m in chat.history] == ["user", "assistant"] * len(users)
+
+    with pytest.raises(InvalidRequestError, match="context"):
+        chat.send("word " * 200)
+
+
+def test_default_context_is_the_verifiers(tiny_backend: Any) -> None:
+    chat = ChatSession(tiny_backend)
+    assert chat.max_context_tokens == tiny_backend.verifier.max_length == 512
+    with pytest.raises(InvalidRequestError):
+        chat.send("   ")
+
+
+def test_plain_format_without_chat_template(tiny_verifier: Any, tiny_drafter: Any,
+                                            tiny_tok: Any) -> None:
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = None
+    backend = Recording(dg_stream.LocalBackend(tiny_verifier, tiny_drafter, tokenizer=tok,
+                                               block_size=4))
+    chat = ChatSession(backend, system="sys", max_new_tokens=6)
+    anyio.run(chat.ask, "hi there")
+    request = backend.requests[0]
+    assert request.stop == ("\n\nUser:",)
+    assert request.messages is not None
+    prompt = render_plain_chat(request.messages)
+    assert prompt == "System: sys\n\nUser: hi there\n\nAssistant:"
+    assert chat.count_tokens(request.messages) == len(tok(prompt)["input_ids"])
+
+
+def test_backend_without_tokenizer_uses_estimate_or_counter(tiny_backend: Any) -> None:
+    backend = Recording(tiny_backend, tokenizer=False)
+    chat = ChatSession(backend, max_new_tokens=4)
+    assert chat.max_context_tokens is None
+    assert chat.count_tokens([Message("user", "x" * 30)]) == 14  # (4 + 30 + 8) bytes / 3
+    counted: list[int] = []
+
+    def counter(messages: Any) -> int:
+        counted.append(len(messages))
+        return 10 * len(messages)
+
+    chat = ChatSession(backend, max_new_tokens=4, max_context_tokens=40, count_tokens=counter)
+
+    async def main() -> None:
+        for text in ("a", "b", "c"):
+            await chat.ask(text)
+
+    anyio.run(main)
+    # 5 messages * 10 + 4 > 40: the turn "a" was dropped before "c" was sent.
+    assert counted and chat.trimmed_turns == 1
+    last = backend.requests[-1].messages
+    assert last is not None and [m.content for m in last][::2] == ["b", "c"]
+
+
+def test_reset_discards_a_reply_in_flight(tiny_backend: Any) -> None:
+    chat = ChatSession(tiny_backend, max_new_tokens=6)
+
+    async def main() -> None:
+        reply = chat.send("one")
+        await reply.__anext__()
+        chat.reset()
+        await reply.collect()
+        assert not reply.committed
+
+    anyio.run(main)
+    assert chat.history == ()
