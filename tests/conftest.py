@@ -35,3 +35,11 @@ def tiny_backend(tiny_verifier: Any, tiny_drafter: Any, tiny_tok: Any) -> Any:
     from dg_stream import LocalBackend
 
     return LocalBackend(tiny_verifier, tiny_drafter, tokenizer=tiny_tok, block_size=4)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny models gain nothing from threads; one keeps the suite steady on small machines."""
+    import torch
+
+    torch.set_num_threads(1)

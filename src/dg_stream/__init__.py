@@ -16,6 +16,7 @@ from ._errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
+    BadRequestError,
     DGStreamError,
     GenerationError,
     InvalidRequestError,
@@ -43,6 +44,7 @@ from ._stream import Completion, GenerationStream
 
 if TYPE_CHECKING:
     from ._backends.local import LocalBackend
+    from ._backends.remote import RemoteBackend, RemoteTimeout
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "BadRequestError",
     "Backend",
     "ChatReply",
     "ChatSession",
@@ -68,6 +71,8 @@ __all__ = [
     "ModelLoadError",
     "Operator",
     "OverloadedError",
+    "RemoteBackend",
+    "RemoteTimeout",
     "SamplingParams",
     "SpeculativeConfig",
     "Stats",
@@ -90,6 +95,9 @@ __all__ = [
 
 _LAZY = {
     "LocalBackend": ("._backends.local", "LocalBackend"),
+    # httpx only (no torch); lazy so that ``import dg_stream`` stays quick.
+    "RemoteBackend": ("._backends.remote", "RemoteBackend"),
+    "RemoteTimeout": ("._backends.remote", "RemoteTimeout"),
 }
 
 

@@ -19,7 +19,10 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    """``feed(ids) -> new text``; ``flush() -> held-back text``; ``peek(ids)`` previews."""
+    """``feed(ids) -> new text``; ``flush() -> held-back text``; ``peek(ids)`` previews.
+
+    With ``tokenizer=None`` (generation from token ids alone) every text is empty.
+    """
 
     def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
@@ -28,6 +31,8 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)  # text of ids before here has been emitted
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._tokenizer is None:
+            return ""  # token-id-only generation: no text
         return str(self._tokenizer.decode(ids, skip_special_tokens=True,
                                           clean_up_tokenization_spaces=False))
 

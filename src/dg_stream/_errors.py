@@ -6,6 +6,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "BadRequestError",
     "DGStreamError",
     "GenerationError",
     "InvalidRequestError",
@@ -68,6 +69,19 @@ class APIStatusError(GenerationError):
         super().__init__(message, text=text)
         self.status_code = status_code
         self.body = body
+
+
+class BadRequestError(APIStatusError, InvalidRequestError):
+    """The server rejected the request as invalid (400/422); ``param`` names the culprit.
+
+    Also an ``InvalidRequestError``, so one ``except`` covers local and remote validation.
+    """
+
+    def __init__(self, message: str, *, status_code: int, body: object = None,
+                 param: str | None = None) -> None:
+        APIStatusError.__init__(self, message, status_code=status_code, body=body)
+        self.message = message
+        self.param = param
 
 
 class OverloadedError(APIStatusError):

@@ -55,11 +55,18 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 def _load(auto_class: Any, path: str | os.PathLike[str], what: str, device: Any, dtype: Any) -> Any:
+    from transformers.utils import logging as hf_logging
+
     p = _check_path(path, what)
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar is noise for small local checkpoints
     try:
         model = auto_class.from_pretrained(str(p), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the {what} from {p}: {exc}") from exc
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

@@ -1,0 +1,117 @@
+"""``dg-stream train tokenizer|verifier|drafter``: argparse wiring for the training modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser"]
+
+RUNS = Path("runs")
+
+
+def _corpus(paths: list[str] | None) -> Any:
+    from .corpus import file_corpus, stdlib_corpus
+
+    return file_corpus(paths) if paths else stdlib_corpus()
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+
+    started = time.perf_counter()
+    corpus = _corpus(args.corpus)
+    out = train_tokenizer(corpus.train, args.out, vocab_size=args.vocab_size)
+    print(f"tokenizer ({args.vocab_size} ids) saved to {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _verifier(args: argparse.Namespace) -> int:
+    from .verifier import VerifierTrainingConfig, train_verifier
+
+    _threads(args.threads)
+    config = VerifierTrainingConfig(hidden_size=args.hidden_size, layers=args.layers,
+                                    steps=args.steps, batch_size=args.batch_size,
+                                    seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    metrics = train_verifier(_corpus(args.corpus), args.tokenizer, args.out, config, args.device)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _drafter(args: argparse.Namespace) -> int:
+    from .corpus import Corpus
+    from .drafter import DrafterTrainingConfig, train_drafter
+    from .evaluate import evaluate_pair, held_out_prompts
+
+    _threads(args.threads)
+    config = DrafterTrainingConfig(hidden_size=args.hidden_size, layers=args.layers,
+                                   window=args.window, steps=args.steps,
+                                   sequences=args.sequences, batch_size=args.batch_size,
+                                   lr=args.lr, seed=args.seed)
+    corpus: Corpus = _corpus(args.corpus)
+    metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
+    if args.eval_prompts:
+        prompts = held_out_prompts(corpus.held_out, count=args.eval_prompts)
+        metrics["acceptance"] = evaluate_pair(args.verifier, args.out, prompts)
+        (Path(args.out) / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train`` and its three commands on an argparse subparsers object."""
+    train = subparsers.add_parser("train", help="train a tokenizer, a verifier or a drafter",
+                                  description="Train the default pair, or a drafter for any local "
+                                  "causal LM. CPU by default; CUDA (bf16) when available.")
+    commands = train.add_subparsers(dest="train_command", required=True)
+
+    def common(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+        p.add_argument("--corpus", nargs="+", metavar="FILE",
+                       help="text files or folders (default: this Python's standard library)")
+        p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default %(default)s)")
+        p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    tok = commands.add_parser("tokenizer", help="byte-level BPE with eos, pad, mask and a chat template")
+    tok.add_argument("--corpus", nargs="+", metavar="FILE")
+    tok.add_argument("--vocab-size", type=int, default=4096)
+    tok.add_argument("--out", default=str(RUNS / "tokenizer"))
+    tok.set_defaults(func=_tokenizer)
+
+    ver = commands.add_parser("verifier", help="a small Llama-architecture causal LM")
+    common(ver, steps=1600, lr=3e-3)
+    ver.add_argument("--tokenizer", default=str(RUNS / "tokenizer"))
+    ver.add_argument("--out", default=str(RUNS / "verifier"))
+    ver.add_argument("--hidden-size", type=int, default=256)
+    ver.add_argument("--layers", type=int, default=6)
+    ver.add_argument("--batch-size", type=int, default=16)
+    ver.add_argument("--seq-len", type=int, default=256)
+    ver.set_defaults(func=_verifier)
+
+    dra = commands.add_parser("drafter", help="distil a diffusion drafter from any local causal LM")
+    common(dra, steps=2000, lr=2e-3)
+    dra.add_argument("--verifier", default=str(RUNS / "verifier"),
+                     help="local causal-LM checkpoint (with its tokenizer) to distil from")
+    dra.add_argument("--out", default=str(RUNS / "drafter"))
+    dra.add_argument("--hidden-size", type=int, default=128)
+    dra.add_argument("--layers", type=int, default=2)
+    dra.add_argument("--window", type=int, default=32, help="context tokens the drafter reads")
+    dra.add_argument("--sequences", type=int, default=12288,
+                     help="verifier continuations to distil from")
+    dra.add_argument("--batch-size", type=int, default=256)
+    dra.add_argument("--eval-prompts", type=int, default=16,
+                     help="held-out prompts for the final acceptance evaluation (0: skip)")
+    dra.set_defaults(func=_drafter)
+    return train

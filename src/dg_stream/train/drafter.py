@@ -1,0 +1,194 @@
+"""Distil a block-diffusion drafter from a causal-LM verifier.
+
+Acceptance is agreement with the verifier, so the drafter learns the verifier's own greedy
+continuations, not the corpus: contexts from the corpus are continued greedily by the verifier,
+and every position of a continuation is a training example (the rest of a greedy sequence is
+the greedy continuation of its prefix). The drafter is a small BERT masked LM that reads the
+last ``window`` tokens and fills a masked block (MDLM loss: cross-entropy on masked positions,
+weighted by 1/t for mask ratio t; half the examples fully masked, as one-step drafting sees).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._verifier import cache_keyword
+from ._loop import Checkpointer, Throughput, TokenStream, autocast_dtype, cosine_lr, pick_device, progress
+from .corpus import Corpus
+
+__all__ = ["DrafterTrainingConfig", "distillation_data", "train_drafter"]
+
+
+@dataclass(frozen=True)
+class DrafterTrainingConfig:
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 384
+    window: int = 32
+    max_block: int = 16
+    context_tokens: int = 48
+    continuation_tokens: int = 80
+    sequences: int = 12288
+    generation_batch: int = 128
+    batch_size: int = 256
+    steps: int = 2000
+    lr: float = 2e-3
+    warmup: int = 100
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+@torch.inference_mode()
+def greedy_continuations(verifier: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(N, C) contexts -> (N, C + new_tokens) with the verifier's greedy continuations."""
+    from transformers import DynamicCache
+
+    kw = {cache_keyword(verifier): DynamicCache(config=verifier.config)}
+    logits = verifier(input_ids=contexts, use_cache=True, **kw).logits[:, -1]
+    out = [contexts]
+    for _ in range(new_tokens):
+        token = logits.argmax(dim=-1, keepdim=True)  # (N, 1)
+        out.append(token)
+        logits = verifier(input_ids=token, use_cache=True, **kw).logits[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def distillation_data(verifier: Any, stream: TokenStream, config: DrafterTrainingConfig,
+                      generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(sequences, context + continuation) ids: corpus contexts continued by the verifier."""
+    rows = []
+    bar = progress(config.sequences, 0, "verifier continuations")
+    for start in range(0, config.sequences, config.generation_batch):
+        n = min(config.generation_batch, config.sequences - start)
+        contexts = stream.windows(n, config.context_tokens, generator).to(device)
+        rows.append(greedy_continuations(verifier, contexts, config.continuation_tokens).cpu())
+        bar.update(n)
+    bar.close()
+    return torch.cat(rows)
+
+
+def _batch(data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs (B, W+k), targets (B, k), mask (B, k) for one batch with a random block size k."""
+    n, length = data.shape
+    k = int(torch.randint(2, config.max_block + 1, (1,), generator=generator))
+    window = config.window
+    # Short contexts happen at the start of a generation; teach the drafter those too.
+    if float(torch.rand(1, generator=generator)) < 0.1:
+        window = int(torch.randint(1, config.window + 1, (1,), generator=generator))
+    rows = torch.randint(0, n, (config.batch_size,), generator=generator)
+    # Block starts inside the verifier-written part, so targets are always greedy continuations.
+    cut = torch.randint(config.context_tokens, length - k + 1, (config.batch_size,), generator=generator)
+    offsets = torch.arange(-window, k)
+    seq = data[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
+    targets = seq[:, window:].clone()
+    # Mask ratio t per example: half fully masked (one-step drafting), half t ~ U(0.1, 1).
+    t = torch.rand(config.batch_size, generator=generator) * 0.9 + 0.1
+    t[: config.batch_size // 2] = 1.0
+    masked = torch.rand(config.batch_size, k, generator=generator) < t[:, None]
+    masked[torch.arange(config.batch_size), torch.randint(0, k, (config.batch_size,), generator=generator)] = True
+    inputs = seq.clone()
+    inputs[:, window:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
+    weights = masked.float() / t[:, None] / k  # MDLM 1/t weighting, per-token normalised
+    return inputs, targets, weights
+
+
+def ensure_mask_token(tokenizer: Any) -> tuple[Any, bool]:
+    """Add a mask token when the tokenizer has none; returns (tokenizer, added)."""
+    if tokenizer.mask_token_id is not None:
+        return tokenizer, False
+    tokenizer.add_special_tokens({"mask_token": "<|dg_mask|>"})
+    return tokenizer, True
+
+
+def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
+                  config: DrafterTrainingConfig = DrafterTrainingConfig(),
+                  device: str | None = None, log: Any = print) -> dict[str, object]:
+    """Distil (or resume) a drafter for the verifier at ``verifier_dir``; returns metrics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    tokenizer, added = ensure_mask_token(AutoTokenizer.from_pretrained(verifier_dir))
+    if added:
+        log(f"the verifier's tokenizer has no mask token: added {tokenizer.mask_token!r} "
+            f"(id {tokenizer.mask_token_id}) for the drafter")
+    verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).to(dev).eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    data_path = out / "distillation.pt"
+    if data_path.exists():  # resuming: the verifier's continuations are the slow part
+        data = torch.load(data_path)
+    else:
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        stream = TokenStream(corpus.train, tokenizer, eos)
+        started = time.perf_counter()
+        data = distillation_data(verifier, stream, config, generator, dev)
+        log(f"verifier continuations: {data.shape[0]} sequences in {time.perf_counter() - started:.0f}s")
+        torch.save(data, data_path)
+    torch.manual_seed(config.seed)
+    drafter_config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.window + config.max_block,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        mask_token_id=tokenizer.mask_token_id,
+        dg_stream_window=config.window,
+    )
+    model = BertForMaskedLM(drafter_config).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    checkpoints = Checkpointer(out)
+    step = checkpoints.load(model, optimizer, generator)
+    amp = autocast_dtype(dev)
+    bar = progress(config.steps, step, "drafter")
+    rate = Throughput()
+    started = time.perf_counter()
+    model.train()
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup)
+        inputs, targets, weights = _batch(data, config, tokenizer.mask_token_id, generator)
+        inputs, targets, weights = inputs.to(dev), targets.to(dev), weights.to(dev)
+        k = targets.shape[1]
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]  # (B, k, H)
+            logits = model.cls(hidden).float()  # only the block needs the vocabulary head
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (ce.view_as(weights) * weights).sum(dim=1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate.add(inputs.numel()):,.0f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            checkpoints.save(step, model, optimizer, generator)
+    bar.close()
+    model.eval()
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    metrics: dict[str, object] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "distillation_sequences": int(data.shape[0]),
+        "wall_seconds_this_run": round(time.perf_counter() - started, 1),
+        "device": str(dev),
+        "added_mask_token": added,
+        "config": asdict(config),
+        "corpus": corpus.manifest,
+    }
+    (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+    checkpoints.remove()
+    data_path.unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,55 @@
+"""Evaluation of a verifier/drafter pair: mean accepted tokens per verifier call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["acceptance", "held_out_prompts"]
+
+
+def held_out_prompts(docs: Sequence[str], count: int = 16, max_chars: int = 400) -> list[str]:
+    """Deterministic prompts from held-out code: text up to a function header, when possible."""
+    prompts: list[str] = []
+    for doc in docs:
+        match = re.search(r"^[ \t]*def [^\n]*:\n", doc[200:], flags=re.MULTILINE)
+        end = 200 + match.end() if match else min(len(doc), max_chars)
+        prompt = doc[max(0, end - max_chars) : end]
+        if prompt.strip():
+            prompts.append(prompt)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def acceptance(backend: Any, prompts: Sequence[str], block_size: int, steps: int = 1,
+               max_new_tokens: int = 96) -> dict[str, float]:
+    """Greedy generations on ``backend``; totals over all prompts (synchronous, no async)."""
+    from .._config import GenerationRequest, SpeculativeConfig
+
+    calls = accepted = committed = 0
+    for prompt in prompts:
+        request = GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens,
+                                    speculative=SpeculativeConfig(block_size=block_size, steps=steps))
+        session = backend.engine.session(request)
+        while session.step() is not None:
+            pass
+        calls += session.stats.verifier_calls
+        accepted += session.stats.accepted_tokens
+        committed += session.stats.committed_tokens
+    return {
+        "block_size": block_size,
+        "steps": steps,
+        "mean_accepted_per_call": round(accepted / max(1, calls), 3),
+        "tokens_per_call": round(committed / max(1, calls), 3),
+    }
+
+
+def evaluate_pair(verifier_dir: str | Path, drafter_dir: str | Path, prompts: Sequence[str],
+                  block_sizes: Sequence[int] = (4, 8, 16), max_new_tokens: int = 96) -> list[dict[str, float]]:
+    from .._backends.local import LocalBackend
+
+    backend = LocalBackend(verifier_dir, drafter_dir, device="cpu")
+    return [acceptance(backend, prompts, k, max_new_tokens=max_new_tokens) for k in block_sizes]
