@@ -97,9 +97,8 @@ class SSEDecoder:
         elif name == "id":
             if "\x00" not in value:
                 self._id = value
-        elif name == "retry":
-            if value.isdigit():
-                self._retry = int(value)
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
         # Any other field name is ignored, as the spec requires.
         return None
 

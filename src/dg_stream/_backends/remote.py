@@ -37,7 +37,7 @@ from .._errors import (
     OverloadedError,
     StreamInterruptedError,
 )
-from .._sse import SSEDecoder, ServerSentEvent
+from .._sse import ServerSentEvent, SSEDecoder
 from .._wire import ChunkEvent, ErrorBody, ServerInfo, decode_event
 
 __all__ = ["RemoteBackend", "RemoteTimeout"]
@@ -490,13 +490,13 @@ class RemoteBackend:
                     return response.status_code, None
             except TimeoutError:
                 raise APITimeoutError(f"no answer from {self._url(path)} in time") from None
-            except _Failure as failure:
-                if (delay := self._wait(attempt, failure, deadline)) is None:
-                    raise failure.error from None
+            except _Failure as failed:
+                if (delay := self._wait(attempt, failed, deadline)) is None:
+                    raise failed.error from None
             except (httpx.HTTPError, httpx.StreamError) as exc:
-                failure = _transport_failure(exc)
-                if (delay := self._wait(attempt, failure, deadline)) is None:
-                    raise failure.error from exc
+                transport = _transport_failure(exc)
+                if (delay := self._wait(attempt, transport, deadline)) is None:
+                    raise transport.error from exc
             await anyio.sleep(delay)
             attempt += 1
 
@@ -536,7 +536,8 @@ class RemoteBackend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _openai_body(self, request: GenerationRequest, model: str | None) -> tuple[str, bytes, bool]:
+    def _openai_body(self, request: GenerationRequest,
+                     model: str | None) -> tuple[str, bytes, bool]:
         body: dict[str, Any] = {}
         if model is not None:
             body["model"] = model

@@ -84,7 +84,8 @@ class Metrics:
         metric("dg_stream_http_requests_total", "counter", "HTTP requests by endpoint and status.",
                sorted(self.requests.items()))
         metric("dg_stream_generations_total", "counter",
-               "Generations by endpoint and outcome (stop, length, cancelled, error, disconnected).",
+               "Generations by endpoint and outcome "
+               "(stop, length, cancelled, error, disconnected).",
                sorted(self.generations.items()))
         metric("dg_stream_generations_active", "gauge", "Generations running now.",
                [((), self.active)])
@@ -112,11 +113,12 @@ class Metrics:
                      "From the start of a generation to its first chunk.")
         lines.append("# TYPE dg_stream_time_to_first_chunk_seconds histogram")
         cumulative = 0
+        name = "dg_stream_time_to_first_chunk_seconds_bucket"
         for bound, count in zip(_TTFC_BUCKETS, self.ttfc_counts, strict=False):
             cumulative += count
-            lines.append(f'dg_stream_time_to_first_chunk_seconds_bucket{{le="{bound}"}} {cumulative}')
+            lines.append(f'{name}{{le="{bound}"}} {cumulative}')
         cumulative += self.ttfc_counts[-1]
-        lines.append(f'dg_stream_time_to_first_chunk_seconds_bucket{{le="+Inf"}} {cumulative}')
+        lines.append(f'{name}{{le="+Inf"}} {cumulative}')
         lines.append(f"dg_stream_time_to_first_chunk_seconds_sum {self.ttfc_sum!r}")
         lines.append(f"dg_stream_time_to_first_chunk_seconds_count {cumulative}")
         return "\n".join(lines) + "\n"
