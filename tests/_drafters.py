@@ -46,7 +46,9 @@ class CountingDrafter:
 
     def close(self) -> None: ...
 
-    def propose(self, context: torch.Tensor, k: int, params: Any, generator: Any, **kw: Any) -> DraftProposal:
+    def propose(
+        self, context: torch.Tensor, k: int, params: Any, generator: Any, **kw: Any
+    ) -> DraftProposal:
         self.calls += 1
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("drafter exploded")

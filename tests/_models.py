@@ -34,22 +34,42 @@ def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, eos_token_id: int 
     """A random-init causal LM of the given family with a sharp (low-entropy) output layer."""
     import transformers as tf
 
-    common: dict[str, Any] = dict(vocab_size=vocab_size, eos_token_id=eos_token_id,
-                                  bos_token_id=eos_token_id, pad_token_id=1)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, eos_token_id=eos_token_id, bos_token_id=eos_token_id, pad_token_id=1
+    )
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=512, **common)
     elif arch == "gpt_neox":
-        config = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=512, **common)
+        config = tf.GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            **common,
+        )
     elif arch == "phi":
-        config = tf.PhiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=512, **common)
+        config = tf.PhiConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            **common,
+        )
     else:
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
         extra: dict[str, Any] = {"sliding_window": 24} if arch == "mistral" else {}
-        config = cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-                     **extra, **common)
+        config = cls(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            **extra,
+            **common,
+        )
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger logits: fewer near-ties, more varied greedy text
@@ -62,8 +82,14 @@ def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, eos_token_id: int 
 def tiny_masked_lm(vocab_size: int, mask_token_id: int, seed: int = 1, positions: int = 64) -> Any:
     import transformers as tf
 
-    config = tf.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=positions, mask_token_id=mask_token_id)
+    config = tf.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        mask_token_id=mask_token_id,
+    )
     torch.manual_seed(seed)
     return tf.BertForMaskedLM(config).eval()

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _models import tiny_causal_lm, tiny_masked_lm, tiny_tokenizer  # noqa: E402
+from _models import tiny_causal_lm, tiny_masked_lm, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,23 @@ from dg_stream._drafters import CausalDrafter
 
 
 def reference(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
-def hybrid(backend: LocalBackend, prompt: list[int], max_new_tokens: int, block_size: int,
-           steps: int = 1) -> tuple[list[int], Any]:
-    request = GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens,
-                                speculative=SpeculativeConfig(block_size=block_size, steps=steps))
+def hybrid(
+    backend: LocalBackend, prompt: list[int], max_new_tokens: int, block_size: int, steps: int = 1
+) -> tuple[list[int], Any]:
+    request = GenerationRequest(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        speculative=SpeculativeConfig(block_size=block_size, steps=steps),
+    )
     session = backend.engine.session(request)
     ids: list[int] = []
     while (chunk := session.step()) is not None:
@@ -40,8 +48,9 @@ def models(tiny_tok: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("prompt_name", list(PROMPTS))
-def test_diffusion_drafter_matches_plain_greedy(arch: str, prompt_name: str, models: dict[str, Any],
-                                                tiny_tok: Any) -> None:
+def test_diffusion_drafter_matches_plain_greedy(
+    arch: str, prompt_name: str, models: dict[str, Any], tiny_tok: Any
+) -> None:
     model, prompt = models[arch], PROMPTS[prompt_name]
     expected = reference(model, prompt, 30)
     drafter = tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id)
@@ -53,8 +62,9 @@ def test_diffusion_drafter_matches_plain_greedy(arch: str, prompt_name: str, mod
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_lookup_and_causal_drafters_match_plain_greedy(arch: str, models: dict[str, Any],
-                                                       tiny_tok: Any) -> None:
+def test_lookup_and_causal_drafters_match_plain_greedy(
+    arch: str, models: dict[str, Any], tiny_tok: Any
+) -> None:
     model = models[arch]
     prompt = PROMPTS["long"]
     expected = reference(model, prompt, 40)
@@ -65,7 +75,9 @@ def test_lookup_and_causal_drafters_match_plain_greedy(arch: str, models: dict[s
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
-def test_oracle_drafter_accepts_everything(arch: str, models: dict[str, Any], tiny_tok: Any) -> None:
+def test_oracle_drafter_accepts_everything(
+    arch: str, models: dict[str, Any], tiny_tok: Any
+) -> None:
     """The other edge of the rollback: all drafts kept, only the bonus token is new."""
     model, prompt = models[arch], PROMPTS["short"]
     expected = reference(model, prompt, 48)
@@ -77,12 +89,14 @@ def test_oracle_drafter_accepts_everything(arch: str, models: dict[str, Any], ti
         assert stats.verifier_calls == -(-len(expected) // (block_size + 1))
 
 
-def test_random_drafter_rejects_almost_everything_yet_matches(models: dict[str, Any],
-                                                               tiny_tok: Any) -> None:
+def test_random_drafter_rejects_almost_everything_yet_matches(
+    models: dict[str, Any], tiny_tok: Any
+) -> None:
     model, prompt = models["qwen2"], PROMPTS["short"]
     expected = reference(model, prompt, 32)
-    backend = LocalBackend(model, tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id, seed=3),
-                           tokenizer=tiny_tok)
+    backend = LocalBackend(
+        model, tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id, seed=3), tokenizer=tiny_tok
+    )
     got, stats = hybrid(backend, prompt, 32, block_size=8)
     assert got == expected
     assert stats.acceptance_rate < 0.2
@@ -102,8 +116,9 @@ def test_eos_inside_a_block(arch: str, eos_at: int, tiny_tok: Any) -> None:
     oracle = OracleDrafter(prompt, free_run)  # drafts straight through the end of sequence
     for drafter in [oracle, tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id)]:
         backend = LocalBackend(model, drafter, tokenizer=tiny_tok)
-        request = GenerationRequest(prompt=prompt, max_new_tokens=20,
-                                    speculative=SpeculativeConfig(block_size=8))
+        request = GenerationRequest(
+            prompt=prompt, max_new_tokens=20, speculative=SpeculativeConfig(block_size=8)
+        )
         session = backend.engine.session(request)
         chunks = []
         while (chunk := session.step()) is not None:
@@ -114,13 +129,15 @@ def test_eos_inside_a_block(arch: str, eos_at: int, tiny_tok: Any) -> None:
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 9, 13])
-def test_max_new_tokens_inside_a_block(max_new_tokens: int, models: dict[str, Any],
-                                       tiny_tok: Any) -> None:
+def test_max_new_tokens_inside_a_block(
+    max_new_tokens: int, models: dict[str, Any], tiny_tok: Any
+) -> None:
     model, prompt = models["llama"], PROMPTS["short"]
     full = reference(model, prompt, 20)
     backend = LocalBackend(model, OracleDrafter(prompt, full), tokenizer=tiny_tok)
-    request = GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens,
-                                speculative=SpeculativeConfig(block_size=8))
+    request = GenerationRequest(
+        prompt=prompt, max_new_tokens=max_new_tokens, speculative=SpeculativeConfig(block_size=8)
+    )
     session = backend.engine.session(request)
     chunks = []
     while (chunk := session.step()) is not None:

@@ -40,21 +40,27 @@ def exact_marginals(model: Any, params: SamplingParams) -> list[torch.Tensor]:
         probs = process_logits(logits, params).softmax(-1)
         joint = weights[:, None] * probs  # (N, V)
         marginals.append(joint.sum(0))
-        prefixes = torch.cat([prefixes.repeat_interleave(V, 0),
-                              torch.arange(V).repeat(prefixes.shape[0])[:, None]], dim=1)
+        prefixes = torch.cat(
+            [prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(prefixes.shape[0])[:, None]],
+            dim=1,
+        )
         weights = joint.flatten()
     return marginals
 
 
-def sample_runs(backend: LocalBackend, params: SamplingParams, block_size: int, steps: int = 1
-                ) -> list[list[int]]:
+def sample_runs(
+    backend: LocalBackend, params: SamplingParams, block_size: int, steps: int = 1
+) -> list[list[int]]:
     runs = []
     for seed in range(RUNS):
         request = GenerationRequest(
-            prompt=PROMPT, max_new_tokens=NEW,
-            sampling=SamplingParams(temperature=params.temperature, top_k=params.top_k,
-                                    top_p=params.top_p, seed=seed),
-            speculative=SpeculativeConfig(block_size=block_size, steps=steps))
+            prompt=PROMPT,
+            max_new_tokens=NEW,
+            sampling=SamplingParams(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed
+            ),
+            speculative=SpeculativeConfig(block_size=block_size, steps=steps),
+        )
         session = backend.engine.session(request)
         ids: list[int] = []
         while (chunk := session.step()) is not None:
@@ -115,8 +121,11 @@ def test_a_wrong_q_is_detected(verifier: Any) -> None:
 
 def test_same_seed_same_output(tiny_backend: Any) -> None:
     def once(seed: int) -> list[int]:
-        request = GenerationRequest(prompt="def add(a, b):", max_new_tokens=24,
-                                    sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=seed))
+        request = GenerationRequest(
+            prompt="def add(a, b):",
+            max_new_tokens=24,
+            sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=seed),
+        )
         session = tiny_backend.engine.session(request)
         ids: list[int] = []
         while (chunk := session.step()) is not None:

@@ -33,8 +33,9 @@ def accept_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> Verdict:
     return Verdict(accepted, int(choice[accepted]))
 
 
-def accept_sampled(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None,
-                   generator: torch.Generator | None) -> Verdict:
+def accept_sampled(
+    p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator | None
+) -> Verdict:
     """Speculative sampling (Leviathan et al. / Chen et al.).
 
     p: (k+1, V) verifier probabilities; draft: (k,); q: (k, V) the distributions the draft

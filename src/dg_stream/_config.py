@@ -27,14 +27,25 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.temperature) and self.temperature >= 0,
-               f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
-        _check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k")
-        _check(self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1),
-               f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        _check(self.repetition_penalty is None
-               or (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be a finite number >= 0, got {self.temperature}",
+            "temperature",
+        )
+        _check(
+            self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k"
+        )
+        _check(
+            self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1),
+            f"top_p must be in (0, 1], got {self.top_p}",
+            "top_p",
+        )
+        _check(
+            self.repetition_penalty is None
+            or (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            "repetition_penalty",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -56,11 +67,19 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     confidence: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.block_size is None or 1 <= self.block_size <= 64,
-               f"block_size must be in [1, 64], got {self.block_size}", "block_size")
-        _check(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}", "steps")
-        _check(self.confidence is None or 0 < self.confidence <= 1,
-               f"confidence must be in (0, 1], got {self.confidence}", "confidence")
+        _check(
+            self.block_size is None or 1 <= self.block_size <= 64,
+            f"block_size must be in [1, 64], got {self.block_size}",
+            "block_size",
+        )
+        _check(
+            self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}", "steps"
+        )
+        _check(
+            self.confidence is None or 0 < self.confidence <= 1,
+            f"confidence must be in (0, 1], got {self.confidence}",
+            "confidence",
+        )
 
 
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -82,32 +101,55 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     draft_preview: bool = False
 
     def __post_init__(self) -> None:
-        _check((self.prompt is None) != (self.messages is None),
-               "give exactly one of a prompt and a list of messages", "prompt")
+        _check(
+            (self.prompt is None) != (self.messages is None),
+            "give exactly one of a prompt and a list of messages",
+            "prompt",
+        )
         if isinstance(self.prompt, str):
             _check(self.prompt != "", "the prompt is empty", "prompt")
         elif isinstance(self.prompt, list):
             _check(len(self.prompt) > 0, "the prompt is empty", "prompt")
-            _check(all(isinstance(t, int) and t >= 0 for t in self.prompt),
-                   "token ids must be non-negative integers", "prompt")
+            _check(
+                all(isinstance(t, int) and t >= 0 for t in self.prompt),
+                "token ids must be non-negative integers",
+                "prompt",
+            )
         if self.messages is not None:
             _check(len(self.messages) > 0, "the message list is empty", "messages")
-        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
-               "max_new_tokens")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty",
-               "stop")
+        _check(
+            self.max_new_tokens >= 1,
+            f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+            "max_new_tokens",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop strings must be non-empty",
+            "stop",
+        )
 
 
-def build_request(prompt: Any, *, max_new_tokens: int, temperature: float, top_k: int | None,
-                  top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                  stop: str | list[str] | tuple[str, ...] | None, draft_preview: bool,
-                  speculative_options: dict[str, Any]) -> GenerationRequest:
+def build_request(
+    prompt: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: str | list[str] | tuple[str, ...] | None,
+    draft_preview: bool,
+    speculative_options: dict[str, Any],
+) -> GenerationRequest:
     """Turn ``generate()``'s arguments into a validated request (raises InvalidRequestError)."""
     unknown = set(speculative_options) - set(SpeculativeConfig.__struct_fields__)
     if unknown:
         raise InvalidRequestError(
             f"unknown option(s) {sorted(unknown)}; speculative options are "
-            f"{list(SpeculativeConfig.__struct_fields__)}", param=sorted(unknown)[0])
+            f"{list(SpeculativeConfig.__struct_fields__)}",
+            param=sorted(unknown)[0],
+        )
     if isinstance(stop, str):
         stop = (stop,)
     messages: list[Message] | None = None
@@ -115,21 +157,29 @@ def build_request(prompt: Any, *, max_new_tokens: int, temperature: float, top_k
         try:
             messages = [Message(role=m["role"], content=m["content"]) for m in prompt]
         except KeyError as exc:
-            raise InvalidRequestError(f"each message needs 'role' and 'content' ({exc} missing)",
-                                      param="prompt") from None
+            raise InvalidRequestError(
+                f"each message needs 'role' and 'content' ({exc} missing)", param="prompt"
+            ) from None
         prompt = None
     elif not isinstance(prompt, (str, list)):
         raise InvalidRequestError(
             f"prompt must be a string, a list of token ids or a list of messages, got "
-            f"{type(prompt).__name__}", param="prompt")
+            f"{type(prompt).__name__}",
+            param="prompt",
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise InvalidRequestError("max_new_tokens must be an integer", param="max_new_tokens")
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
         max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature=float(temperature), top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed),
+        sampling=SamplingParams(
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ),
         speculative=SpeculativeConfig(**speculative_options),
         stop=tuple(stop or ()),
         draft_preview=draft_preview,

@@ -33,8 +33,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         if self._tokenizer is None:
             return ""  # token-id-only generation: no text
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True,
-                                          clean_up_tokenization_spaces=False))
+        return str(
+            self._tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        )
 
     def _window(self, extra: Sequence[int] = ()) -> tuple[str, str]:
         """(text already emitted from the window, text of the window plus ``extra``)."""

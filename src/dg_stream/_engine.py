@@ -17,7 +17,7 @@ from ._acceptance import Verdict, accept_greedy, accept_sampled
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
 from ._detokenize import IncrementalDetokenizer
-from ._drafters.base import DraftProposal, Drafter, DraftSession, empty_proposal
+from ._drafters.base import Drafter, DraftProposal, DraftSession, empty_proposal
 from ._errors import InvalidRequestError
 from ._prompt import encode_prompt
 from ._sampling import apply_repetition_penalty, process_logits
@@ -30,8 +30,13 @@ __all__ = ["Engine", "GenerationSession"]
 class Engine:
     """A verifier, an optional drafter and the defaults for speculative options."""
 
-    def __init__(self, verifier: Verifier, drafter: Drafter | None, tokenizer: Any,
-                 defaults: SpeculativeConfig) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        drafter: Drafter | None,
+        tokenizer: Any,
+        defaults: SpeculativeConfig,
+    ) -> None:
         self.verifier = verifier
         self.drafter = drafter
         self.tokenizer = tokenizer
@@ -53,7 +58,8 @@ class GenerationSession:
             raise InvalidRequestError(
                 f"the prompt ({len(self.prompt_ids)} tokens) plus max_new_tokens "
                 f"({request.max_new_tokens}) exceeds the verifier's context of {limit} tokens",
-                param="max_new_tokens")
+                param="max_new_tokens",
+            )
         spec, defaults = request.speculative, engine.defaults
         self.block_size = spec.block_size or defaults.block_size or 8
         self.max_block = self.block_size
@@ -66,7 +72,8 @@ class GenerationSession:
         self.ids = torch.tensor(self.prompt_ids, dtype=torch.long)
         self.cache = verifier.new_cache()
         self.draft_session: DraftSession | None = (
-            engine.drafter.session() if engine.drafter is not None else None)
+            engine.drafter.session() if engine.drafter is not None else None
+        )
         self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         self.stops = StopMatcher(request.stop)
         self.generated = 0
@@ -112,8 +119,13 @@ class GenerationSession:
             t_draft = time.perf_counter()
             self.proposal = self._propose()
             draft_seconds += time.perf_counter() - t_draft
-        step = StepStats(drafted=k, accepted=verdict.accepted, committed=len(new),
-                         draft_seconds=draft_seconds, verify_seconds=verify_seconds)
+        step = StepStats(
+            drafted=k,
+            accepted=verdict.accepted,
+            committed=len(new),
+            draft_seconds=draft_seconds,
+            verify_seconds=verify_seconds,
+        )
         self.stats = self.stats.add(step)
         if finish is not None:
             return self._finish(text, new, step, finish)
@@ -133,17 +145,26 @@ class GenerationSession:
             return empty_proposal()
         session: Any = self.draft_session
         if hasattr(session, "steps"):  # the diffusion drafter takes per-request steps
-            return session.propose(self.ids, k, self.params, self.generator, steps=self.steps,
-                                   confidence=self.confidence)
+            return session.propose(
+                self.ids,
+                k,
+                self.params,
+                self.generator,
+                steps=self.steps,
+                confidence=self.confidence,
+            )
         proposal: DraftProposal = session.propose(self.ids, k, self.params, self.generator)
         return proposal
 
     def _accept(self, logits: torch.Tensor, draft: DraftProposal) -> Verdict:
         params = self.params
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, self.ids.to(logits.device),
-                                              draft.tokens.to(logits.device),
-                                              params.repetition_penalty)
+            logits = apply_repetition_penalty(
+                logits,
+                self.ids.to(logits.device),
+                draft.tokens.to(logits.device),
+                params.repetition_penalty,
+            )
         tokens = draft.tokens.to(logits.device)
         if params.greedy:
             return accept_greedy(logits, tokens)
@@ -189,8 +210,14 @@ class GenerationSession:
         self.stats = _with_total(self.stats, time.perf_counter() - self.started)
         usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.generated)
         self.close()
-        return Chunk(text=text, token_ids=tuple(new), finish_reason=finish, step=step,
-                     usage=usage, stats=self.stats)
+        return Chunk(
+            text=text,
+            token_ids=tuple(new),
+            finish_reason=finish,
+            step=step,
+            usage=usage,
+            stats=self.stats,
+        )
 
     def close(self) -> None:
         """Free the cache and drafter state (idempotent)."""

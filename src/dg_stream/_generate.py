@@ -25,11 +25,20 @@ def _get_default_backend() -> Backend:
         return _default_backend
 
 
-def generate(prompt: str | list[int] | list[dict[str, str]], *, backend: Backend | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
-             seed: int | None = None, stop: str | list[str] | None = None,
-             draft_preview: bool = False, **speculative_options: Any) -> GenerationStream:
+def generate(
+    prompt: str | list[int] | list[dict[str, str]],
+    *,
+    backend: Backend | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    draft_preview: bool = False,
+    **speculative_options: Any,
+) -> GenerationStream:
     """Stream a completion of ``prompt``.
 
     ``prompt`` is text, token ids, or chat messages (``[{"role": ..., "content": ...}]``,
@@ -48,9 +57,17 @@ def generate(prompt: str | list[int] | list[dict[str, str]], *, backend: Backend
                 print(chunk.text, end="", flush=True)
     """
     request = build_request(
-        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-        draft_preview=draft_preview, speculative_options=speculative_options)
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        draft_preview=draft_preview,
+        speculative_options=speculative_options,
+    )
     chosen = backend
 
     def open_source() -> Any:

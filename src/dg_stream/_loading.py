@@ -8,8 +8,14 @@ from typing import Any
 
 from ._errors import MissingDependencyError, ModelLoadError, VocabularyMismatchError
 
-__all__ = ["check_vocabularies", "load_causal_lm", "load_masked_lm", "load_tokenizer",
-           "require_local_extra", "resolve_device_dtype"]
+__all__ = [
+    "check_vocabularies",
+    "load_causal_lm",
+    "load_masked_lm",
+    "load_tokenizer",
+    "require_local_extra",
+    "resolve_device_dtype",
+]
 
 LOCAL_HINT = "the local backend needs torch and transformers: pip install 'dg-stream[local]'"
 
@@ -25,8 +31,11 @@ def require_local_extra() -> None:
 def resolve_device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
     import torch
 
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -39,8 +48,10 @@ def resolve_device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
 def _check_path(path: str | os.PathLike[str], what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise ModelLoadError(f"{what} path does not exist: {p} (dg_stream loads local "
-                             f"checkpoints only; download models beforehand)")
+        raise ModelLoadError(
+            f"{what} path does not exist: {p} (dg_stream loads local "
+            f"checkpoints only; download models beforehand)"
+        )
     return p
 
 
@@ -48,8 +59,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(_check_path(path, "tokenizer")),
-                                             local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            str(_check_path(path, "tokenizer")), local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a tokenizer from {path}: {exc}") from exc
 
@@ -70,7 +82,9 @@ def _load(auto_class: Any, path: str | os.PathLike[str], what: str, device: Any,
     return model.to(device).eval()
 
 
-def load_causal_lm(path: str | os.PathLike[str], device: Any, dtype: Any, what: str = "verifier") -> Any:
+def load_causal_lm(
+    path: str | os.PathLike[str], device: Any, dtype: Any, what: str = "verifier"
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     return _load(AutoModelForCausalLM, path, what, device, dtype)
@@ -87,16 +101,24 @@ def is_causal_checkpoint(path: str | os.PathLike[str]) -> bool:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(_check_path(path, "drafter")), local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            str(_check_path(path, "drafter")), local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the drafter config at {path}: {exc}") from exc
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
-               for a in (getattr(config, "architectures", None) or []))
+    return any(
+        a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
+        for a in (getattr(config, "architectures", None) or [])
+    )
 
 
-def check_vocabularies(verifier_tokenizer: Any, drafter_tokenizer: Any,
-                       verifier_vocab: int, drafter_vocab: int | None,
-                       ignore_ids: frozenset[int] = frozenset()) -> None:
+def check_vocabularies(
+    verifier_tokenizer: Any,
+    drafter_tokenizer: Any,
+    verifier_vocab: int,
+    drafter_vocab: int | None,
+    ignore_ids: frozenset[int] = frozenset(),
+) -> None:
     """Refuse a drafter whose token ids do not mean what the verifier's mean.
 
     With both tokenizers, every verifier token must have the same id in the drafter's (the
@@ -111,9 +133,11 @@ def check_vocabularies(verifier_tokenizer: Any, drafter_tokenizer: Any,
             raise VocabularyMismatchError(
                 f"the drafter's tokenizer does not match the verifier's: {len(wrong)} token(s) "
                 f"differ (e.g. {wrong[0]!r} is {v[wrong[0]]} for the verifier and "
-                f"{d.get(wrong[0])} for the drafter)")
+                f"{d.get(wrong[0])} for the drafter)"
+            )
         return
     if drafter_vocab != verifier_vocab:
         raise VocabularyMismatchError(
             f"the drafter's vocabulary ({drafter_vocab} ids) differs from the verifier's "
-            f"({verifier_vocab} ids); pass tokenizers to compare them token by token")
+            f"({verifier_vocab} ids); pass tokenizers to compare them token by token"
+        )

@@ -29,16 +29,21 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest, vocab_size: int) -
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the verifier's vocabulary of {vocab_size}",
-                param="prompt")
+                param="prompt",
+            )
         return ids
     if tokenizer is None:
-        raise InvalidRequestError("this backend has no tokenizer: pass the prompt as token ids",
-                                  param="prompt")
+        raise InvalidRequestError(
+            "this backend has no tokenizer: pass the prompt as token ids", param="prompt"
+        )
     if request.messages is not None:
         if getattr(tokenizer, "chat_template", None):
             rendered = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in request.messages],
-                tokenize=True, add_generation_prompt=True, return_dict=False)
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+            )
             ids = list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
         else:
             ids = list(tokenizer(render_plain_chat(request.messages))["input_ids"])

@@ -13,8 +13,9 @@ from ._config import SamplingParams
 __all__ = ["apply_repetition_penalty", "logits_to_probs", "process_logits", "sample"]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, draft: torch.Tensor,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, context: torch.Tensor, draft: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """Penalise, at each row ``i``, tokens seen in ``context`` or in ``draft[:i]``.
 
     logits: (T, V) for T verified positions; context: (n,) committed ids; draft: (T-1,) the

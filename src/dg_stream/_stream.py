@@ -49,8 +49,12 @@ class GenerationStream:
         self._ensure_open()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -121,8 +125,13 @@ class GenerationStream:
         async with self:
             async for _ in self:
                 pass
-        return Completion(text=self.text, finish_reason=self.finish_reason, usage=self.usage,
-                          stats=self.stats, token_ids=self.token_ids)
+        return Completion(
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            stats=self.stats,
+            token_ids=self.token_ids,
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 
 from .._chunks import Chunk
 from .._config import GenerationRequest, SpeculativeConfig
@@ -22,6 +24,9 @@ from .._loading import (
     require_local_extra,
     resolve_device_dtype,
 )
+
+if TYPE_CHECKING:
+    from .._engine import GenerationSession
 
 __all__ = ["LocalBackend", "default_model_dir"]
 
@@ -44,10 +49,21 @@ class LocalBackend:
     of one per backend), interleaved, each generation with its own cache.
     """
 
-    def __init__(self, verifier: Any = None, drafter: Any = None, *, tokenizer: Any = None,
-                 drafter_tokenizer: Any = None, device: Any = None, dtype: Any = None,
-                 block_size: int = 8, steps: int = 1, adaptive: bool = False,
-                 confidence: float | None = None, window: int | None = None) -> None:
+    def __init__(
+        self,
+        verifier: Any = None,
+        drafter: Any = None,
+        *,
+        tokenizer: Any = None,
+        drafter_tokenizer: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        block_size: int = 8,
+        steps: int = 1,
+        adaptive: bool = False,
+        confidence: float | None = None,
+        window: int | None = None,
+    ) -> None:
         require_local_extra()
         if verifier is None:
             verifier = default_model_dir() / "verifier"
@@ -58,16 +74,23 @@ class LocalBackend:
         from .._engine import Engine
         from .._verifier import Verifier
 
-        self.defaults = SpeculativeConfig(block_size=block_size, steps=steps, adaptive=adaptive,
-                                          confidence=confidence)
+        self.defaults = SpeculativeConfig(
+            block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
+        )
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         model, tok = self._verifier_and_tokenizer(verifier, tokenizer)
         self.verifier = Verifier(model, tok)
         self.tokenizer = tok
         self.drafter = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
         self.engine = Engine(self.verifier, self.drafter, tok, self.defaults)
-        self._limiter = anyio.CapacityLimiter(1)
-        self.model_name = str(verifier) if isinstance(verifier, (str, os.PathLike)) else type(model).__name__
+        # One step at a time per backend: a capacity limiter per event loop (limiters belong to
+        # the loop that made them) queues waiters without holding threads, and a lock keeps
+        # loops in different threads from running the model at once.
+        self._limiter_var: RunVar[anyio.CapacityLimiter] = RunVar("dg_stream_local_limiter")
+        self._model_lock = threading.Lock()
+        self.model_name = (
+            str(verifier) if isinstance(verifier, (str, os.PathLike)) else type(model).__name__
+        )
 
     @classmethod
     def default(cls, drafter: Any = _DEFAULT, **options: Any) -> LocalBackend:
@@ -87,8 +110,14 @@ class LocalBackend:
             tokenizer = load_tokenizer(tokenizer)
         return model, tokenizer
 
-    def _make_drafter(self, drafter: Any, drafter_tokenizer: Any, steps: int,
-                      confidence: float | None, window: int | None) -> Any:
+    def _make_drafter(
+        self,
+        drafter: Any,
+        drafter_tokenizer: Any,
+        steps: int,
+        confidence: float | None,
+        window: int | None,
+    ) -> Any:
         from .._drafters import CausalDrafter, DiffusionDrafter, NgramDrafter
 
         if drafter is None:
@@ -111,15 +140,28 @@ class LocalBackend:
             raise ModelLoadError(f"cannot use {type(drafter).__name__} as a drafter")
         mask_id = self._mask_token_id(drafter, drafter_tokenizer)
         ignore = frozenset({mask_id}) if mask_id is not None else frozenset()
-        check_vocabularies(self.tokenizer, drafter_tokenizer, self.verifier.vocab_size,
-                           int(drafter.config.vocab_size), ignore)
+        check_vocabularies(
+            self.tokenizer,
+            drafter_tokenizer,
+            self.verifier.vocab_size,
+            int(drafter.config.vocab_size),
+            ignore,
+        )
         if type(drafter).__name__.endswith(("ForCausalLM", "LMHeadModel")):
             return CausalDrafter(drafter)
         if mask_id is None:
-            raise ModelLoadError("the diffusion drafter has no mask token: give its tokenizer a "
-                                 "mask_token or set config.mask_token_id")
-        return DiffusionDrafter(drafter, mask_token_id=mask_id, window=window, steps=steps,
-                                confidence=confidence, output_vocab_size=self.verifier.vocab_size)
+            raise ModelLoadError(
+                "the diffusion drafter has no mask token: give its tokenizer a "
+                "mask_token or set config.mask_token_id"
+            )
+        return DiffusionDrafter(
+            drafter,
+            mask_token_id=mask_id,
+            window=window,
+            steps=steps,
+            confidence=confidence,
+            output_vocab_size=self.verifier.vocab_size,
+        )
 
     def _mask_token_id(self, model: Any, drafter_tokenizer: Any) -> int | None:
         for source in (drafter_tokenizer, model.config, self.tokenizer):
@@ -136,7 +178,9 @@ class LocalBackend:
         try:
             while True:
                 try:
-                    chunk = await anyio.to_thread.run_sync(session.step, limiter=self._limiter)
+                    chunk = await anyio.to_thread.run_sync(
+                        self._locked_step, session, limiter=self._limiter()
+                    )
                 except DGStreamError:
                     raise
                 except Exception as exc:
@@ -149,10 +193,24 @@ class LocalBackend:
         finally:
             session.close()
 
+    def _limiter(self) -> anyio.CapacityLimiter:
+        try:
+            return self._limiter_var.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(1)
+            self._limiter_var.set(limiter)
+            return limiter
+
+    def _locked_step(self, session: GenerationSession) -> Chunk | None:
+        with self._model_lock:
+            return session.step()
+
     async def aclose(self) -> None:
         """Nothing to release beyond what each stream releases; present for the protocol."""
         return None
 
     def __repr__(self) -> str:
         drafter = type(self.drafter).__name__ if self.drafter is not None else None
-        return f"LocalBackend(verifier={self.model_name!r}, drafter={drafter}, device={self.device})"
+        return (
+            f"LocalBackend(verifier={self.model_name!r}, drafter={drafter}, device={self.device})"
+        )

@@ -27,8 +27,13 @@ class DraftProposal(NamedTuple):
 class DraftSession(Protocol):
     """Per-generation drafter state (a cache, say); never shared between generations."""
 
-    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
-                generator: torch.Generator | None) -> DraftProposal:
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> DraftProposal:
         """Draft up to ``k`` tokens following ``context`` ((n,) committed ids)."""
         ...
 

@@ -45,8 +45,13 @@ class _CausalDraftSession:
         self.cached = None
 
     @torch.inference_mode()
-    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
-                generator: torch.Generator | None) -> DraftProposal:
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> DraftProposal:
         if k <= 0:
             return empty_proposal(context.device)
         model, device = self.drafter.model, self.drafter.device

@@ -23,9 +23,16 @@ __all__ = ["DiffusionDrafter"]
 class DiffusionDrafter:
     """Drafts with a masked LM. ``steps``/``confidence`` can be overridden per request."""
 
-    def __init__(self, model: Any, *, mask_token_id: int, window: int | None = None,
-                 steps: int = 1, confidence: float | None = None,
-                 output_vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        mask_token_id: int,
+        window: int | None = None,
+        steps: int = 1,
+        confidence: float | None = None,
+        output_vocab_size: int | None = None,
+    ) -> None:
         self.model = model.eval()
         self.mask_token_id = int(mask_token_id)
         self.vocab_size: int | None = int(model.config.vocab_size)
@@ -36,8 +43,10 @@ class DiffusionDrafter:
         self.window = int(window or configured or max(1, min(64, max_positions // 2)))
         self.max_block_size = max(1, max_positions - self.window)
         if self.window >= max_positions:
-            raise ValueError(f"window {self.window} leaves no room for a block within the "
-                             f"drafter's {max_positions} positions")
+            raise ValueError(
+                f"window {self.window} leaves no room for a block within the "
+                f"drafter's {max_positions} positions"
+            )
         self.steps = steps
         self.confidence = confidence
         self.device = next(model.parameters()).device
@@ -56,9 +65,16 @@ class DiffusionDrafter:
         return logits
 
     @torch.inference_mode()
-    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
-                generator: torch.Generator | None, *, steps: int | None = None,
-                confidence: float | None = None) -> DraftProposal:
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
+    ) -> DraftProposal:
         k = min(k, self.max_block_size)
         if k <= 0:
             return empty_proposal(context.device)

@@ -29,8 +29,13 @@ class NgramDrafter:
     def close(self) -> None:
         return None
 
-    def propose(self, context: torch.Tensor, k: int, params: SamplingParams,
-                generator: torch.Generator | None) -> DraftProposal:
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> DraftProposal:
         n_ctx = context.shape[0]
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
             pattern = context[-n:]

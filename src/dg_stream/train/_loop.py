@@ -41,7 +41,9 @@ class TokenStream:
         ids: list[int] = []
         # Batched encoding is several times faster than one call per document.
         for start in range(0, len(docs), 256):
-            for row in tokenizer(list(docs[start : start + 256]), add_special_tokens=False)["input_ids"]:
+            for row in tokenizer(list(docs[start : start + 256]), add_special_tokens=False)[
+                "input_ids"
+            ]:
                 ids.extend(row)
                 ids.append(eos_id)
         self.ids = torch.tensor(ids, dtype=torch.long)
@@ -81,8 +83,14 @@ class Checkpointer:
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "checkpoint.pt"
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, extra: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
@@ -96,8 +104,9 @@ class Checkpointer:
         torch.save(state, tmp)
         tmp.replace(self.path)  # atomic: an interruption never leaves a torn checkpoint
 
-    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> int:
+    def load(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+    ) -> int:
         """Restore the last checkpoint, returning its step (0 when there is none)."""
         if not self.path.exists():
             return 0
@@ -117,10 +126,12 @@ def progress(total: int, initial: int, desc: str) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with the train extra
+
         class _Silent:
             def update(self, n: int = 1) -> None: ...
             def set_postfix(self, **kwargs: Any) -> None: ...
             def close(self) -> None: ...
+
         return _Silent()
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
 

@@ -32,7 +32,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     corpus = _corpus(args.corpus)
     out = train_tokenizer(corpus.train, args.out, vocab_size=args.vocab_size)
-    print(f"tokenizer ({args.vocab_size} ids) saved to {out} in {time.perf_counter() - started:.1f}s")
+    print(
+        f"tokenizer ({args.vocab_size} ids) saved to {out} in {time.perf_counter() - started:.1f}s"
+    )
     return 0
 
 
@@ -40,9 +42,15 @@ def _verifier(args: argparse.Namespace) -> int:
     from .verifier import VerifierTrainingConfig, train_verifier
 
     _threads(args.threads)
-    config = VerifierTrainingConfig(hidden_size=args.hidden_size, layers=args.layers,
-                                    steps=args.steps, batch_size=args.batch_size,
-                                    seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    config = VerifierTrainingConfig(
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=args.seed,
+    )
     metrics = train_verifier(_corpus(args.corpus), args.tokenizer, args.out, config, args.device)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -54,10 +62,16 @@ def _drafter(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_pair, held_out_prompts
 
     _threads(args.threads)
-    config = DrafterTrainingConfig(hidden_size=args.hidden_size, layers=args.layers,
-                                   window=args.window, steps=args.steps,
-                                   sequences=args.sequences, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed)
+    config = DrafterTrainingConfig(
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        window=args.window,
+        steps=args.steps,
+        sequences=args.sequences,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
     corpus: Corpus = _corpus(args.corpus)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
     if args.eval_prompts:
@@ -70,21 +84,34 @@ def _drafter(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train`` and its three commands on an argparse subparsers object."""
-    train = subparsers.add_parser("train", help="train a tokenizer, a verifier or a drafter",
-                                  description="Train the default pair, or a drafter for any local "
-                                  "causal LM. CPU by default; CUDA (bf16) when available.")
+    train = subparsers.add_parser(
+        "train",
+        help="train a tokenizer, a verifier or a drafter",
+        description="Train the default pair, or a drafter for any local "
+        "causal LM. CPU by default; CUDA (bf16) when available.",
+    )
     commands = train.add_subparsers(dest="train_command", required=True)
 
     def common(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
-        p.add_argument("--corpus", nargs="+", metavar="FILE",
-                       help="text files or folders (default: this Python's standard library)")
-        p.add_argument("--steps", type=int, default=steps, help="optimizer steps (default %(default)s)")
-        p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
+        p.add_argument(
+            "--corpus",
+            nargs="+",
+            metavar="FILE",
+            help="text files or folders (default: this Python's standard library)",
+        )
+        p.add_argument(
+            "--steps", type=int, default=steps, help="optimizer steps (default %(default)s)"
+        )
+        p.add_argument(
+            "--lr", type=float, default=lr, help="peak learning rate (default %(default)s)"
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    tok = commands.add_parser("tokenizer", help="byte-level BPE with eos, pad, mask and a chat template")
+    tok = commands.add_parser(
+        "tokenizer", help="byte-level BPE with eos, pad, mask and a chat template"
+    )
     tok.add_argument("--corpus", nargs="+", metavar="FILE")
     tok.add_argument("--vocab-size", type=int, default=4096)
     tok.add_argument("--out", default=str(RUNS / "tokenizer"))
@@ -102,16 +129,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     dra = commands.add_parser("drafter", help="distil a diffusion drafter from any local causal LM")
     common(dra, steps=2000, lr=2e-3)
-    dra.add_argument("--verifier", default=str(RUNS / "verifier"),
-                     help="local causal-LM checkpoint (with its tokenizer) to distil from")
+    dra.add_argument(
+        "--verifier",
+        default=str(RUNS / "verifier"),
+        help="local causal-LM checkpoint (with its tokenizer) to distil from",
+    )
     dra.add_argument("--out", default=str(RUNS / "drafter"))
     dra.add_argument("--hidden-size", type=int, default=128)
     dra.add_argument("--layers", type=int, default=2)
     dra.add_argument("--window", type=int, default=32, help="context tokens the drafter reads")
-    dra.add_argument("--sequences", type=int, default=12288,
-                     help="verifier continuations to distil from")
+    dra.add_argument(
+        "--sequences", type=int, default=12288, help="verifier continuations to distil from"
+    )
     dra.add_argument("--batch-size", type=int, default=256)
-    dra.add_argument("--eval-prompts", type=int, default=16,
-                     help="held-out prompts for the final acceptance evaluation (0: skip)")
+    dra.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=16,
+        help="held-out prompts for the final acceptance evaluation (0: skip)",
+    )
     dra.set_defaults(func=_drafter)
     return train

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Corpus", "stdlib_corpus", "file_corpus"]
+__all__ = ["Corpus", "file_corpus", "stdlib_corpus"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def stdlib_corpus(max_held_out_files: int = 200) -> Corpus:
     """The standard library's ``.py`` files; test suites form the held-out split."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+        p
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "dist-packages" not in p.parts
     )
     train_files = [p for p in files if not _is_test_file(p)]
     # Every k-th test file, so the held-out set spans the whole test suite but stays small.

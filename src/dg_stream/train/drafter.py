@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from .._verifier import cache_keyword
-from ._loop import Checkpointer, Throughput, TokenStream, autocast_dtype, cosine_lr, pick_device, progress
+from ._loop import (
+    Checkpointer,
+    Throughput,
+    TokenStream,
+    autocast_dtype,
+    cosine_lr,
+    pick_device,
+    progress,
+)
 from .corpus import Corpus
 
 __all__ = ["DrafterTrainingConfig", "distillation_data", "train_drafter"]
@@ -60,8 +68,13 @@ def greedy_continuations(verifier: Any, contexts: torch.Tensor, new_tokens: int)
     return torch.cat(out, dim=1)
 
 
-def distillation_data(verifier: Any, stream: TokenStream, config: DrafterTrainingConfig,
-                      generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def distillation_data(
+    verifier: Any,
+    stream: TokenStream,
+    config: DrafterTrainingConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
     """(sequences, context + continuation) ids: corpus contexts continued by the verifier."""
     rows = []
     bar = progress(config.sequences, 0, "verifier continuations")
@@ -74,8 +87,9 @@ def distillation_data(verifier: Any, stream: TokenStream, config: DrafterTrainin
     return torch.cat(rows)
 
 
-def _batch(data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs (B, W+k), targets (B, k), mask (B, k) for one batch with a random block size k."""
     n, length = data.shape
     k = int(torch.randint(2, config.max_block + 1, (1,), generator=generator))
@@ -85,7 +99,9 @@ def _batch(data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int,
         window = int(torch.randint(1, config.window + 1, (1,), generator=generator))
     rows = torch.randint(0, n, (config.batch_size,), generator=generator)
     # Block starts inside the verifier-written part, so targets are always greedy continuations.
-    cut = torch.randint(config.context_tokens, length - k + 1, (config.batch_size,), generator=generator)
+    cut = torch.randint(
+        config.context_tokens, length - k + 1, (config.batch_size,), generator=generator
+    )
     offsets = torch.arange(-window, k)
     seq = data[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
     targets = seq[:, window:].clone()
@@ -93,7 +109,10 @@ def _batch(data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int,
     t = torch.rand(config.batch_size, generator=generator) * 0.9 + 0.1
     t[: config.batch_size // 2] = 1.0
     masked = torch.rand(config.batch_size, k, generator=generator) < t[:, None]
-    masked[torch.arange(config.batch_size), torch.randint(0, k, (config.batch_size,), generator=generator)] = True
+    masked[
+        torch.arange(config.batch_size),
+        torch.randint(0, k, (config.batch_size,), generator=generator),
+    ] = True
     inputs = seq.clone()
     inputs[:, window:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
     weights = masked.float() / t[:, None] / k  # MDLM 1/t weighting, per-token normalised
@@ -108,9 +127,14 @@ def ensure_mask_token(tokenizer: Any) -> tuple[Any, bool]:
     return tokenizer, True
 
 
-def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
-                  config: DrafterTrainingConfig = DrafterTrainingConfig(),
-                  device: str | None = None, log: Any = print) -> dict[str, object]:
+def train_drafter(
+    corpus: Corpus,
+    verifier_dir: str | Path,
+    out_dir: str | Path,
+    config: DrafterTrainingConfig = DrafterTrainingConfig(),
+    device: str | None = None,
+    log: Any = print,
+) -> dict[str, object]:
     """Distil (or resume) a drafter for the verifier at ``verifier_dir``; returns metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -119,9 +143,12 @@ def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
     dev = pick_device(device)
     tokenizer, added = ensure_mask_token(AutoTokenizer.from_pretrained(verifier_dir))
     if added:
-        log(f"the verifier's tokenizer has no mask token: added {tokenizer.mask_token!r} "
-            f"(id {tokenizer.mask_token_id}) for the drafter")
-    verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).to(dev).eval()
+        log(
+            f"the verifier's tokenizer has no mask token: added {tokenizer.mask_token!r} "
+            f"(id {tokenizer.mask_token_id}) for the drafter"
+        )
+    verifier: Any = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32)
+    verifier = verifier.to(dev).eval()
     generator = torch.Generator().manual_seed(config.seed)
     data_path = out / "distillation.pt"
     if data_path.exists():  # resuming: the verifier's continuations are the slow part
@@ -131,7 +158,8 @@ def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
         stream = TokenStream(corpus.train, tokenizer, eos)
         started = time.perf_counter()
         data = distillation_data(verifier, stream, config, generator, dev)
-        log(f"verifier continuations: {data.shape[0]} sequences in {time.perf_counter() - started:.0f}s")
+        seconds = time.perf_counter() - started
+        log(f"verifier continuations: {data.shape[0]} sequences in {seconds:.0f}s")
         torch.save(data, data_path)
     torch.manual_seed(config.seed)
     drafter_config = BertConfig(
@@ -143,11 +171,14 @@ def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
         max_position_embeddings=config.window + config.max_block,
         type_vocab_size=1,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        mask_token_id=tokenizer.mask_token_id,
-        dg_stream_window=config.window,
+        # Extra config fields, saved with the checkpoint: where to find the mask, how much
+        # context the drafter was trained to read.
+        **{"mask_token_id": tokenizer.mask_token_id, "dg_stream_window": config.window},
     )
-    model = BertForMaskedLM(drafter_config).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    model: Any = BertForMaskedLM(drafter_config).to(dev)  # type: ignore[arg-type]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
     checkpoints = Checkpointer(out)
     step = checkpoints.load(model, optimizer, generator)
     amp = autocast_dtype(dev)
@@ -164,7 +195,9 @@ def train_drafter(corpus: Corpus, verifier_dir: str | Path, out_dir: str | Path,
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]  # (B, k, H)
             logits = model.cls(hidden).float()  # only the block needs the vocabulary head
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        )
         loss = (ce.view_as(weights) * weights).sum(dim=1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

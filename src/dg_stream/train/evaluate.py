@@ -24,15 +24,19 @@ def held_out_prompts(docs: Sequence[str], count: int = 16, max_chars: int = 400)
     return prompts
 
 
-def acceptance(backend: Any, prompts: Sequence[str], block_size: int, steps: int = 1,
-               max_new_tokens: int = 96) -> dict[str, float]:
+def acceptance(
+    backend: Any, prompts: Sequence[str], block_size: int, steps: int = 1, max_new_tokens: int = 96
+) -> dict[str, float]:
     """Greedy generations on ``backend``; totals over all prompts (synchronous, no async)."""
     from .._config import GenerationRequest, SpeculativeConfig
 
     calls = accepted = committed = 0
     for prompt in prompts:
-        request = GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens,
-                                    speculative=SpeculativeConfig(block_size=block_size, steps=steps))
+        request = GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            speculative=SpeculativeConfig(block_size=block_size, steps=steps),
+        )
         session = backend.engine.session(request)
         while session.step() is not None:
             pass
@@ -47,8 +51,13 @@ def acceptance(backend: Any, prompts: Sequence[str], block_size: int, steps: int
     }
 
 
-def evaluate_pair(verifier_dir: str | Path, drafter_dir: str | Path, prompts: Sequence[str],
-                  block_sizes: Sequence[int] = (4, 8, 16), max_new_tokens: int = 96) -> list[dict[str, float]]:
+def evaluate_pair(
+    verifier_dir: str | Path,
+    drafter_dir: str | Path,
+    prompts: Sequence[str],
+    block_sizes: Sequence[int] = (4, 8, 16),
+    max_new_tokens: int = 96,
+) -> list[dict[str, float]]:
     from .._backends.local import LocalBackend
 
     backend = LocalBackend(verifier_dir, drafter_dir, device="cpu")

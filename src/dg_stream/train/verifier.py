@@ -7,10 +7,19 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ._loop import Checkpointer, Throughput, TokenStream, autocast_dtype, cosine_lr, pick_device, progress
+from ._loop import (
+    Checkpointer,
+    Throughput,
+    TokenStream,
+    autocast_dtype,
+    cosine_lr,
+    pick_device,
+    progress,
+)
 from .corpus import Corpus
 
 __all__ = ["VerifierTrainingConfig", "evaluate_loss", "train_verifier"]
@@ -35,8 +44,9 @@ class VerifierTrainingConfig:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, stream: TokenStream, seq_len: int, windows: int,
-                  device: torch.device) -> float:
+def evaluate_loss(
+    model: torch.nn.Module, stream: TokenStream, seq_len: int, windows: int, device: torch.device
+) -> float:
     """Mean next-token cross-entropy (nats/token) over the first ``windows`` windows."""
     model.eval()
     total, count = 0.0, 0
@@ -50,9 +60,13 @@ def evaluate_loss(model: torch.nn.Module, stream: TokenStream, seq_len: int, win
     return total / max(1, count)
 
 
-def train_verifier(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Path,
-                   config: VerifierTrainingConfig = VerifierTrainingConfig(),
-                   device: str | None = None) -> dict[str, object]:
+def train_verifier(
+    corpus: Corpus,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    config: VerifierTrainingConfig = VerifierTrainingConfig(),
+    device: str | None = None,
+) -> dict[str, object]:
     """Train (or resume) the verifier; saves a transformers checkpoint and returns metrics."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -72,13 +86,13 @@ def train_verifier(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Pat
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        rope_theta=10000.0,
     )
-    model = LlamaForCausalLM(model_config).to(dev)
+    model: Any = LlamaForCausalLM(model_config).to(dev)  # type: ignore[arg-type]
     train_stream = TokenStream(corpus.train, tokenizer, tokenizer.eos_token_id)
     held_stream = TokenStream(corpus.held_out, tokenizer, tokenizer.eos_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
     generator = torch.Generator().manual_seed(config.seed)
     checkpoints = Checkpointer(out)
     step = checkpoints.load(model, optimizer, generator)
@@ -93,7 +107,9 @@ def train_verifier(corpus: Corpus, tokenizer_dir: str | Path, out_dir: str | Pat
         batch = train_stream.windows(config.batch_size, config.seq_len + 1, generator).to(dev)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch[:, 1:].flatten()
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

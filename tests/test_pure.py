@@ -1,0 +1,169 @@
+"""Unit and property tests of the pure pieces: logits processing, acceptance, stop strings."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from dg_stream import InvalidRequestError, SamplingParams
+from dg_stream._acceptance import accept_greedy, accept_sampled
+from dg_stream._sampling import apply_repetition_penalty, process_logits
+from dg_stream._stop import StopMatcher
+
+logit_rows = st.lists(st.floats(-20, 20, allow_nan=False), min_size=3, max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    row=logit_rows,
+    temperature=st.floats(0.05, 3.0),
+    top_k=st.none() | st.integers(1, 50),
+    top_p=st.none() | st.floats(0.01, 1.0),
+)
+def test_processing_matches_transformers_warpers(
+    row: list[float], temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([row])
+    ours = process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p is not None:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = ~torch.isinf(ours)
+    assert torch.allclose(ours[finite], theirs[finite])
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data(), penalty=st.floats(0.5, 2.0))
+def test_repetition_penalty_rows_see_their_own_prefix(data: st.DataObject, penalty: float) -> None:
+    """Row i of a verified block is penalised exactly as transformers would at that position."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    vocab, k = 9, data.draw(st.integers(0, 4))
+    context = torch.tensor(data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6)))
+    draft = torch.tensor(
+        data.draw(st.lists(st.integers(0, vocab - 1), min_size=k, max_size=k)), dtype=torch.long
+    )
+    logits = torch.randn(k + 1, vocab)
+    ours = apply_repetition_penalty(logits, context, draft, penalty)
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    for i in range(k + 1):
+        prefix = torch.cat([context, draft[:i]])[None]
+        assert torch.allclose(ours[i], processor(prefix, logits[i : i + 1].clone())[0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_greedy_acceptance_is_longest_matching_prefix(data: st.DataObject) -> None:
+    k = data.draw(st.integers(0, 8))
+    logits = torch.randn(k + 1, 6)
+    argmax = logits.argmax(-1)
+    draft = torch.tensor(
+        [
+            int(argmax[i]) if data.draw(st.booleans()) else int((argmax[i] + 1) % 6)
+            for i in range(k)
+        ],
+        dtype=torch.long,
+    )
+    verdict = accept_greedy(logits, draft)
+    n = 0
+    while n < k and draft[n] == argmax[n]:
+        n += 1
+    assert verdict.accepted == n
+    assert verdict.token == int(argmax[n])
+
+
+def _pvalue(counts: Counter[int], p_row: torch.Tensor) -> float:
+    n = sum(counts.values())
+    expected = (p_row.double() / p_row.double().sum() * n).tolist()
+    return float(chisquare([counts.get(t, 0) for t in range(len(expected))], expected).pvalue)
+
+
+def _first_token_distribution(
+    p: torch.Tensor, q: torch.Tensor | None, draw_q: torch.Tensor, samples: int, seed: int
+) -> Counter[int]:
+    """Committed first token over many trials of a single-token draft drawn from ``draw_q``."""
+    g = torch.Generator().manual_seed(seed)
+    counts: Counter[int] = Counter()
+    for _ in range(samples):
+        draft = torch.multinomial(draw_q, 1, generator=g)
+        verdict = accept_sampled(p, draft, q, g)
+        counts[int(draft[0]) if verdict.accepted else verdict.token] += 1
+    return counts
+
+
+@pytest.mark.parametrize("rule", ["q", "point-mass"])
+def test_speculative_sampling_is_exact(rule: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    p_row = torch.softmax(torch.randn(5, generator=g), -1)
+    q_row = torch.softmax(torch.randn(5, generator=g) * 2, -1)
+    p = torch.stack([p_row, torch.full((5,), 0.2)])  # (k+1, V) for k = 1
+    q = q_row[None] if rule == "q" else None
+    counts = _first_token_distribution(p, q, q_row, 8000, 1)
+    assert _pvalue(counts, p_row) > 1e-3
+
+
+def test_a_misreported_q_breaks_exactness() -> None:
+    g = torch.Generator().manual_seed(0)
+    p_row = torch.softmax(torch.randn(5, generator=g), -1)
+    q_row = torch.softmax(torch.randn(5, generator=g) * 2, -1)
+    p = torch.stack([p_row, p_row])
+    counts = _first_token_distribution(p, torch.full((1, 5), 0.2), q_row, 8000, 1)
+    assert _pvalue(counts, p_row) < 1e-6
+
+
+def test_rejection_never_returns_the_rejected_point_mass_token() -> None:
+    p = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        verdict = accept_sampled(p, torch.tensor([0]), None, g)
+        if verdict.accepted == 0:
+            assert verdict.token == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=0),
+        dict(temperature=float("nan")),
+        dict(repetition_penalty=0.0),
+    ],
+)
+def test_bad_sampling_parameters(params: dict[str, float]) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**params)  # type: ignore[arg-type]
+    assert info.value.param == next(iter(params))
+
+
+texts = st.text(alphabet="ab\n.c", max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=texts,
+    stops=st.lists(st.text(alphabet="ab\n.", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+)
+def test_stop_strings_across_any_chunking(text: str, stops: list[str], cuts: list[int]) -> None:
+    matcher = StopMatcher(stops)
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    out = "".join(matcher.feed(text[a:b]) for a, b in itertools.pairwise(bounds))
+    if not matcher.stopped:
+        out += matcher.flush()
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = text[: min(hits)] if hits else text
+    assert out == expected
+    assert matcher.stopped == bool(hits)
