@@ -1,0 +1,219 @@
+"""The chat page served at ``/``, driven in a real headless chromium (Debian's, via playwright).
+
+Skipped, with the reason, where no chromium or no playwright package is installed. Screenshots
+go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from dg_stream import ChatSession, Chunk, GenerationRequest
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                         "google-chrome")) if p), None)
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the playwright package is not installed (dev extra)")
+
+MAX_TOKENS = 40
+
+
+class PacedBackend:
+    """The tiny local backend, paced so that streaming is visible to the browser."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.requests: list[GenerationRequest] = []
+        self.closed_streams = 0
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, verifier, model_name, ...
+        return getattr(self.inner, name)
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        return self._run(request)
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        agen = self.inner.stream(request)
+        try:
+            async for chunk in agen:
+                await anyio.sleep(self.delay)
+                yield chunk
+        finally:
+            await agen.aclose()
+            self.closed_streams += 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_backend: Any) -> Iterator[tuple[str, PacedBackend]]:
+    import uvicorn
+
+    from dg_stream.server import create_app
+
+    backend = PacedBackend(tiny_backend, delay=0.04)
+    port = _free_port()
+    config = uvicorn.Config(create_app(backend, model_name="tiny-test"), host="127.0.0.1",
+                            port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", backend
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def page(server: tuple[str, PacedBackend]) -> Iterator[Any]:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        context = browser.new_context(viewport={"width": 1000, "height": 720})
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server[0] + "/")
+        yield page
+        assert errors == [], f"JavaScript errors on the page: {errors}"
+        browser.close()
+
+
+# Records every value the committed and draft spans of the newest reply take.
+OBSERVER = """
+() => {
+  window.__seen = { committed: [], draft: [] };
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const span = r.target.closest ? r.target.closest('.msg.assistant span') : null;
+      if (!span) continue;
+      const key = span.classList.contains('committed') ? 'committed'
+                : span.classList.contains('draft') ? 'draft' : null;
+      if (key) for (const n of r.addedNodes) window.__seen[key].push(n.textContent);
+    }
+  }).observe(document.getElementById('messages'), { childList: true, subtree: true });
+}
+"""
+
+
+def _expected_replies(tiny_backend: Any, messages: list[str]) -> list[str]:
+    """The library's own replies, computed on a thread of its own: playwright's sync API
+    keeps an event loop running on this one."""
+    replies: list[str] = []
+
+    async def main() -> None:
+        chat = ChatSession(tiny_backend, max_new_tokens=MAX_TOKENS)
+        replies.extend([await chat.ask(m) for m in messages])
+
+    worker = threading.Thread(target=anyio.run, args=(main,))
+    worker.start()
+    worker.join(timeout=60)
+    return replies
+
+
+def test_reply_streams_in_with_drafts_and_equals_the_servers_text(
+        page: Any, server: tuple[str, PacedBackend], tiny_backend: Any) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny-test')")
+    page.fill("#max-tokens", str(MAX_TOKENS))
+    page.evaluate(OBSERVER)
+
+    page.fill("#input", "def add(a, b):")
+    page.press("#input", "Enter")
+    reply = page.locator(".msg.assistant").last
+    # Mid-stream: committed text and a provisional draft are both on screen.
+    page.wait_for_function("""() => {
+        const m = [...document.querySelectorAll('.msg.assistant')].pop();
+        return m && m.dataset.state === 'streaming'
+            && m.querySelector('.committed').textContent.length > 0
+            && m.querySelector('.draft').textContent.length > 0; }""")
+    page.screenshot(path=str(ARTIFACTS / "chat_page_streaming.png"))
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
+                           ".dataset.state !== 'streaming'")
+    assert reply.get_attribute("data-state") == "done"
+    first = reply.locator(".committed").text_content()
+
+    seen = page.evaluate("window.__seen")
+    committed_states = [s for s in seen["committed"] if s]
+    assert len(committed_states) >= 3  # it streamed in, piece by piece
+    for before, after in itertools.pairwise(committed_states):
+        assert after.startswith(before)  # committed text only grows
+    assert any(seen["draft"])  # the draft was shown
+    assert reply.locator(".draft").text_content() == ""  # and is gone at the end
+
+    # The draft looks different from committed text.
+    style = "(el) => { const s = getComputedStyle(el); return [s.color, s.fontStyle]; }"
+    assert (page.eval_on_selector(".msg.assistant .draft", style)
+            != page.eval_on_selector(".msg.assistant .committed", style))
+
+    # A second turn carries the first as history; both equal the library's own replies.
+    page.fill("#input", "and again")
+    page.press("#input", "Enter")
+    page.wait_for_function("""() => { const m = [...document.querySelectorAll('.msg.assistant')];
+        return m.length === 2 && m[1].dataset.state === 'done'; }""")
+    second = page.locator(".msg.assistant").last.locator(".committed").text_content()
+    assert [first, second] == _expected_replies(tiny_backend, ["def add(a, b):", "and again"])
+    request = server[1].requests[-1]
+    assert request.messages is not None and len(request.messages) == 3
+    assert request.draft_preview and request.max_new_tokens == MAX_TOKENS
+
+    stats = page.locator("#stats")
+    tps = float(stats.locator("[data-stat=tokens-per-second]").text_content() or "0")
+    accepted = stats.locator("[data-stat=accepted-per-call]").text_content()
+    assert tps > 0
+    assert f"{MAX_TOKENS}</b> tokens" in stats.inner_html()
+    assert accepted is not None and float(accepted) >= 0
+    assert "finished: length" in (stats.text_content() or "")
+    page.screenshot(path=str(ARTIFACTS / "chat_page.png"), full_page=True)
+
+
+def test_stop_button_ends_the_reply_and_the_work(page: Any,
+                                                 server: tuple[str, PacedBackend]) -> None:
+    backend = server[1]
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.fill("#max-tokens", "300")
+    closed_before = backend.closed_streams
+    page.fill("#input", "a long one please")
+    page.press("#input", "Enter")
+    page.wait_for_function("""() => { const m = [...document.querySelectorAll('.msg.assistant')]
+        .pop(); return m.dataset.state === 'streaming'
+        && m.querySelector('.committed').textContent.length > 0; }""")
+    page.click("#stop")
+    last = page.locator(".msg.assistant").last
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
+                           ".dataset.state === 'stopped'")
+    assert "not kept" in (last.locator(".note").text_content() or "")
+    deadline = time.monotonic() + 10
+    while backend.closed_streams == closed_before:  # the server noticed and stopped the model
+        assert time.monotonic() < deadline, "the generation went on after Stop"
+        time.sleep(0.05)
+    assert page.is_enabled("#send")
