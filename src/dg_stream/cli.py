@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import importlib
 import os
 import shutil
@@ -488,7 +489,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
     print(f"dg-stream: serving on http://{args.host}:{args.port} (chat page at /)",
           file=sys.stderr, flush=True)
-    server.serve(backend, host=args.host, port=args.port)
+    # uvicorn re-raises the Ctrl-C it shut down on; for a server that is a normal stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve(backend, host=args.host, port=args.port)
     return 0
 
 

@@ -1,0 +1,177 @@
+"""Every program in examples/ runs, against tiny models and with small limits.
+
+Local examples run in this process (``runpy``, as ``__main__``); the server examples run as
+real processes against a real ``dg-stream serve``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import dg_stream
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _saved_models import save_tiny_pair
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+LIMIT = "12"
+
+
+@pytest.fixture(scope="module")
+def model_env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_verifier: Any,
+              tiny_drafter: Any) -> dict[str, str]:
+    verifier, drafter = save_tiny_pair(tmp_path_factory.mktemp("example-models"), tiny_tok,
+                                       tiny_verifier, tiny_drafter)
+    return {"DG_STREAM_VERIFIER": str(verifier), "DG_STREAM_DRAFTER": str(drafter),
+            "DG_STREAM_MAX_NEW_TOKENS": LIMIT}
+
+
+def run_example(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_every_example_is_tested() -> None:
+    tested = {"quickstart.py", "operators.py", "chatbot.py", "client_serve.py",
+              "openai_client.py", "asgi_app.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_quickstart(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str], tiny_backend: Any) -> None:
+    out = run_example("quickstart.py", model_env, monkeypatch, capsys, "class Stack:")
+
+    async def expected() -> str:
+        return (await dg_stream.generate("class Stack:", backend=tiny_backend,
+                                         max_new_tokens=int(LIMIT)).collect()).text
+
+    assert out.startswith("class Stack:" + anyio.run(expected) + "\n")
+    assert f"[{LIMIT} tokens, finish=length" in out
+
+
+def test_operators(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_example("operators.py", model_env, monkeypatch, capsys)
+    for heading in ("-- lines until a blank line", "-- words, with time limits",
+                    "-- until three lines", "-- tee: one generation, two consumers"):
+        assert heading in out
+    assert f"(the counter saw {LIMIT} tokens; the printer saw {LIMIT})" in out
+
+
+def test_chatbot(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand again\n"))
+    out = run_example("chatbot.py", model_env, monkeypatch, capsys)
+    assert out.count("bot> ") == 2
+    assert out.rstrip().endswith("(2 turns kept in the history, 0 trimmed)")
+
+
+# -- examples that need a server ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out = proc.communicate()[0]
+            raise AssertionError(f"{cmd} did not come up:\n{out}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[str], codes: tuple[int, ...] = (0,)) -> str:
+    proc.send_signal(signal.SIGINT)  # a clean shutdown, as Ctrl-C would do
+    try:
+        out = proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode in codes, out
+    return out
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **extra}
+
+
+@pytest.fixture(scope="module")
+def served(model_env: dict[str, str]) -> Iterator[str]:
+    """``dg-stream serve`` (the real command) over the tiny models."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port),
+                   "--verifier", model_env["DG_STREAM_VERIFIER"],
+                   "--drafter", model_env["DG_STREAM_DRAFTER"]], _env({}), url + "/health")
+    yield url
+    _stop(proc)
+
+
+@pytest.mark.parametrize("name", ["client_serve.py", "openai_client.py"])
+def test_client_examples_against_serve(name: str, served: str) -> None:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
+                            text=True, timeout=120,
+                            env=_env({"DG_STREAM_URL": served, "DG_STREAM_MAX_NEW_TOKENS": LIMIT}))
+    assert result.returncode == 0, result.stderr
+    if name == "client_serve.py":
+        assert f"[{LIMIT} tokens;" in result.stdout
+        assert "first line:" in result.stdout
+        assert "history has 2 messages" in result.stdout
+    else:
+        assert "model: " in result.stdout
+        assert f"completion ({LIMIT} tokens)" in result.stdout
+
+
+def test_asgi_app(model_env: dict[str, str], tiny_backend: Any) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, str(EXAMPLES / "asgi_app.py")],
+                  _env({**model_env, "PORT": str(port)}), url + "/")
+    try:
+        pieces: list[str] = []
+        with httpx.stream("GET", url + "/story", params={"topic": "cats"}, timeout=60) as r:
+            assert r.status_code == 200
+            pieces.extend(r.iter_text())
+        models = httpx.get(url + "/llm/v1/models", timeout=10)
+        page = httpx.get(url + "/llm/", timeout=10)
+    finally:
+        # Plain uvicorn.run re-raises Ctrl-C after a graceful shutdown: 130 (or -SIGINT).
+        _stop(proc, (0, 130, -signal.SIGINT))
+
+    async def expected() -> str:
+        return (await dg_stream.generate("A short story about cats.\n\n", backend=tiny_backend,
+                                         max_new_tokens=int(LIMIT)).collect()).text
+
+    assert "".join(pieces) == anyio.run(expected)
+    assert models.status_code == 200 and models.json()["data"]
+    assert page.status_code == 200 and "v1/dg/generate" in page.text
