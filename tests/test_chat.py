@@ -192,3 +192,29 @@ def test_reset_discards_a_reply_in_flight(tiny_backend: Any) -> None:
 
     anyio.run(main)
     assert chat.history == ()
+
+
+@pytest.mark.parametrize("api", ["dg", "openai"])
+def test_chat_over_a_remote_backend(tiny_backend: Any, api: str) -> None:
+    """Messages go to the server, which renders them: the same replies as in process."""
+    import httpx
+
+    from dg_stream.server import create_app
+
+    async def main() -> tuple[list[str], list[str], Any]:
+        app = create_app(tiny_backend)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+        remote = dg_stream.RemoteBackend("http://t", api=api, http_client=client)
+        try:
+            chat = ChatSession(remote, system="sys", max_new_tokens=8)
+            remote_replies = [await chat.ask("hello"), await chat.ask("more")]
+        finally:
+            await client.aclose()
+        local = ChatSession(tiny_backend, system="sys", max_new_tokens=8)
+        local_replies = [await local.ask("hello"), await local.ask("more")]
+        return remote_replies, local_replies, chat
+
+    remote_replies, local_replies, chat = anyio.run(main)
+    assert remote_replies == local_replies
+    assert len(chat.history) == 4
+    assert chat.max_context_tokens is None  # no local tokenizer: the server enforces its limit
