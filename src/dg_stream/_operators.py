@@ -300,14 +300,17 @@ def with_timeout(*, first_chunk: float | None = None, idle: float | None = None,
                         else f"no first chunk within {first_chunk}s")
                 limits.append((gap, what))
             deadline, reason = min(limits) if limits else (float("inf"), "")
-            try:
-                with anyio.fail_after(max(deadline, 0.0)):
+            chunk: Chunk | None = None
+            # move_on_after, not fail_after: a TimeoutError raised by the upstream itself
+            # must not be mistaken for ours.
+            with anyio.move_on_after(max(deadline, 0.0)) as scope:
+                try:
                     chunk = await upstream.__anext__()
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught or chunk is None:
                 await upstream.aclose()
-                raise APITimeoutError(f"timed out: {reason}", text=upstream.text) from None
+                raise APITimeoutError(f"timed out: {reason}", text=upstream.text)
             received = True
             yield chunk
 
