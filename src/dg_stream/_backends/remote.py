@@ -12,6 +12,7 @@ is one of dg_stream's own; no httpx exception escapes.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import random
@@ -281,7 +282,7 @@ class _OpenAIParser:
                 continue  # n > 1 is never requested; ignore stray choices
             piece = self._piece(choice)
             if self.diffusing:
-                if piece is not None:
+                if piece is not None and piece != self.state:  # unchanged: nothing to show
                     self.state = piece
                     if self.draft_preview and choice.get("finish_reason") is None:
                         out.append(Chunk(draft=piece))
@@ -321,10 +322,18 @@ class _Reader:
     """Reads one streaming response: bytes → SSE events → Chunks, under a time limit."""
 
     def __init__(self, response: httpx.Response, parser: _Parser) -> None:
-        self._bytes = response.aiter_bytes().__aiter__()
+        self._response = response
+        self._bytes = response.aiter_bytes()
         self._decoder = SSEDecoder()
         self._parser = parser
         self.ended = False
+
+    async def aclose(self) -> None:
+        """Close the byte iterator (an async generator: trio insists) and the response."""
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(httpx.HTTPError, httpx.StreamError):
+                await self._bytes.aclose()  # type: ignore[attr-defined]
+            await self._response.aclose()
 
     async def read(self, timeout: float | None) -> list[Chunk]:
         """The next Chunks; ``[]`` once the stream has ended. Raises TimeoutError on silence."""
@@ -343,9 +352,20 @@ class _Reader:
                 chunks += self._parser.event(event)
             if self._parser.done:
                 self.ended = True
+                await self._drain()
             if chunks:
                 return chunks
         return []
+
+    async def _drain(self) -> None:
+        """Read the (empty) rest of a finished response: the connection then goes back to the
+        pool instead of being closed, and httpx's byte iterators end normally."""
+        with anyio.move_on_after(1.0):
+            try:
+                async for _ in self._bytes:
+                    pass
+            except (httpx.HTTPError, httpx.StreamError):
+                pass
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -595,6 +615,7 @@ class RemoteBackend:
         attempt = 0
         while True:
             response: httpx.Response | None = None
+            reader: _Reader | None = None
             try:
                 limit = _min_timeout(self.timeout.first_chunk, _remaining(deadline))
                 try:
@@ -632,7 +653,9 @@ class RemoteBackend:
                     raise _Failure(_event_error(exc.body), retryable=False) from None
                 return response, reader, first
             except _Failure as failure:
-                if response is not None:
+                if reader is not None:
+                    await reader.aclose()
+                elif response is not None:
                     with anyio.CancelScope(shield=True):
                         await response.aclose()
                 delay = self._wait(attempt, failure, deadline)
@@ -648,7 +671,7 @@ class RemoteBackend:
         started = time.monotonic()
         deadline = started + self.timeout.total if self.timeout.total is not None else None
         path, body, make_parser = await self._prepare(request, deadline)
-        response, reader, chunks = await self._open(path, body, make_parser, deadline)
+        _, reader, chunks = await self._open(path, body, make_parser, deadline)
         received: list[str] = []
         try:
             while True:
@@ -674,8 +697,7 @@ class RemoteBackend:
                         f"stream interrupted after output had started: {detail or exc!r}",
                         text="".join(received)) from exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await reader.aclose()
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.base_url!r}, model={self.model!r}, api={self.api!r})"
