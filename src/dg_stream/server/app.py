@@ -399,7 +399,9 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_and_count)
         finally:
-            path = scope.get("path", "")
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):  # mounted under a prefix
+                path = path[len(root):] or "/"
             self.metrics.request(path if path in self._KNOWN else "other", status)
 
 
