@@ -16,6 +16,7 @@ import torch
 from .._config import SamplingParams
 from .._sampling import logits_to_probs, sample
 from .base import DraftProposal, empty_proposal
+from .lean_bert import maybe_lean
 
 __all__ = ["DiffusionDrafter"]
 
@@ -50,6 +51,7 @@ class DiffusionDrafter:
         self.steps = steps
         self.confidence = confidence
         self.device = next(model.parameters()).device
+        self._lean = maybe_lean(model)
 
     def session(self) -> DiffusionDrafter:
         return self  # stateless: the context is re-read each proposal (it is short)
@@ -57,9 +59,13 @@ class DiffusionDrafter:
     def close(self) -> None:
         return None
 
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """(T,) ids -> (T, V) float logits, the mask token never proposed."""
-        logits = self.model(input_ids=ids[None]).logits[0, :, : self.output_vocab_size].float()
+    def _logits(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+        """(T,) ids -> (last, V) float logits of the last positions; the mask never proposed."""
+        if self._lean is not None:
+            logits = self._lean(ids, last)
+        else:
+            logits = self.model(input_ids=ids[None]).logits[0, -last:]
+        logits = logits[:, : self.output_vocab_size].float()
         if self.mask_token_id < logits.shape[-1]:
             logits[:, self.mask_token_id] = float("-inf")
         return logits
@@ -84,7 +90,7 @@ class DiffusionDrafter:
         n = ctx.shape[0]
         ids = torch.cat([ctx, torch.full((k,), self.mask_token_id, device=self.device)])
         if steps == 1:
-            logits = self._logits(ids)[n:]  # (k, V)
+            logits = self._logits(ids, k)  # (k, V)
             if params.greedy:
                 return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
             # One step: every token is drawn from a distribution conditioned on the context
@@ -93,7 +99,7 @@ class DiffusionDrafter:
             return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
         masked = torch.ones(k, dtype=torch.bool, device=self.device)
         for step in range(steps):
-            logits = self._logits(ids)[n:]
+            logits = self._logits(ids, k)
             probs = logits.softmax(dim=-1) if params.greedy else logits_to_probs(logits, params)
             conf, choice = probs.max(dim=-1)  # (k,), (k,)
             conf = conf.masked_fill(~masked, -1.0)

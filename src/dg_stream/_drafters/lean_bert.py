@@ -1,0 +1,94 @@
+"""A lean inference forward for BERT masked LMs, the default drafter's architecture.
+
+A drafter must cost a small fraction of a verifier step. transformers' BERT forward spends most
+of a tiny model's time in Python and module overhead; this forward reads the same weights with
+fused projections and computes the vocabulary head only for the positions being drafted. It is
+used only after matching the original forward on a probe input (see ``maybe_lean``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LeanBertMLM", "maybe_lean"]
+
+
+class LeanBertMLM:
+    """``(T,) ids -> (last, V) logits`` with BERT weights, no dropout, no masks."""
+
+    def __init__(self, model: Any) -> None:
+        bert, head = model.bert, model.cls.predictions
+        emb = bert.embeddings
+        self.word = emb.word_embeddings.weight
+        # Position and token-type embeddings fold into one table: types are always 0 here.
+        self.position = emb.position_embeddings.weight + emb.token_type_embeddings.weight[0]
+        self.emb_norm = (emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
+        self.heads = model.config.num_attention_heads
+        self.scale = (model.config.hidden_size // self.heads) ** -0.5
+        self.layers = []
+        for layer in bert.encoder.layer:
+            att = layer.attention
+            qkv_w = torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight])
+            qkv_b = torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias])
+            self.layers.append((
+                qkv_w, qkv_b,
+                att.output.dense.weight, att.output.dense.bias,
+                (att.output.LayerNorm.weight, att.output.LayerNorm.bias, att.output.LayerNorm.eps),
+                layer.intermediate.dense.weight, layer.intermediate.dense.bias,
+                layer.output.dense.weight, layer.output.dense.bias,
+                (layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, layer.output.LayerNorm.eps),
+            ))  # fmt: skip
+        transform = head.transform
+        self.head_dense = (transform.dense.weight, transform.dense.bias)
+        self.head_norm = (
+            transform.LayerNorm.weight,
+            transform.LayerNorm.bias,
+            transform.LayerNorm.eps,
+        )
+        self.decoder = (head.decoder.weight, head.decoder.bias)
+
+    @staticmethod
+    def _norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+        weight, bias, eps = params
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def __call__(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+        t = ids.shape[0]
+        x = self._norm(self.word[ids] + self.position[:t], self.emb_norm)  # (T, H)
+        h = self.heads
+        for qkv_w, qkv_b, o_w, o_b, norm1, i_w, i_b, f_w, f_b, norm2 in self.layers:
+            q, k, v = F.linear(x, qkv_w, qkv_b).view(t, 3, h, -1).permute(1, 2, 0, 3)  # (h, T, d)
+            # Plain attention (bidirectional, no mask): at this size SDPA's checks cost more
+            # than the arithmetic.
+            weights = torch.softmax((q @ k.transpose(1, 2)) * self.scale, dim=-1)  # (h, T, T)
+            attn = (weights @ v).transpose(0, 1).reshape(t, -1)  # (T, H)
+            x = self._norm(x + F.linear(attn, o_w, o_b), norm1)
+            x = self._norm(x + F.linear(F.gelu(F.linear(x, i_w, i_b)), f_w, f_b), norm2)
+        y = x[t - last :]  # only the drafted positions need the vocabulary head
+        y = self._norm(F.gelu(F.linear(y, *self.head_dense)), self.head_norm)
+        return F.linear(y, *self.decoder)  # (last, V)
+
+
+def maybe_lean(model: Any) -> LeanBertMLM | None:
+    """A lean forward for a standard BERT masked LM that reproduces it, else ``None``."""
+    config = model.config
+    if (
+        type(model).__name__ != "BertForMaskedLM"
+        or getattr(config, "hidden_act", None) != "gelu"
+        or getattr(config, "position_embedding_type", "absolute") != "absolute"
+    ):
+        return None
+    try:
+        lean = LeanBertMLM(model)
+        probe = torch.randint(0, config.vocab_size, (min(12, config.max_position_embeddings),))
+        probe = probe.to(next(model.parameters()).device)
+        with torch.inference_mode():
+            expected = model(input_ids=probe[None]).logits[0, -4:].float()
+            got = lean(probe, 4).float()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    tolerance = 1e-3 if expected.dtype == torch.float32 else 5e-2
+    return lean if torch.allclose(got, expected, atol=tolerance, rtol=tolerance) else None
