@@ -65,7 +65,9 @@ class APITimeoutError(APIConnectionError):
 class APIStatusError(GenerationError):
     """The server answered with an error status; ``status_code`` and ``body`` say which."""
 
-    def __init__(self, message: str, *, status_code: int, body: object = None, text: str = "") -> None:
+    def __init__(
+        self, message: str, *, status_code: int, body: object = None, text: str = ""
+    ) -> None:
         super().__init__(message, text=text)
         self.status_code = status_code
         self.body = body

@@ -33,13 +33,14 @@ class LeanBertMLM:
             att = layer.attention
             qkv_w = torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight])
             qkv_b = torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias])
+            out, ffn_out = att.output, layer.output
             self.layers.append((
                 qkv_w, qkv_b,
-                att.output.dense.weight, att.output.dense.bias,
-                (att.output.LayerNorm.weight, att.output.LayerNorm.bias, att.output.LayerNorm.eps),
+                out.dense.weight, out.dense.bias,
+                (out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps),
                 layer.intermediate.dense.weight, layer.intermediate.dense.bias,
-                layer.output.dense.weight, layer.output.dense.bias,
-                (layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, layer.output.LayerNorm.eps),
+                ffn_out.dense.weight, ffn_out.dense.bias,
+                (ffn_out.LayerNorm.weight, ffn_out.LayerNorm.bias, ffn_out.LayerNorm.eps),
             ))  # fmt: skip
         transform = head.transform
         self.head_dense = (transform.dense.weight, transform.dense.bias)
