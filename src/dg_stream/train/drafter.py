@@ -180,7 +180,7 @@ def train_drafter(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
     )
     checkpoints = Checkpointer(out)
-    step = checkpoints.load(model, optimizer, generator)
+    step = resumed_from = checkpoints.load(model, optimizer, generator)
     amp = autocast_dtype(dev)
     bar = progress(config.steps, step, "drafter")
     rate = Throughput()
@@ -205,7 +205,7 @@ def train_drafter(
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate.add(inputs.numel()):,.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(inputs.numel()):,.0f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoints.save(step, model, optimizer, generator)
     bar.close()
@@ -215,6 +215,7 @@ def train_drafter(
     metrics: dict[str, object] = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "distillation_sequences": int(data.shape[0]),
+        "resumed_from_step": resumed_from,
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
         "device": str(dev),
         "added_mask_token": added,

@@ -95,7 +95,7 @@ def train_verifier(
     )
     generator = torch.Generator().manual_seed(config.seed)
     checkpoints = Checkpointer(out)
-    step = checkpoints.load(model, optimizer, generator)
+    step = resumed_from = checkpoints.load(model, optimizer, generator)
     amp = autocast_dtype(dev)
     bar = progress(config.steps, step, "verifier")
     rate = Throughput()
@@ -117,7 +117,7 @@ def train_verifier(
         step += 1
         tokens_per_s = rate.add(batch.numel())
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoints.save(step, model, optimizer, generator)
     bar.close()
@@ -130,6 +130,7 @@ def train_verifier(
         "corpus_tokens": len(train_stream),
         "held_out_loss_nats_per_token": round(held_loss, 4),
         "held_out_perplexity": round(math.exp(held_loss), 2),
+        "resumed_from_step": resumed_from,
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
         "device": str(dev),
         "config": config.__dict__,

@@ -1,0 +1,198 @@
+"""Training end to end on tiny models: tokenizer, verifier, drafter (with resume), CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _models import TEXT, tiny_causal_lm
+
+from dg_stream import LocalBackend, generate
+from dg_stream.cli import main
+from dg_stream.train import drafter as drafter_module
+from dg_stream.train.corpus import file_corpus, stdlib_corpus
+from dg_stream.train.drafter import DrafterTrainingConfig, train_drafter
+
+TINY = [
+    "--hidden-size",
+    "32",
+    "--layers",
+    "1",
+    "--sequences",
+    "64",
+    "--batch-size",
+    "8",
+    "--window",
+    "8",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "code.py"
+    path.write_text(TEXT * 30)
+    return path
+
+
+@pytest.fixture(scope="module")
+def verifier_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> Path:
+    out = tmp_path_factory.mktemp("verifier")
+    tiny_causal_lm("llama", len(tiny_tok)).save_pretrained(out)
+    tiny_tok.save_pretrained(out)
+    return out
+
+
+def test_stdlib_corpus_is_deterministic_and_holds_out_tests() -> None:
+    a, b = stdlib_corpus(max_held_out_files=5), stdlib_corpus(max_held_out_files=5)
+    assert a.manifest == b.manifest
+    assert a.manifest["train_files"] > 100 and len(a.held_out) == 5
+    assert not set(a.held_out) & set(a.train)
+
+
+def test_train_drafter_command_end_to_end(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "drafter"
+    code = main(
+        [
+            "train",
+            "drafter",
+            "--verifier",
+            str(verifier_dir),
+            "--corpus",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--eval-prompts",
+            "2",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    assert (out / "model.safetensors").exists() and (out / "training_metrics.json").exists()
+    assert not (out / "checkpoint.pt").exists()  # removed once training completed
+    assert '"mean_accepted_per_call"' in capsys.readouterr().out
+    backend = LocalBackend(str(verifier_dir), str(out))
+    assert type(backend.drafter).__name__ == "DiffusionDrafter"
+    assert backend.drafter.window == 8
+
+
+def test_drafter_for_a_tokenizer_without_mask_token(
+    tmp_path: Path, corpus_file: Path, tiny_tok: Any
+) -> None:
+    """The mask token is added (and said so); the pair still decodes losslessly."""
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tok.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    assert plain.mask_token_id is None
+    verifier = tmp_path / "verifier"
+    tiny_causal_lm("gpt2", len(tiny_tok)).save_pretrained(verifier)
+    plain.save_pretrained(verifier)
+    messages: list[str] = []
+    config = DrafterTrainingConfig(
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
+        window=8,
+        sequences=32,
+        batch_size=8,
+        steps=3,
+    )
+    train_drafter(
+        file_corpus([corpus_file]), verifier, tmp_path / "drafter", config, log=messages.append
+    )
+    assert any("no mask token" in m for m in messages)
+    backend = LocalBackend(str(verifier), str(tmp_path / "drafter"))
+    plain_backend = LocalBackend(str(verifier), None)
+    import anyio
+
+    async def both() -> tuple[str, str]:
+        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
+        b = await generate("def add", backend=plain_backend, max_new_tokens=20).collect()
+        return a.text, b.text
+
+    hybrid_text, plain_text = anyio.run(both)
+    assert hybrid_text == plain_text
+
+
+def test_drafter_training_resumes(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = DrafterTrainingConfig(
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        intermediate_size=64,
+        window=8,
+        sequences=32,
+        batch_size=8,
+        steps=4,
+        checkpoint_every=2,
+    )
+    out = tmp_path / "drafter"
+    # First run "interrupted" after its last checkpoint: keep the checkpoint it would remove.
+    monkeypatch.setattr(drafter_module.Checkpointer, "remove", lambda self: None)
+    train_drafter(file_corpus([corpus_file]), verifier_dir, out, config)
+    assert (out / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    longer = DrafterTrainingConfig(**{**config.__dict__, "steps": 6})
+    metrics = train_drafter(file_corpus([corpus_file]), verifier_dir, out, longer)
+    assert metrics["resumed_from_step"] == 4
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_train_tokenizer_and_verifier_commands(tmp_path: Path, corpus_file: Path) -> None:
+    tok_dir, ver_dir = tmp_path / "tok", tmp_path / "ver"
+    assert (
+        main(
+            [
+                "train",
+                "tokenizer",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(tok_dir),
+                "--vocab-size",
+                "300",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "verifier",
+                "--corpus",
+                str(corpus_file),
+                "--tokenizer",
+                str(tok_dir),
+                "--out",
+                str(ver_dir),
+                "--steps",
+                "3",
+                "--hidden-size",
+                "32",
+                "--layers",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    backend = LocalBackend(str(ver_dir), None)
+    assert backend.tokenizer.mask_token == "<|mask|>"
+    assert backend.tokenizer.chat_template
