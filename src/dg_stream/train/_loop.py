@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ __all__ = [
     "Checkpointer",
     "TokenStream",
     "cosine_lr",
+    "optimize",
     "pick_device",
     "progress",
 ]
@@ -146,3 +147,42 @@ class Throughput:
     def add(self, n: int) -> float:
         self.tokens += n
         return self.tokens / max(1e-9, time.perf_counter() - self.start)
+
+
+def optimize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    start_step: int,
+    steps: int,
+    peak_lr: float,
+    warmup: int,
+    batch_loss: Callable[[], tuple[torch.Tensor, int]],
+    checkpoints: Checkpointer,
+    generator: torch.Generator,
+    checkpoint_every: int,
+    desc: str,
+) -> None:
+    """The optimisation loop both models share: cosine schedule, clipping, progress, checkpoints.
+
+    ``batch_loss()`` draws a batch and returns (loss, tokens in the batch).
+    """
+    bar = progress(steps, start_step, desc)
+    rate = Throughput()
+    model.train()
+    step = start_step
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, peak_lr, warmup)
+        loss, tokens = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(tokens):,.0f}")
+        if step % checkpoint_every == 0 or step == steps:
+            checkpoints.save(step, model, optimizer, generator)
+    bar.close()
+    model.eval()

@@ -19,15 +19,7 @@ from typing import Any
 import torch
 
 from .._verifier import cache_keyword
-from ._loop import (
-    Checkpointer,
-    Throughput,
-    TokenStream,
-    autocast_dtype,
-    cosine_lr,
-    pick_device,
-    progress,
-)
+from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
 from .corpus import Corpus
 
 __all__ = ["DrafterTrainingConfig", "distillation_data", "train_drafter"]
@@ -180,15 +172,11 @@ def train_drafter(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
     )
     checkpoints = Checkpointer(out)
-    step = resumed_from = checkpoints.load(model, optimizer, generator)
+    resumed_from = checkpoints.load(model, optimizer, generator)
     amp = autocast_dtype(dev)
-    bar = progress(config.steps, step, "drafter")
-    rate = Throughput()
     started = time.perf_counter()
-    model.train()
-    while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup)
+
+    def batch_loss() -> tuple[torch.Tensor, int]:
         inputs, targets, weights = _batch(data, config, tokenizer.mask_token_id, generator)
         inputs, targets, weights = inputs.to(dev), targets.to(dev), weights.to(dev)
         k = targets.shape[1]
@@ -198,18 +186,21 @@ def train_drafter(
         ce = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), reduction="none"
         )
-        loss = (ce.view_as(weights) * weights).sum(dim=1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(inputs.numel()):,.0f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoints.save(step, model, optimizer, generator)
-    bar.close()
-    model.eval()
+        return (ce.view_as(weights) * weights).sum(dim=1).mean(), inputs.numel()
+
+    optimize(
+        model,
+        optimizer,
+        start_step=resumed_from,
+        steps=config.steps,
+        peak_lr=config.lr,
+        warmup=config.warmup,
+        batch_loss=batch_loss,
+        checkpoints=checkpoints,
+        generator=generator,
+        checkpoint_every=config.checkpoint_every,
+        desc="drafter",
+    )
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics: dict[str, object] = {

@@ -11,15 +11,7 @@ from typing import Any
 
 import torch
 
-from ._loop import (
-    Checkpointer,
-    Throughput,
-    TokenStream,
-    autocast_dtype,
-    cosine_lr,
-    pick_device,
-    progress,
-)
+from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device
 from .corpus import Corpus
 
 __all__ = ["VerifierTrainingConfig", "evaluate_loss", "train_verifier"]
@@ -95,32 +87,32 @@ def train_verifier(
     )
     generator = torch.Generator().manual_seed(config.seed)
     checkpoints = Checkpointer(out)
-    step = resumed_from = checkpoints.load(model, optimizer, generator)
+    resumed_from = checkpoints.load(model, optimizer, generator)
     amp = autocast_dtype(dev)
-    bar = progress(config.steps, step, "verifier")
-    rate = Throughput()
     started = time.perf_counter()
-    model.train()
-    while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, config.steps, config.lr, config.warmup)
+
+    def batch_loss() -> tuple[torch.Tensor, int]:
         batch = train_stream.windows(config.batch_size, config.seq_len + 1, generator).to(dev)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             logits = model(input_ids=batch[:, :-1]).logits  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), batch[:, 1:].flatten()
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        tokens_per_s = rate.add(batch.numel())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoints.save(step, model, optimizer, generator)
-    bar.close()
+        return loss, batch.numel()
+
+    optimize(
+        model,
+        optimizer,
+        start_step=resumed_from,
+        steps=config.steps,
+        peak_lr=config.lr,
+        warmup=config.warmup,
+        batch_loss=batch_loss,
+        checkpoints=checkpoints,
+        generator=generator,
+        checkpoint_every=config.checkpoint_every,
+        desc="verifier",
+    )
     held_loss = evaluate_loss(model, held_stream, config.seq_len, windows=64, device=dev)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
