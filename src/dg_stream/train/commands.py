@@ -63,6 +63,7 @@ def _drafter(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     config = DrafterTrainingConfig(
+        architecture=args.architecture,
         hidden_size=args.hidden_size,
         layers=args.layers,
         window=args.window,
@@ -127,7 +128,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ver.add_argument("--seq-len", type=int, default=256)
     ver.set_defaults(func=_verifier)
 
-    dra = commands.add_parser("drafter", help="distil a diffusion drafter from any local causal LM")
+    dra = commands.add_parser(
+        "drafter", help="distil a diffusion (or small causal) drafter from any local causal LM"
+    )
     common(dra, steps=2000, lr=2e-3)
     dra.add_argument(
         "--verifier",
@@ -135,6 +138,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="local causal-LM checkpoint (with its tokenizer) to distil from",
     )
     dra.add_argument("--out", default=str(RUNS / "drafter"))
+    dra.add_argument(
+        "--architecture",
+        choices=["diffusion", "causal"],
+        default="diffusion",
+        help="diffusion: a BERT masked-LM drafter (default); causal: a small Llama of the same "
+        "size distilled from the same continuations, e.g. an assistant for benchmarks",
+    )
     dra.add_argument("--hidden-size", type=int, default=128)
     dra.add_argument("--layers", type=int, default=2)
     dra.add_argument("--window", type=int, default=32, help="context tokens the drafter reads")

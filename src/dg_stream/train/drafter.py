@@ -6,6 +6,11 @@ and every position of a continuation is a training example (the rest of a greedy
 the greedy continuation of its prefix). The drafter is a small BERT masked LM that reads the
 last ``window`` tokens and fills a masked block (MDLM loss: cross-entropy on masked positions,
 weighted by 1/t for mask ratio t; half the examples fully masked, as one-step drafting sees).
+
+``architecture="causal"`` distils a small Llama causal LM of the same width and depth from the
+same continuations instead (next-token cross-entropy on the verifier-written positions): the
+classic speculative-decoding assistant, trained the same way so that benchmarks compare
+drafter designs rather than training recipes.
 """
 
 from __future__ import annotations
@@ -22,11 +27,15 @@ from .._verifier import cache_keyword
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
 from .corpus import Corpus
 
-__all__ = ["DrafterTrainingConfig", "distillation_data", "train_drafter"]
+__all__ = ["ARCHITECTURES", "DrafterTrainingConfig", "distillation_data", "train_drafter"]
+
+
+ARCHITECTURES = ("diffusion", "causal")
 
 
 @dataclass(frozen=True)
 class DrafterTrainingConfig:
+    architecture: str = "diffusion"
     hidden_size: int = 128
     layers: int = 2
     heads: int = 4
@@ -119,6 +128,57 @@ def ensure_mask_token(tokenizer: Any) -> tuple[Any, bool]:
     return tokenizer, True
 
 
+def causal_batch_rows(config: DrafterTrainingConfig, row_length: int) -> int:
+    """Rows per causal batch: about the input tokens of a diffusion batch (same compute)."""
+    diffusion_tokens = config.batch_size * (config.window + (config.max_block + 2) / 2)
+    return max(1, round(diffusion_tokens / row_length))
+
+
+def _diffusion_model(tokenizer: Any, config: DrafterTrainingConfig) -> Any:
+    from transformers import BertConfig, BertForMaskedLM
+
+    drafter_config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.window + config.max_block,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        # Extra config fields, saved with the checkpoint: where to find the mask, how much
+        # context the drafter was trained to read.
+        **{"mask_token_id": tokenizer.mask_token_id, "dg_stream_window": config.window},
+    )
+    return BertForMaskedLM(drafter_config)
+
+
+def _causal_model(verifier: Any, config: DrafterTrainingConfig) -> Any:
+    """A Llama of the diffusion drafter's width and depth, with the verifier's vocabulary."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vc = verifier.config
+    causal_config = LlamaConfig(
+        vocab_size=int(vc.vocab_size),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        intermediate_size=config.intermediate_size,
+        # An assistant reads the whole context, as long as the verifier's (RoPE is relative).
+        max_position_embeddings=int(getattr(vc, "max_position_embeddings", 2048) or 2048),
+        tie_word_embeddings=True,
+        bos_token_id=vc.bos_token_id,
+        eos_token_id=vc.eos_token_id,
+        pad_token_id=vc.pad_token_id,
+    )
+    model = LlamaForCausalLM(causal_config)
+    model.generation_config = copy.deepcopy(verifier.generation_config)
+    return model
+
+
 def train_drafter(
     corpus: Corpus,
     verifier_dir: str | Path,
@@ -128,12 +188,20 @@ def train_drafter(
     log: Any = print,
 ) -> dict[str, object]:
     """Distil (or resume) a drafter for the verifier at ``verifier_dir``; returns metrics."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {ARCHITECTURES}, not {config.architecture!r}"
+        )
+    causal = config.architecture == "causal"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    tokenizer, added = ensure_mask_token(AutoTokenizer.from_pretrained(verifier_dir))
+    tokenizer: Any = AutoTokenizer.from_pretrained(verifier_dir)
+    added = False
+    if not causal:  # a causal assistant needs no mask token: it keeps the verifier's vocabulary
+        tokenizer, added = ensure_mask_token(tokenizer)
     if added:
         log(
             f"the verifier's tokenizer has no mask token: added {tokenizer.mask_token!r} "
@@ -154,20 +222,9 @@ def train_drafter(
         log(f"verifier continuations: {data.shape[0]} sequences in {seconds:.0f}s")
         torch.save(data, data_path)
     torch.manual_seed(config.seed)
-    drafter_config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.window + config.max_block,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        # Extra config fields, saved with the checkpoint: where to find the mask, how much
-        # context the drafter was trained to read.
-        **{"mask_token_id": tokenizer.mask_token_id, "dg_stream_window": config.window},
-    )
-    model: Any = BertForMaskedLM(drafter_config).to(dev)  # type: ignore[arg-type]
+    model: Any = (
+        _causal_model(verifier, config) if causal else _diffusion_model(tokenizer, config)
+    ).to(dev)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
     )
@@ -176,7 +233,7 @@ def train_drafter(
     amp = autocast_dtype(dev)
     started = time.perf_counter()
 
-    def batch_loss() -> tuple[torch.Tensor, int]:
+    def diffusion_loss() -> tuple[torch.Tensor, int]:
         inputs, targets, weights = _batch(data, config, tokenizer.mask_token_id, generator)
         inputs, targets, weights = inputs.to(dev), targets.to(dev), weights.to(dev)
         k = targets.shape[1]
@@ -188,6 +245,20 @@ def train_drafter(
         )
         return (ce.view_as(weights) * weights).sum(dim=1).mean(), inputs.numel()
 
+    rows = causal_batch_rows(config, int(data.shape[1]))
+
+    def causal_loss() -> tuple[torch.Tensor, int]:
+        # Whole (context + continuation) rows; the loss covers the positions whose target the
+        # verifier wrote, exactly the tokens the diffusion drafter learns to fill.
+        picked = torch.randint(0, data.shape[0], (rows,), generator=generator)
+        seq = data[picked].to(dev)  # (B, C + N)
+        c = config.context_tokens
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            hidden = model.model(input_ids=seq[:, :-1]).last_hidden_state[:, c - 1 :]
+            logits = model.lm_head(hidden).float()  # (B, N, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, c:].flatten())
+        return loss, seq.numel()
+
     optimize(
         model,
         optimizer,
@@ -195,15 +266,16 @@ def train_drafter(
         steps=config.steps,
         peak_lr=config.lr,
         warmup=config.warmup,
-        batch_loss=batch_loss,
+        batch_loss=causal_loss if causal else diffusion_loss,
         checkpoints=checkpoints,
         generator=generator,
         checkpoint_every=config.checkpoint_every,
-        desc="drafter",
+        desc="causal drafter" if causal else "drafter",
     )
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics: dict[str, object] = {
+        "architecture": config.architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
         "distillation_sequences": int(data.shape[0]),
         "resumed_from_step": resumed_from,
