@@ -23,7 +23,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def bench(session: nox.Session) -> None:
-    """The benchmark harness (``-- --quick`` for the three-minute version)."""
+    """The benchmark harness: ``nox -s bench -- --quick`` (under 3 minutes on 2 cores), or
+    ``nox -s bench`` for the full grid; any ``dg-stream bench`` option passes through.
+    Results go to benchmarks/results/ (JSON, PNG) and a Markdown table to stdout."""
     session.run("python", "-m", "benchmarks.run", *session.posargs)
 
 

@@ -1,0 +1,56 @@
+"""What one benchmark run measures: models, prompts, methods, repeats, device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["FULL", "QUICK", "BenchConfig"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    verifier: Path
+    drafter: Path | None
+    assistant: Path | None
+    prompts: Path
+    out: Path
+    name: str = "bench"
+    num_prompts: int = 32
+    max_new_tokens: int = 128
+    repeats: int = 3
+    block_sizes: tuple[int, ...] = (2, 4, 6, 8, 12, 16)
+    steps: tuple[int, ...] = (1, 2)
+    adaptive: bool = True
+    ngram_block_size: int = 8
+    temperature: float = 0.8  # the sampling phase; 0 skips it
+    seed: int = 1234
+    device: str = "cpu"
+    dtype: str | None = None  # float32 on CPU, bfloat16 on CUDA
+    threads: int | None = 2
+    transformers: bool = True  # transformers' generate, assisted generation, prompt lookup
+    assisted_settings: tuple[str, ...] = ("default", "heuristic-8")
+    profile: bool = True
+    profile_repeats: int = 5
+    plots: bool = True
+    max_seconds: float | None = None  # time budget for the timed phases (whole repeats)
+    warmup: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def with_(self, **changes: object) -> BenchConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Presets: overrides applied on top of the defaults above.
+QUICK: dict[str, object] = dict(
+    name="quick",
+    num_prompts=8,
+    max_new_tokens=64,
+    repeats=2,
+    block_sizes=(4, 8, 16),
+    steps=(1, 2),
+    assisted_settings=("default",),
+    profile_repeats=3,
+    max_seconds=120.0,
+)
+FULL: dict[str, object] = dict(name="full")

@@ -1,0 +1,260 @@
+"""The results: a Markdown table, the JSON document and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "plot", "write_json"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """One table per mode, then the targets and the profile."""
+    machine = result["machine"]
+    config = result["config"]
+    lines = [
+        f"dg_stream bench `{result['name']}`: {config['num_prompts']} prompts, "
+        f"{config['max_new_tokens']} new tokens, {config['repeats']} repeats (medians), "
+        f"{machine['device']} {config['dtype'].removeprefix('torch.')}, "
+        f"{config['threads']} threads, {machine.get('gpu') or machine['cpu']}, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}",
+        "",
+    ]
+    for mode, rows in result["results"].items():
+        greedy = mode == "greedy"
+        title = "greedy" if greedy else f"sampling, temperature {config['temperature']:g}"
+        lines += [
+            f"**{title}**",
+            "",
+            "| method | tokens/s | speed-up | accepted/call | first chunk ms "
+            "| peak RSS MiB (+generation) | identical |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in rows:
+            runs = row["speedup_runs"]
+            spread = f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else ""
+            same = f"{row['identical']}/{row['generations']}" if greedy else "— (sampled)"
+            lines.append(
+                f"| {row['method']} | {row['tokens_per_second']:.0f} | "
+                f"{row['speedup']:.2f}×{spread} | {row['mean_accepted_per_call']:.2f} | "
+                f"{row['first_chunk_ms']:.1f} | {_rss(row)} | {same} |"
+            )
+        lines.append("")
+    targets = targets_summary(result)
+    if targets:
+        lines += ["**targets**", ""]
+        lines += [
+            f"- {t['target']}: {t['measured']} — {'met' if t['met'] else 'MISSED'}" for t in targets
+        ]
+        lines.append("")
+    profile = result.get("profile")
+    if profile:
+        cfg = profile["config"]
+        lines += [
+            f"**profile** (k={cfg['block_size']} s={cfg['steps']}"
+            f"{' adaptive' if cfg['adaptive'] else ''}, {cfg['prompt_tokens']}-token prompt, "
+            f"{cfg['generated_tokens']} tokens, through `generate()`)",
+            "",
+            "| part | share of wall time |",
+            "|---|---:|",
+        ]
+        for part, share in profile["shares"].items():
+            lines.append(f"| {part} | {100 * share:.1f}% |")
+        lines += [
+            "",
+            f"async layer: {1000 * profile['sync_seconds']:.1f} ms synchronous vs "
+            f"{1000 * profile['async_seconds']:.1f} ms through the stream: "
+            f"{100 * profile['async_overhead']:+.1f}% "
+            f"({'under' if profile['async_overhead_met'] else 'OVER'} the 5% budget)",
+            "",
+        ]
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _rss(row: dict[str, Any]) -> str:
+    peak = row.get("peak_rss_mib")
+    if peak is None:
+        return "—"
+    text = f"{peak:.0f} (+{row.get('generation_rss_mib', 0.0):.1f})"
+    if "peak_gpu_mib" in row:
+        text += f", GPU {row['peak_gpu_mib']:.0f}"
+    return text
+
+
+def _row(rows: list[dict[str, Any]], predicate: Any) -> dict[str, Any] | None:
+    found = [r for r in rows if predicate(r)]
+    return max(found, key=lambda r: r["speedup"]) if found else None
+
+
+def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with the measured figure (only those that were measured)."""
+    out: list[dict[str, Any]] = []
+    greedy = result["results"].get("greedy", [])
+    best = _row(greedy, lambda r: r["family"] == "hybrid")
+    if best is None:
+        return out
+    out.append(
+        {
+            "target": "hybrid ≥ 3× plain decoding (greedy), identical output",
+            "measured": f"{best['speedup']:.2f}× ({best['method']}), identical "
+            f"{best['identical']}/{best['generations']}",
+            "met": best["speedup"] >= 3.0 and best["identical"] == best["generations"],
+        }
+    )
+    for label, name in (
+        ("transformers assisted generation", "transformers assisted"),
+        ("prompt lookup", "transformers prompt lookup"),
+    ):
+        peer = _row(greedy, lambda r, n=name: r["method"].startswith(n))
+        if peer is not None:
+            ratio = best["speedup"] / peer["speedup"]
+            out.append(
+                {
+                    "target": f"hybrid ≥ 1.5× {label}",
+                    "measured": f"{ratio:.2f}× ({best['speedup']:.2f} vs {peer['speedup']:.2f})",
+                    "met": ratio >= 1.5,
+                }
+            )
+    most = max(
+        (r for r in greedy if r["family"] == "hybrid"), key=lambda r: r["mean_accepted_per_call"]
+    )
+    out.append(
+        {
+            "target": "mean accepted per verifier call ≥ 4 at the best block size",
+            "measured": f"{most['mean_accepted_per_call']:.2f} ({most['method']}); "
+            f"{best['mean_accepted_per_call']:.2f} at the fastest",
+            "met": most["mean_accepted_per_call"] >= 4.0,
+        }
+    )
+    sampled = _row(result["results"].get("sampling", []), lambda r: r["family"] == "hybrid")
+    if sampled is not None:
+        out.append(
+            {
+                "target": "sampling (T=0.8): hybrid ≥ 1.8× plain decoding",
+                "measured": f"{sampled['speedup']:.2f}× ({sampled['method']})",
+                "met": sampled["speedup"] >= 1.8,
+            }
+        )
+    profile = result.get("profile")
+    if profile:
+        out.append(
+            {
+                "target": "async layer < 5% of the synchronous engine's time",
+                "measured": f"{100 * profile['async_overhead']:+.1f}%",
+                "met": bool(profile["async_overhead_met"]),
+            }
+        )
+    return out
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {**result, "targets": targets_summary(result)}
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+_COLORS = {
+    "baseline": "#7f7f7f",
+    "hybrid": "#1f77b4",
+    "ngram": "#2ca02c",
+    "transformers": "#ff7f0e",
+}
+
+
+def plot(result: dict[str, Any], stem: Path) -> list[Path]:
+    """``<stem>-speedup.png`` (speed-up per method) and ``<stem>-blocks.png`` (accepted per
+    call and speed-up against block size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    modes = list(result["results"])
+    greedy = result["results"]["greedy"]
+    names = [r["method"] for r in greedy]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(names) + 1.8))
+    height = 0.8 / len(modes)
+    for m, mode in enumerate(modes):
+        by_name = {r["method"]: r for r in result["results"][mode]}
+        for i, name in enumerate(names):
+            row = by_name.get(name)
+            if row is None:
+                continue
+            ax.barh(
+                i + (m - (len(modes) - 1) / 2) * height,
+                row["speedup"],
+                height=height,
+                color=_COLORS.get(row["family"], "#9467bd"),
+                alpha=1.0 if m == 0 else 0.5,
+                hatch=None if m == 0 else "//",
+                label=mode if i == 0 or name == names[0] else None,
+            )
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over dg_stream plain decoding (tokens/s ratio, median of repeats)")
+    config = result["config"]
+    ax.set_title(
+        f"{result['name']}: {config['num_prompts']} prompts × {config['max_new_tokens']} tokens, "
+        f"{result['machine']['device']}, {config['threads']} threads",
+        fontsize=9,
+    )
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color="#444444", alpha=1.0 if m == 0 else 0.5)
+        for m in range(len(modes))
+    ]
+    ax.legend(handles, modes, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "-speedup.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    hybrids = [r for r in greedy if r["family"] == "hybrid" and not r["adaptive"]]
+    if hybrids:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for steps in sorted({r["steps"] for r in hybrids}):
+            rows = sorted(
+                (r for r in hybrids if r["steps"] == steps), key=lambda r: r["block_size"]
+            )
+            xs = [r["block_size"] for r in rows]
+            left.plot(
+                xs, [r["mean_accepted_per_call"] for r in rows], "o-", label=f"{steps} step(s)"
+            )
+            right.plot(xs, [r["speedup"] for r in rows], "o-", label=f"hybrid, {steps} step(s)")
+        for row in greedy:
+            if (
+                row["family"] in ("ngram", "transformers")
+                and row["method"] != "transformers generate"
+            ):
+                right.axhline(
+                    row["speedup"],
+                    linestyle="--",
+                    linewidth=0.9,
+                    color=_COLORS[row["family"]],
+                    alpha=0.8,
+                )
+                right.annotate(
+                    row["method"], (right.get_xlim()[0], row["speedup"]), fontsize=7, va="bottom"
+                )
+        left.set_xlabel("block size k")
+        left.set_ylabel("mean accepted draft tokens per verifier call")
+        right.set_xlabel("block size k")
+        right.set_ylabel("speed-up over plain decoding (greedy)")
+        right.axhline(1.0, color="black", linewidth=0.8)
+        for axis in (left, right):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        fig.suptitle(f"{result['name']}: diffusion drafter, greedy", fontsize=10)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "-blocks.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
