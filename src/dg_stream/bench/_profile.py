@@ -50,7 +50,7 @@ def _request(
 
 
 def _breakdown(backend: Any, request: GenerationRequest) -> tuple[dict[str, float], int]:
-    """Seconds per part for one generation, and the tokens it generated."""
+    """Seconds per part for one generation (and ``calls``: verifier calls), and its tokens."""
     session = backend.engine.session(request)
     verifier = backend.verifier
     device = verifier.device
@@ -96,6 +96,7 @@ def _breakdown(backend: Any, request: GenerationRequest) -> tuple[dict[str, floa
         session.close()
     seconds["engine bookkeeping"] = max(0.0, total - sum(seconds.values()))
     seconds["total"] = total
+    seconds["calls"] = float(session.stats.verifier_calls)
     return dict(seconds), tokens
 
 
@@ -142,14 +143,41 @@ def _async_seconds(backend: Any, prompt_ids: list[int], max_new_tokens: int, spe
     return float(anyio.run(consume))
 
 
+def _economics(hybrid: dict[str, float], plain: dict[str, float], tokens: int) -> dict[str, float]:
+    """Drafter economics in units of one plain decoding step (prefill excluded):
+    speed-up ≈ tokens per call ÷ (verify + draft + overhead per call)."""
+    step = (plain["total"] - plain["prefill"]) / max(1.0, plain["calls"])
+    calls = max(1.0, hybrid["calls"])
+    overhead = sum(
+        hybrid[p] for p in ("acceptance", "cache rollback", "detokenization", "engine bookkeeping")
+    )
+    plain_overhead = sum(
+        plain[p] for p in ("acceptance", "cache rollback", "detokenization", "engine bookkeeping")
+    )
+    out = {
+        "plain_step_ms": 1000 * step,
+        "plain_forward_ms": 1000 * plain["verification"] / max(1.0, plain["calls"]),
+        "plain_overhead_ms": 1000 * plain_overhead / max(1.0, plain["calls"]),
+        "tokens_per_call": tokens / calls,
+        "verify_cost_steps": hybrid["verification"] / calls / step,
+        "draft_cost_steps": hybrid["drafting"] / calls / step,
+        "overhead_cost_steps": overhead / calls / step,
+    }
+    cost = out["verify_cost_steps"] + out["draft_cost_steps"] + out["overhead_cost_steps"]
+    out["predicted_speedup"] = out["tokens_per_call"] / cost
+    return out
+
+
 def profile_generation(
     backend: Any,
     spec: SpeculativeConfig,
     prompt_ids: list[int],
     max_new_tokens: int,
     repeats: int = 5,
+    plain_backend: Any = None,
 ) -> dict[str, Any]:
-    """The time breakdown of one hybrid generation and the async layer's overhead."""
+    """The time breakdown of one hybrid generation and the async layer's overhead; with
+    ``plain_backend``, the drafter economics in units of a plain decoding step."""
     request = _request(prompt_ids, max_new_tokens, spec, seed=0)
     _sync_seconds(backend, request)  # warm-up
     _async_seconds(backend, prompt_ids, max_new_tokens, spec)
@@ -158,7 +186,14 @@ def profile_generation(
     for _ in range(repeats):
         parts, tokens = _breakdown(backend, request)
         runs.append(parts)
-    median = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in (*PARTS, "total")}
+    keys = (*PARTS, "total", "calls")
+    median = {p: statistics.median(r.get(p, 0.0) for r in runs) for p in keys}
+    economics = None
+    if plain_backend is not None:
+        plain_request = _request(prompt_ids, max_new_tokens, SpeculativeConfig(), seed=0)
+        plain_runs = [_breakdown(plain_backend, plain_request)[0] for _ in range(repeats)]
+        plain = {p: statistics.median(r.get(p, 0.0) for r in plain_runs) for p in keys}
+        economics = _economics(median, plain, tokens)
     sync_times, async_times = [], []
     for i in range(repeats * 2):  # interleaved, the order alternating
         if i % 2 == 0:
@@ -185,6 +220,8 @@ def profile_generation(
             "repeats": repeats,
         },
         "seconds": {p: median[p] for p in (*PARTS, "total")},
+        "verifier_calls": median["calls"],
+        "economics": economics,
         "shares": shares,
         "sync_seconds": sync_s,
         "async_seconds": async_s,

@@ -69,6 +69,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"({'under' if profile['async_overhead_met'] else 'OVER'} the 5% budget)",
             "",
         ]
+        eco = profile.get("economics")
+        if eco:
+            lines += [
+                f"drafter economics, in plain decoding steps ({eco['plain_step_ms']:.2f} ms, of "
+                f"which {eco['plain_forward_ms']:.2f} ms forward): a call keeps "
+                f"{eco['tokens_per_call']:.2f} tokens and costs "
+                f"{eco['verify_cost_steps']:.2f} (verify) + {eco['draft_cost_steps']:.2f} "
+                f"(draft) + {eco['overhead_cost_steps']:.2f} (engine) steps → "
+                f"{eco['predicted_speedup']:.2f}× predicted (prefill excluded)",
+                "",
+            ]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -186,8 +197,10 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
             row = by_name.get(name)
             if row is None:
                 continue
+            y = i + (m - (len(modes) - 1) / 2) * height
+            ax.text(row["speedup"], y, f" {row['speedup']:.2f}×", va="center", fontsize=7)
             ax.barh(
-                i + (m - (len(modes) - 1) / 2) * height,
+                y,
                 row["speedup"],
                 height=height,
                 color=_COLORS.get(row["family"], "#9467bd"),

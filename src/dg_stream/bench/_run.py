@@ -101,11 +101,8 @@ class _Setup:
                     self.methods.append(
                         self._hybrid(k, steps, False, verifier_bytes + drafter_bytes)
                     )
-            if config.adaptive:
-                for steps in sorted({1, *config.steps[:1]}):
-                    self.methods.append(
-                        self._hybrid(8, steps, True, verifier_bytes + drafter_bytes)
-                    )
+            if config.adaptive:  # transformers' schedule from k=8: +2 if all accepted, else -1
+                self.methods.append(self._hybrid(8, 1, True, verifier_bytes + drafter_bytes))
         self.ngram = backend("ngram")
         self.methods.append(
             DgMethod(
@@ -400,6 +397,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
         for row in rows:
             row.update(memory.get(row["method"], {}))
     profile = None
+    # The profiled generation starts from the prompt of median length: typical, not extreme.
+    by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    typical = by_length[len(by_length) // 2]
     if config.profile and setup.hybrid is not None and best is not None:
         from ._profile import profile_generation
 
@@ -407,7 +407,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
             block_size=best["block_size"], steps=best["steps"], adaptive=best["adaptive"]
         )
         profile = profile_generation(
-            setup.hybrid, spec, prompt_ids[longest], config.max_new_tokens, config.profile_repeats
+            setup.hybrid,
+            spec,
+            prompt_ids[typical],
+            config.max_new_tokens,
+            config.profile_repeats,
+            plain_backend=setup.plain,
         )
     return {
         "name": config.name,
