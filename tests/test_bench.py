@@ -79,7 +79,7 @@ def test_quick_bench_writes_json_plots_and_table(
 
     greedy = {row["method"]: row for row in result["results"]["greedy"]}
     families = {row["family"] for row in greedy.values()}
-    assert families == {"baseline", "hybrid", "ngram", "transformers"}
+    assert families == {"baseline", "hybrid", "ngram", "causal", "transformers"}
     # The grid: block sizes 2 and 4 at 1 and 2 steps, plus the adaptive setting.
     hybrids = sorted(
         (r["block_size"], r["steps"]) for r in greedy.values() if r["family"] == "hybrid"

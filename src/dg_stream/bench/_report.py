@@ -172,6 +172,7 @@ _COLORS = {
     "baseline": "#7f7f7f",
     "hybrid": "#1f77b4",
     "ngram": "#2ca02c",
+    "causal": "#d62728",
     "transformers": "#ff7f0e",
 }
 
@@ -243,7 +244,7 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
             right.plot(xs, [r["speedup"] for r in rows], "o-", label=f"hybrid, {steps} step(s)")
         for row in greedy:
             if (
-                row["family"] in ("ngram", "transformers")
+                row["family"] in ("ngram", "causal", "transformers")
                 and row["method"] != "transformers generate"
             ):
                 right.axhline(

@@ -116,6 +116,23 @@ class _Setup:
             )
         )
         self.notes: list[str] = []
+        if config.assistant is not None and config.assistant.exists():
+            # The same small causal model in dg_stream's engine: separates what the drafter
+            # design buys from what the engine buys.
+            self.causal = backend(config.assistant)
+            self.methods.append(
+                DgMethod(
+                    self.causal,
+                    SpeculativeConfig(block_size=8, adaptive=True),
+                    name="dg_stream causal k=8 adaptive",
+                    family="causal",
+                    block_size=8,
+                    steps=None,
+                    adaptive=True,
+                    description="the transformers assistant as dg_stream's causal drafter",
+                    model_bytes=verifier_bytes + _model_bytes(self.causal.drafter.model),
+                )
+            )
         if config.transformers:
             self._transformers_methods(verifier_bytes, log)
         log(
@@ -378,7 +395,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     results: dict[str, Any] = {"greedy": greedy_rows}
     if config.temperature:
         keep = {BASELINE, "transformers generate"}
-        keep |= {m.name for m in methods if m.family in ("ngram", "transformers")}
+        keep |= {m.name for m in methods if m.family in ("ngram", "causal", "transformers")}
         keep |= {
             m.name
             for m in methods
