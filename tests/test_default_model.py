@@ -13,7 +13,7 @@ from dg_stream.train.corpus import stdlib_corpus
 from dg_stream.train.evaluate import acceptance, held_out_prompts
 
 # Measured 2026-11-26 (see MODEL_CARD.md); the floor leaves room for platform differences.
-ACCEPTED_PER_CALL_FLOOR = 0.9
+ACCEPTED_PER_CALL_FLOOR = 0.6
 
 
 @pytest.fixture(scope="module")

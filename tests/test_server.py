@@ -290,7 +290,7 @@ async def test_client_disconnect_stops_generation_within_a_step(
     # The model work ends within one step of the disconnect, far from the 300 tokens asked.
     assert await anyio.to_thread.run_sync(paced_backend.ended.wait, 5)
     assert paced_backend.steps <= closed_at + 1
-    assert paced_backend.steps <= received + 3
+    assert paced_backend.steps < 100  # (the server may have run ahead into socket buffers)
     text = httpx.get(paced.url + "/metrics").text
     assert metric(text, "dg_stream_generations_active") == 0
     assert metric(text, "dg_stream_client_disconnects_total") >= 1
@@ -312,8 +312,10 @@ async def test_openai_client_closing_a_stream_stops_generation(paced: Any,
             if seen == 3:
                 break
         await stream.close()
+        closed_at = paced_backend.steps
     assert await anyio.to_thread.run_sync(paced_backend.ended.wait, 5)
-    assert paced_backend.steps <= seen + 3
+    assert paced_backend.steps <= closed_at + 1
+    assert paced_backend.steps < 100  # far from the 300 tokens asked
 
 
 async def test_overload_is_refused_with_retry_after(paced: Any,
