@@ -25,7 +25,9 @@ class OracleDrafter:
 
     def close(self) -> None: ...
 
-    def propose(self, context: torch.Tensor, k: int, params: Any, generator: Any) -> DraftProposal:
+    def propose(
+        self, context: torch.Tensor, k: int, params: Any, generator: Any, **options: Any
+    ) -> DraftProposal:
         self.calls += 1
         n = context.shape[0]
         return DraftProposal(self.full[n : n + k].clone(), None)
@@ -47,12 +49,12 @@ class CountingDrafter:
     def close(self) -> None: ...
 
     def propose(
-        self, context: torch.Tensor, k: int, params: Any, generator: Any, **kw: Any
+        self, context: torch.Tensor, k: int, params: Any, generator: Any, **options: Any
     ) -> DraftProposal:
         self.calls += 1
         if self.fail_at is not None and self.calls >= self.fail_at:
             raise RuntimeError("drafter exploded")
-        return self.inner.propose(context, k, params, generator)
+        return self.inner.propose(context, k, params, generator, **options)
 
 
 class MislabelledDrafter:
@@ -71,6 +73,8 @@ class MislabelledDrafter:
 
     def close(self) -> None: ...
 
-    def propose(self, context: torch.Tensor, k: int, params: Any, generator: Any) -> DraftProposal:
+    def propose(
+        self, context: torch.Tensor, k: int, params: Any, generator: Any, **options: Any
+    ) -> DraftProposal:
         tokens = torch.multinomial(self.true_q.expand(k, -1), 1, generator=generator).flatten()
         return DraftProposal(tokens, self.claimed_q.expand(k, -1).clone())

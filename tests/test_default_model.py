@@ -46,8 +46,9 @@ def test_default_backends(default: LocalBackend) -> None:
 
 
 def _greedy(backend: LocalBackend, prompt: str, block_size: int = 8) -> tuple[list[int], Any]:
-    request = GenerationRequest(prompt=prompt, max_new_tokens=48,
-                                speculative=SpeculativeConfig(block_size=block_size))
+    request = GenerationRequest(
+        prompt=prompt, max_new_tokens=48, speculative=SpeculativeConfig(block_size=block_size)
+    )
     session = backend.engine.session(request)
     ids: list[int] = []
     while (chunk := session.step()) is not None:
@@ -55,7 +56,9 @@ def _greedy(backend: LocalBackend, prompt: str, block_size: int = 8) -> tuple[li
     return ids, session
 
 
-def test_default_pair_is_lossless_and_accepts_well(default: LocalBackend, prompts: list[str]) -> None:
+def test_default_pair_is_lossless_and_accepts_well(
+    default: LocalBackend, prompts: list[str]
+) -> None:
     plain = LocalBackend.default(drafter=None)
     for prompt in prompts[:2]:
         assert _greedy(default, prompt)[0] == _greedy(plain, prompt)[0]
@@ -64,7 +67,7 @@ def test_default_pair_is_lossless_and_accepts_well(default: LocalBackend, prompt
 
 
 def test_default_verifier_writes_python(default: LocalBackend) -> None:
-    ids, session = _greedy(default, "def fibonacci(n):")
+    _, session = _greedy(default, "def fibonacci(n):")
     text = session.text
     assert "\n    " in text  # an indented body
     assert any(word in text for word in ("return", "if ", "def ", "for "))

@@ -143,18 +143,9 @@ class GenerationSession:
         k = min(self.block_size, remaining - 1)
         if self.draft_session is None or k <= 0:
             return empty_proposal()
-        session: Any = self.draft_session
-        if hasattr(session, "steps"):  # the diffusion drafter takes per-request steps
-            return session.propose(
-                self.ids,
-                k,
-                self.params,
-                self.generator,
-                steps=self.steps,
-                confidence=self.confidence,
-            )
-        proposal: DraftProposal = session.propose(self.ids, k, self.params, self.generator)
-        return proposal
+        return self.draft_session.propose(
+            self.ids, k, self.params, self.generator, steps=self.steps, confidence=self.confidence
+        )
 
     def _accept(self, logits: torch.Tensor, draft: DraftProposal) -> Verdict:
         params = self.params

@@ -33,8 +33,15 @@ class DraftSession(Protocol):
         k: int,
         params: SamplingParams,
         generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
     ) -> DraftProposal:
-        """Draft up to ``k`` tokens following ``context`` ((n,) committed ids)."""
+        """Draft up to ``k`` tokens following ``context`` ((n,) committed ids).
+
+        ``steps`` and ``confidence`` are the request's denoising options; drafters that do not
+        denoise ignore them.
+        """
         ...
 
     def close(self) -> None:

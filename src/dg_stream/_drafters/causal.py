@@ -51,6 +51,9 @@ class _CausalDraftSession:
         k: int,
         params: SamplingParams,
         generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
     ) -> DraftProposal:
         if k <= 0:
             return empty_proposal(context.device)

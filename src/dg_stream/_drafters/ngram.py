@@ -35,6 +35,9 @@ class NgramDrafter:
         k: int,
         params: SamplingParams,
         generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
     ) -> DraftProposal:
         n_ctx = context.shape[0]
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
