@@ -57,6 +57,8 @@ def describe_machine(device: Any) -> dict[str, Any]:
         "dg_stream": __version__,
         "git_commit": _git_commit(),
         "device": str(device),
+        # Other work on the machine skews absolute tokens/s (ratios within a run much less).
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if getattr(device, "type", None) == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -21,6 +21,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {machine['torch']}, transformers {machine['transformers']}",
         "",
     ]
+    load = machine.get("load_average_at_start")
+    if load:
+        lines[0] += f", load average {load[0]:.1f} at start"
     for mode, rows in result["results"].items():
         greedy = mode == "greedy"
         title = "greedy" if greedy else f"sampling, temperature {config['temperature']:g}"

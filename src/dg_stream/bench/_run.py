@@ -9,6 +9,7 @@ repeat; the table reports medians over repeats.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -370,6 +371,7 @@ def _memory_pass(
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every phase; returns the result document (what the JSON file holds)."""
     started = time.perf_counter()
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if config.threads:
         torch.set_num_threads(config.threads)
     setup = _Setup(config, log)
@@ -431,10 +433,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
             config.profile_repeats,
             plain_backend=setup.plain,
         )
+    machine = describe_machine(setup.device)
+    machine["load_average_at_start"] = load_at_start
     return {
         "name": config.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": describe_machine(setup.device),
+        "machine": machine,
         "config": {
             "verifier": str(config.verifier),
             "drafter": str(config.drafter) if config.drafter else None,
