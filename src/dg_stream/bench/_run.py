@@ -306,6 +306,7 @@ def _aggregate(
 ) -> list[dict[str, Any]]:
     rows = []
     repeats = sorted({r["repeat"] for r in records})
+    baseline = {(r["prompt"], r["repeat"]): r for r in records if r["method"] == BASELINE}
     base_rate = {}
     for repeat in repeats:
         mine = [r for r in records if r["method"] == BASELINE and r["repeat"] == repeat]
@@ -320,6 +321,13 @@ def _aggregate(
             rate = sum(r["new_tokens"] for r in rows_r) / sum(r["seconds"] for r in rows_r)
             rates.append(rate)
             ratios.append(rate / base_rate[repeat])
+        # Robust to a stall of the machine during one generation (other work on a shared
+        # host): the median over (prompt, repeat) of the per-generation tokens/s ratios.
+        per_prompt = [
+            (r["new_tokens"] / r["seconds"]) / (b["new_tokens"] / b["seconds"])
+            for r in mine
+            for b in [baseline[(r["prompt"], r["repeat"])]]
+        ]
         calls = sum(r["verifier_calls"] for r in mine)
         rows.append(
             {
@@ -333,6 +341,7 @@ def _aggregate(
                 "tokens_per_second_runs": rates,
                 "speedup": statistics.median(ratios),
                 "speedup_runs": ratios,
+                "speedup_per_prompt_median": statistics.median(per_prompt),
                 "mean_accepted_per_call": sum(r["accepted"] for r in mine) / max(1, calls),
                 "tokens_per_call": sum(r["new_tokens"] for r in mine) / max(1, calls),
                 "first_chunk_ms": 1000 * statistics.median(r["first_chunk_seconds"] for r in mine),
