@@ -89,8 +89,9 @@ def server(local: LocalBackend) -> Any:
 @pytest.fixture(scope="module")
 def paced(local: LocalBackend) -> Any:
     backend = PacedBackend(local, delay=0.05)
-    app = create_app(backend, model_name=MODEL, max_concurrent=2, keepalive_seconds=0.1,
-                     retry_after_seconds=2)
+    app = create_app(
+        backend, model_name=MODEL, max_concurrent=2, keepalive_seconds=0.1, retry_after_seconds=2
+    )
     with ServerThread(app) as s:
         s.backend = backend  # type: ignore[attr-defined]
         yield s
@@ -105,8 +106,9 @@ def paced_backend(paced: Any) -> PacedBackend:
 
 
 async def local_text(local: LocalBackend, prompt: Any, n: int, **options: Any) -> str:
-    return (await dg_stream.generate(prompt, backend=local, max_new_tokens=n,
-                                     **options).collect()).text
+    return (
+        await dg_stream.generate(prompt, backend=local, max_new_tokens=n, **options).collect()
+    ).text
 
 
 def metric(text: str, name: str) -> float:
@@ -116,7 +118,7 @@ def metric(text: str, name: str) -> float:
 
 
 def sse_events(raw: str) -> list[str]:
-    return [line[len("data: "):] for line in raw.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in raw.splitlines() if line.startswith("data: ")]
 
 
 # -- the official openai client -------------------------------------------------------------------
@@ -125,15 +127,21 @@ def sse_events(raw: str) -> list[str]:
 async def test_openai_completions(server: Any, local: LocalBackend) -> None:
     expected = await local_text(local, "def add(a, b):", 12)
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused") as client:
-        whole = await client.completions.create(model=MODEL, prompt="def add(a, b):",
-                                                max_tokens=12, temperature=0)
+        whole = await client.completions.create(
+            model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0
+        )
         assert whole.choices[0].text == expected
         assert whole.choices[0].finish_reason in ("length", "stop")
         assert whole.usage is not None and whole.usage.completion_tokens <= 12
 
         stream = await client.completions.create(
-            model=MODEL, prompt="def add(a, b):", max_tokens=12, temperature=0, stream=True,
-            stream_options={"include_usage": True})
+            model=MODEL,
+            prompt="def add(a, b):",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         pieces, finishes, usage = [], [], None
         async for event in stream:
             if event.choices:
@@ -151,14 +159,22 @@ async def test_openai_chat(server: Any, local: LocalBackend) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected = await local_text(local, messages, 10, stop=["\n\nUser:"])
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused") as client:
-        whole = await client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
-                                                     max_tokens=10, temperature=0)
+        whole = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=10,
+            temperature=0,
+        )
         assert whole.choices[0].message.content == expected
         assert whole.choices[0].message.role == "assistant"
 
-        stream = await client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
-                                                      max_completion_tokens=10, temperature=0,
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_completion_tokens=10,
+            temperature=0,
+            stream=True,
+        )
         events = [event async for event in stream]
     assert events[0].choices[0].delta.role == "assistant"
     assert "".join(e.choices[0].delta.content or "" for e in events) == expected
@@ -167,13 +183,17 @@ async def test_openai_chat(server: Any, local: LocalBackend) -> None:
 
 
 async def test_openai_client_sees_typed_errors(server: Any) -> None:
-    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused",
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key="unused", max_retries=0
+    ) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.completions.create(model=MODEL, prompt="x", max_tokens=4, n=2)
-        assert info.value.body == {"message": "n > 1 is not supported; send separate requests",
-                                   "type": "invalid_request_error", "param": "n",
-                                   "code": "unsupported_parameter"}
+        assert info.value.body == {
+            "message": "n > 1 is not supported; send separate requests",
+            "type": "invalid_request_error",
+            "param": "n",
+            "code": "unsupported_parameter",
+        }
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="gpt-4", prompt="x", max_tokens=4)
         models = await client.models.list()
@@ -183,15 +203,18 @@ async def test_openai_client_sees_typed_errors(server: Any) -> None:
 # -- RemoteBackend against the real server --------------------------------------------------------
 
 
-async def test_remote_native_matches_local_chunk_for_chunk(server: Any,
-                                                           local: LocalBackend) -> None:
+async def test_remote_native_matches_local_chunk_for_chunk(
+    server: Any, local: LocalBackend
+) -> None:
     prompt, n = "class Stack:", 16
     options: dict[str, Any] = {"draft_preview": True, "block_size": 3}
-    expected = [c async for c in dg_stream.generate(prompt, backend=local, max_new_tokens=n,
-                                                    **options)]
+    expected = [
+        c async for c in dg_stream.generate(prompt, backend=local, max_new_tokens=n, **options)
+    ]
     async with RemoteBackend(server.url) as remote:  # api="auto" finds the native protocol
-        got = [c async for c in dg_stream.generate(prompt, backend=remote, max_new_tokens=n,
-                                                   **options)]
+        got = [
+            c async for c in dg_stream.generate(prompt, backend=remote, max_new_tokens=n, **options)
+        ]
         assert remote.server_info is not None and remote.server_info.model == MODEL
 
     def shape(c: Chunk) -> tuple[Any, ...]:  # everything but wall-clock timings
@@ -208,26 +231,32 @@ async def test_remote_native_matches_local_chunk_for_chunk(server: Any,
 async def test_remote_openai_protocol(server: Any, local: LocalBackend) -> None:
     expected = await local_text(local, "print(", 12, seed=3)
     async with RemoteBackend(server.url + "/v1", api="openai") as remote:
-        got = await dg_stream.generate("print(", backend=remote, max_new_tokens=12,
-                                       seed=3).collect()
-        chat = await dg_stream.generate([{"role": "user", "content": "hey"}], backend=remote,
-                                        max_new_tokens=6).collect()
+        got = await dg_stream.generate(
+            "print(", backend=remote, max_new_tokens=12, seed=3
+        ).collect()
+        chat = await dg_stream.generate(
+            [{"role": "user", "content": "hey"}], backend=remote, max_new_tokens=6
+        ).collect()
     assert got.text == expected
     assert got.usage is not None and got.usage.completion_tokens <= 12
     assert chat.finish_reason in ("stop", "length")
-    assert chat.text == await local_text(local, [{"role": "user", "content": "hey"}], 6,
-                                         stop=["\n\nUser:"])
+    assert chat.text == await local_text(
+        local, [{"role": "user", "content": "hey"}], 6, stop=["\n\nUser:"]
+    )
 
 
-async def test_32_concurrent_streams_each_get_their_own_text(server: Any,
-                                                              local: LocalBackend) -> None:
+async def test_32_concurrent_streams_each_get_their_own_text(
+    server: Any, local: LocalBackend
+) -> None:
     prompts = [f"def f{i}(x):" if i % 2 else f"print('{i}')" for i in range(16)]
     expected = {p: await local_text(local, p, 8) for p in prompts}
     assert len(set(expected.values())) >= 8  # the texts differ, so a mix-up would show
     results: dict[int, str] = {}
     started = time.monotonic()
-    async with RemoteBackend(server.url, api="dg") as native, \
-            RemoteBackend(server.url, api="openai") as compatible:
+    async with (
+        RemoteBackend(server.url, api="dg") as native,
+        RemoteBackend(server.url, api="openai") as compatible,
+    ):
 
         async def one(i: int) -> None:
             backend = native if i % 2 else compatible
@@ -251,18 +280,23 @@ async def test_remote_under_trio(server: Any, local: LocalBackend) -> None:
 
     async def main() -> str:
         async with RemoteBackend(server.url) as remote:
-            return (await dg_stream.generate("def add(a, b):", backend=remote,
-                                             max_new_tokens=8).collect()).text
+            return (
+                await dg_stream.generate(
+                    "def add(a, b):", backend=remote, max_new_tokens=8
+                ).collect()
+            ).text
 
     assert await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio")) == expected
 
 
 async def test_many_early_closed_streams_leak_nothing(server: Any) -> None:
-    async with RemoteBackend(server.url, max_connections=3,
-                             timeout=RemoteTimeout(first_chunk=20, idle=20)) as remote:
+    async with RemoteBackend(
+        server.url, max_connections=3, timeout=RemoteTimeout(first_chunk=20, idle=20)
+    ) as remote:
         for _i in range(20):
-            async with dg_stream.generate("def add(a, b):", backend=remote,
-                                          max_new_tokens=200) as stream:
+            async with dg_stream.generate(
+                "def add(a, b):", backend=remote, max_new_tokens=200
+            ) as stream:
                 await stream.__anext__()
         # The pool of three would be exhausted by the fourth leaked response.
         assert (await dg_stream.generate("x", backend=remote, max_new_tokens=2).collect()).text
@@ -275,7 +309,8 @@ async def test_many_early_closed_streams_leak_nothing(server: Any) -> None:
 
 
 async def test_client_disconnect_stops_generation_within_a_step(
-        paced: Any, paced_backend: PacedBackend) -> None:
+    paced: Any, paced_backend: PacedBackend
+) -> None:
     body = {"prompt": "def add(a, b):", "max_new_tokens": 300}
     received = 0
     async with httpx.AsyncClient(base_url=paced.url, timeout=10) as client:
@@ -296,16 +331,18 @@ async def test_client_disconnect_stops_generation_within_a_step(
     assert metric(text, "dg_stream_client_disconnects_total") >= 1
     # ... and the server keeps serving.
     async with RemoteBackend(paced.url) as remote:
-        assert (await dg_stream.generate("x", backend=remote, max_new_tokens=3).collect()
-                ).finish_reason in ("stop", "length")
+        assert (
+            await dg_stream.generate("x", backend=remote, max_new_tokens=3).collect()
+        ).finish_reason in ("stop", "length")
 
 
-async def test_openai_client_closing_a_stream_stops_generation(paced: Any,
-                                                               paced_backend: PacedBackend) -> None:
+async def test_openai_client_closing_a_stream_stops_generation(
+    paced: Any, paced_backend: PacedBackend
+) -> None:
     async with openai.AsyncOpenAI(base_url=paced.url + "/v1", api_key="unused") as client:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=300,
-            stream=True)
+            model=MODEL, messages=[{"role": "user", "content": "go"}], max_tokens=300, stream=True
+        )
         seen = 0
         async for _ in stream:
             seen += 1
@@ -318,12 +355,15 @@ async def test_openai_client_closing_a_stream_stops_generation(paced: Any,
     assert paced_backend.steps < 100  # far from the 300 tokens asked
 
 
-async def test_overload_is_refused_with_retry_after(paced: Any,
-                                                    paced_backend: PacedBackend) -> None:
+async def test_overload_is_refused_with_retry_after(
+    paced: Any, paced_backend: PacedBackend
+) -> None:
     body = {"prompt": "def add(a, b):", "max_new_tokens": 300}
-    async with httpx.AsyncClient(base_url=paced.url, timeout=10) as client, \
-            client.stream("POST", "/v1/dg/generate", json=body) as one, \
-            client.stream("POST", "/v1/dg/generate", json=body) as two:
+    async with (
+        httpx.AsyncClient(base_url=paced.url, timeout=10) as client,
+        client.stream("POST", "/v1/dg/generate", json=body) as one,
+        client.stream("POST", "/v1/dg/generate", json=body) as two,
+    ):
         assert one.status_code == two.status_code == 200
         refused = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert refused.status_code == 503
@@ -336,26 +376,28 @@ async def test_overload_is_refused_with_retry_after(paced: Any,
     with anyio.fail_after(10):
         while httpx.get(paced.url + "/health").json()["active_generations"]:
             await anyio.sleep(0.05)
-    assert metric(httpx.get(paced.url + "/metrics").text,
-                  "dg_stream_rejected_overload_total") >= 2
+    assert metric(httpx.get(paced.url + "/metrics").text, "dg_stream_rejected_overload_total") >= 2
     async with RemoteBackend(paced.url, max_retries=0) as remote:
         assert await dg_stream.generate("x", backend=remote, max_new_tokens=2).collect()
 
 
-async def test_keepalive_comments_during_long_pauses(paced: Any,
-                                                     paced_backend: PacedBackend) -> None:
+async def test_keepalive_comments_during_long_pauses(
+    paced: Any, paced_backend: PacedBackend
+) -> None:
     paced_backend.delay = 0.35  # slower than the 0.1 s keep-alive interval
     async with httpx.AsyncClient(base_url=paced.url, timeout=10) as client:
-        response = await client.post("/v1/dg/generate",
-                                     json={"prompt": "def add(a, b):", "max_new_tokens": 3})
+        response = await client.post(
+            "/v1/dg/generate", json={"prompt": "def add(a, b):", "max_new_tokens": 3}
+        )
     assert response.status_code == 200
     assert response.text.count(": keep-alive\n\n") >= 2
     events = [json.loads(e) for e in sse_events(response.text)]
     assert events[-1]["chunk"]["finish_reason"] in ("stop", "length")
     # RemoteBackend reads through them, with an idle limit shorter than the pauses.
     async with RemoteBackend(paced.url, timeout=RemoteTimeout(first_chunk=10, idle=0.3)) as remote:
-        completion = await dg_stream.generate("def add(a, b):", backend=remote,
-                                              max_new_tokens=3).collect()
+        completion = await dg_stream.generate(
+            "def add(a, b):", backend=remote, max_new_tokens=3
+        ).collect()
     assert completion.finish_reason in ("stop", "length")
 
 
@@ -368,8 +410,9 @@ async def test_error_mid_stream(paced: Any, paced_backend: PacedBackend) -> None
     assert info.value.text == stream.text and len(stream.text) > 0
     paced_backend.fail_after = 2
     async with openai.AsyncOpenAI(base_url=paced.url + "/v1", api_key="unused") as client:
-        chunks = await client.completions.create(model=MODEL, prompt="x", max_tokens=50,
-                                                 stream=True)
+        chunks = await client.completions.create(
+            model=MODEL, prompt="x", max_tokens=50, stream=True
+        )
         with pytest.raises(openai.APIError, match="crashed on purpose"):
             async for _ in chunks:
                 pass
@@ -382,55 +425,95 @@ BAD_REQUESTS = [
     ("/v1/dg/generate", b"", None, "invalid_json"),
     ("/v1/dg/generate", b'["x"]', None, "invalid_type"),
     ("/v1/dg/generate", b'{"prompt": "x", "colour": 1}', "colour", "unknown_field"),
-    ("/v1/dg/generate", b'{"prompt": "x", "sampling": {"tempreature": 1}}', "sampling.tempreature",
-     "unknown_field"),
-    ("/v1/dg/generate", b'{"prompt": "x", "max_new_tokens": "ten"}', "max_new_tokens",
-     "invalid_type"),
+    (
+        "/v1/dg/generate",
+        b'{"prompt": "x", "sampling": {"tempreature": 1}}',
+        "sampling.tempreature",
+        "unknown_field",
+    ),
+    (
+        "/v1/dg/generate",
+        b'{"prompt": "x", "max_new_tokens": "ten"}',
+        "max_new_tokens",
+        "invalid_type",
+    ),
     ("/v1/dg/generate", b'{"prompt": "x", "max_new_tokens": 0}', "max_new_tokens", "invalid_value"),
-    ("/v1/dg/generate", b'{"prompt": "x", "max_new_tokens": 100000}', "max_new_tokens",
-     "context_length_exceeded"),
-    ("/v1/dg/generate", b'{"prompt": "x", "sampling": {"temperature": -1}}',
-     "sampling.temperature", "invalid_value"),
+    (
+        "/v1/dg/generate",
+        b'{"prompt": "x", "max_new_tokens": 100000}',
+        "max_new_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "/v1/dg/generate",
+        b'{"prompt": "x", "sampling": {"temperature": -1}}',
+        "sampling.temperature",
+        "invalid_value",
+    ),
     ("/v1/dg/generate", b'{"prompt": [99999]}', "prompt", "invalid_value"),
     ("/v1/dg/generate", b'{"max_new_tokens": 3}', "prompt", "invalid_value"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', "max_tokens", "invalid_value"),
-    ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', "max_tokens",
-     "context_length_exceeded"),
+    (
+        "/v1/completions",
+        b'{"prompt": "x", "max_tokens": 100000}',
+        "max_tokens",
+        "context_length_exceeded",
+    ),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 1.5}', "max_tokens", "invalid_type"),
     ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}', "temperature", "invalid_type"),
     ("/v1/completions", b'{"prompt": "x", "n": 3}', "n", "unsupported_parameter"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', "logprobs", "unsupported_parameter"),
-    ("/v1/completions", b'{"prompt": "x", "presence_penalty": 1}', "presence_penalty",
-     "unsupported_parameter"),
+    (
+        "/v1/completions",
+        b'{"prompt": "x", "presence_penalty": 1}',
+        "presence_penalty",
+        "unsupported_parameter",
+    ),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', "prompt", "unsupported_parameter"),
     ("/v1/completions", b'{"prompt": ""}', "prompt", "invalid_value"),
     ("/v1/completions", b'{"max_tokens": 3}', "prompt", "missing_field"),
     ("/v1/completions", b'{"prompt": "x", "top_p": 0}', "top_p", "invalid_value"),
     ("/v1/completions", b'{"prompt": "x", "stop": [""]}', "stop", "invalid_value"),
     ("/v1/chat/completions", b'{"messages": []}', "messages", "invalid_value"),
-    ("/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', "messages[0].role",
-     "missing_field"),
-    ("/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-     "messages[0].content", "unsupported_parameter"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
-     "tools", "unsupported_parameter"),
-    ("/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -2}',
-     "max_completion_tokens", "invalid_value"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"content": "hi"}]}',
+        "messages[0].role",
+        "missing_field",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+        "messages[0].content",
+        "unsupported_parameter",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
+        "tools",
+        "unsupported_parameter",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -2}',
+        "max_completion_tokens",
+        "invalid_value",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "param", "code"), BAD_REQUESTS)
-async def test_bad_requests_are_400_with_an_error_body(server: Any, path: str, body: bytes,
-                                                       param: str | None, code: str) -> None:
+async def test_bad_requests_are_400_with_an_error_body(
+    server: Any, path: str, body: bytes, param: str | None, code: str
+) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         for stream in (False, True):
             content = body
             if stream and path != "/v1/dg/generate" and body.startswith(b"{"):
                 content = body.replace(b"{", b'{"stream": true, ', 1)
-            response = await client.post(path, content=content,
-                                         headers={"content-type": "application/json"})
+            response = await client.post(
+                path, content=content, headers={"content-type": "application/json"}
+            )
             assert response.status_code in (400, 422), response.text
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
@@ -444,8 +527,9 @@ async def test_other_http_errors_are_json_too(server: Any) -> None:
         missing = await client.get("/v2/nothing")
         wrong_method = await client.get("/v1/completions")
         wrong_model = await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
-        huge = await client.post("/v1/dg/generate", content=b'{"prompt": "' + b"x" * (5 << 20)
-                                 + b'"}')
+        huge = await client.post(
+            "/v1/dg/generate", content=b'{"prompt": "' + b"x" * (5 << 20) + b'"}'
+        )
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "http_404"
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
     assert wrong_model.status_code == 404

@@ -379,6 +379,14 @@ def _memory_pass(
 
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every phase; returns the result document (what the JSON file holds)."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_benchmark(config, log)
+    finally:
+        torch.set_num_threads(threads)  # a benchmark run in-process leaves torch as it found it
+
+
+def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
     load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if config.threads:
