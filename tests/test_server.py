@@ -411,7 +411,7 @@ async def test_error_mid_stream(paced: Any, paced_backend: PacedBackend) -> None
     paced_backend.fail_after = 2
     async with openai.AsyncOpenAI(base_url=paced.url + "/v1", api_key="unused") as client:
         chunks = await client.completions.create(
-            model=MODEL, prompt="x", max_tokens=50, stream=True
+            model=MODEL, prompt="def add(a, b):", max_tokens=50, stream=True
         )
         with pytest.raises(openai.APIError, match="crashed on purpose"):
             async for _ in chunks:
