@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ TINY = [
     "--threads",
     "1",
 ]
+
+TINY_CONFIG = DrafterTrainingConfig(
+    hidden_size=32, layers=1, heads=2, intermediate_size=64, window=8, sequences=32, batch_size=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +101,7 @@ def test_drafter_for_a_tokenizer_without_mask_token(
     tiny_causal_lm("gpt2", len(tiny_tok)).save_pretrained(verifier)
     plain.save_pretrained(verifier)
     messages: list[str] = []
-    config = DrafterTrainingConfig(
-        hidden_size=32,
-        layers=1,
-        heads=2,
-        intermediate_size=64,
-        window=8,
-        sequences=32,
-        batch_size=8,
-        steps=3,
-    )
+    config = dataclasses.replace(TINY_CONFIG, steps=3)
     train_drafter(
         file_corpus([corpus_file]), verifier, tmp_path / "drafter", config, log=messages.append
     )
@@ -126,24 +122,14 @@ def test_drafter_for_a_tokenizer_without_mask_token(
 def test_drafter_training_resumes(
     tmp_path: Path, verifier_dir: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = DrafterTrainingConfig(
-        hidden_size=32,
-        layers=1,
-        heads=2,
-        intermediate_size=64,
-        window=8,
-        sequences=32,
-        batch_size=8,
-        steps=4,
-        checkpoint_every=2,
-    )
+    config = dataclasses.replace(TINY_CONFIG, steps=4, checkpoint_every=2)
     out = tmp_path / "drafter"
     # First run "interrupted" after its last checkpoint: keep the checkpoint it would remove.
     monkeypatch.setattr(drafter_module.Checkpointer, "remove", lambda self: None)
     train_drafter(file_corpus([corpus_file]), verifier_dir, out, config)
     assert (out / "checkpoint.pt").exists()
     monkeypatch.undo()
-    longer = DrafterTrainingConfig(**{**config.__dict__, "steps": 6})
+    longer = dataclasses.replace(config, steps=6)
     metrics = train_drafter(file_corpus([corpus_file]), verifier_dir, out, longer)
     assert metrics["resumed_from_step"] == 4
     assert not (out / "checkpoint.pt").exists()
