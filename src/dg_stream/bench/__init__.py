@@ -2,7 +2,7 @@
 
 ``dg-stream bench --quick`` (or ``python -m benchmarks.run --quick`` in a checkout) runs every
 method on the same verifier in one process, interleaved, and writes a JSON file with every
-raw figure, PNG plots and a Markdown table. See ``docs/benchmarks.md``.
+raw figure, PNG plots and a Markdown table. See the README's Benchmarks section.
 """
 
 from __future__ import annotations

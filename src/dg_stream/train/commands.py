@@ -150,8 +150,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     dra.add_argument("--hidden-size", type=int, default=128)
     dra.add_argument("--layers", type=int, default=2)
     dra.add_argument("--heads", type=int, default=4)
-    dra.add_argument("--intermediate-size", type=int, default=None,
-                     help="feed-forward width (default: 3 x hidden size)")
+    dra.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="feed-forward width (default: 3 x hidden size)",
+    )
     dra.add_argument("--window", type=int, default=32, help="context tokens the drafter reads")
     dra.add_argument(
         "--sequences", type=int, default=12288, help="verifier continuations to distil from"
