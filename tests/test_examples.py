@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import runpy
 import signal
 import socket
@@ -144,12 +145,15 @@ def test_client_examples_against_serve(name: str, served: str) -> None:
                             env=_env({"DG_STREAM_URL": served, "DG_STREAM_MAX_NEW_TOKENS": LIMIT}))
     assert result.returncode == 0, result.stderr
     if name == "client_serve.py":
-        assert f"[{LIMIT} tokens;" in result.stdout
+        count = re.search(r"\[(\d+) tokens;", result.stdout)
+        assert count is not None and 1 <= int(count.group(1)) <= int(LIMIT)
         assert "first line:" in result.stdout
         assert "history has 2 messages" in result.stdout
     else:
         assert "model: " in result.stdout
-        assert f"completion ({LIMIT} tokens)" in result.stdout
+        # A random tiny model may end its sequence early: at most LIMIT tokens, at least one.
+        count = re.search(r"completion \((\d+) tokens\)", result.stdout)
+        assert count is not None and 1 <= int(count.group(1)) <= int(LIMIT)
 
 
 def test_asgi_app(model_env: dict[str, str], tiny_backend: Any) -> None:
