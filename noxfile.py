@@ -17,7 +17,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
-    session.run("ruff", "check", "src", "tests", "benchmarks", "examples")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "scripts")
     session.run("mypy")
 
 

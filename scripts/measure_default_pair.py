@@ -18,11 +18,14 @@ from dg_stream.train.corpus import stdlib_corpus
 from dg_stream.train.evaluate import acceptance, held_out_prompts
 
 
-def timed_run(backend: LocalBackend, prompts: list[str], block_size: int) -> tuple[float, list[list[int]]]:
+def timed_run(
+    backend: LocalBackend, prompts: list[str], block_size: int
+) -> tuple[float, list[list[int]]]:
     started, outputs = time.perf_counter(), []
     for prompt in prompts:
-        request = GenerationRequest(prompt=prompt, max_new_tokens=96,
-                                    speculative=SpeculativeConfig(block_size=block_size))
+        request = GenerationRequest(
+            prompt=prompt, max_new_tokens=96, speculative=SpeculativeConfig(block_size=block_size)
+        )
         session = backend.engine.session(request)
         ids: list[int] = []
         while (chunk := session.step()) is not None:
@@ -48,8 +51,10 @@ def main() -> None:
 
     first = anyio.run(first_chunk)
     prompts = held_out_prompts(stdlib_corpus().held_out, count=16)
-    result: dict[str, object] = {"load_seconds": round(load_seconds, 2),
-                                 "first_chunk_seconds": round(first, 3)}
+    result: dict[str, object] = {
+        "load_seconds": round(load_seconds, 2),
+        "first_chunk_seconds": round(first, 3),
+    }
     result["acceptance"] = [acceptance(backend, prompts, k) for k in (4, 8, 12, 16)]
     result["acceptance_steps_2"] = acceptance(backend, prompts, 8, steps=2)
     for k in (8, 12):
@@ -59,7 +64,9 @@ def main() -> None:
         result[f"identical_block_{k}"] = out == ref
     samples = {}
     for prompt in ["def fibonacci(n):", "class Stack:", "def read_lines(path):"]:
-        samples[prompt] = anyio.run(lambda p=prompt: generate(p, backend=backend, max_new_tokens=80).collect()).text
+        samples[prompt] = anyio.run(
+            lambda p=prompt: generate(p, backend=backend, max_new_tokens=80).collect()
+        ).text
     result["samples"] = samples
     print(json.dumps(result, indent=2))
 
