@@ -11,6 +11,7 @@ import random
 import time
 from typing import Any
 
+import msgspec
 import torch
 
 from ._acceptance import Verdict, accept_greedy, accept_sampled
@@ -198,7 +199,9 @@ class GenerationSession:
             text += self.stops.feed(self.detok.flush())
             text += self.stops.flush()
         self.text_parts.append(text)
-        self.stats = _with_total(self.stats, time.perf_counter() - self.started)
+        self.stats = msgspec.structs.replace(
+            self.stats, total_seconds=time.perf_counter() - self.started
+        )
         usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.generated)
         self.close()
         return Chunk(
@@ -222,9 +225,3 @@ class GenerationSession:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
-
-
-def _with_total(stats: Stats, seconds: float) -> Stats:
-    import msgspec
-
-    return msgspec.structs.replace(stats, total_seconds=seconds)

@@ -137,7 +137,6 @@ class GenerationStream:
         state = "closed" if self._closed else "open"
         return f"<GenerationStream {state} text={self.text[-40:]!r}>"
 
-    # Operators (issue: composable streams) attach here via ``pipe``.
     def pipe(self, *operators: Callable[[GenerationStream], Any]) -> Any:
         """Apply operators in order: ``stream.pipe(op1, op2)`` is ``op2(op1(stream))``."""
         result: Any = self

@@ -52,11 +52,9 @@ class Verifier:
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.vocab_size = int(
-            model.get_output_embeddings().weight.shape[0]
-            if model.get_output_embeddings() is not None
-            else model.config.vocab_size
-        )
+        head = model.get_output_embeddings()
+        # The logits' width: the output layer may be padded beyond the tokenizer's vocabulary.
+        self.vocab_size = int(head.weight.shape[0] if head is not None else model.config.vocab_size)
         self.eos_ids = self._eos_ids(model, tokenizer)
         self.max_length = self._max_length(model.config)
         self._cache_keyword = cache_keyword(model)
