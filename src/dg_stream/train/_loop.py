@@ -124,17 +124,29 @@ class Checkpointer:
 
 def progress(total: int, initial: int, desc: str) -> Any:
     """A tqdm bar (or a silent stand-in when tqdm is not installed)."""
+    total_ = total
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with the train extra
 
         class _Silent:
+            total = total_
+
+            def write(self, message: str) -> None:
+                print(message)
+
             def update(self, n: int = 1) -> None: ...
             def set_postfix(self, **kwargs: Any) -> None: ...
             def close(self) -> None: ...
 
         return _Silent()
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
+
+
+# A time budget fixes the step count from the speed of _CALIBRATION_STEPS steps, timed after
+# _WARMUP_STEPS whose first-call costs (allocations, kernel selection) would skew it.
+_WARMUP_STEPS = 5
+_CALIBRATION_STEPS = 20
 
 
 class Throughput:
@@ -162,16 +174,32 @@ def optimize(
     generator: torch.Generator,
     checkpoint_every: int,
     desc: str,
-) -> None:
+    time_budget: float | None = None,
+) -> int:
     """The optimisation loop both models share: cosine schedule, clipping, progress, checkpoints.
 
-    ``batch_loss()`` draws a batch and returns (loss, tokens in the batch).
+    ``batch_loss()`` draws a batch and returns (loss, tokens in the batch). With
+    ``time_budget`` (seconds), the step count is cut once the speed is known (after
+    ``_CALIBRATION_STEPS``) so that the whole schedule, decay included, ends within the budget
+    rather than being stopped halfway at a high learning rate. Returns the final step count.
     """
     bar = progress(steps, start_step, desc)
     rate = Throughput()
     model.train()
     step = start_step
+    started = time.perf_counter()
+    timed_from = started
     while step < steps:
+        if time_budget is not None and step == start_step + _WARMUP_STEPS:
+            timed_from = time.perf_counter()
+        if time_budget is not None and step == start_step + _WARMUP_STEPS + _CALIBRATION_STEPS:
+            now = time.perf_counter()
+            per_step = (now - timed_from) / _CALIBRATION_STEPS
+            affordable = step + int((time_budget - (now - started)) / per_step)
+            if affordable < steps:
+                steps = max(step + 1, affordable)
+                bar.total = steps
+                bar.write(f"{desc}: {per_step * 1000:.1f} ms/step, {steps} steps fit the budget")
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, peak_lr, warmup)
         loss, tokens = batch_loss()
@@ -186,3 +214,4 @@ def optimize(
             checkpoints.save(step, model, optimizer, generator)
     bar.close()
     model.eval()
+    return step

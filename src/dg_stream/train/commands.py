@@ -13,10 +13,12 @@ __all__ = ["add_parser"]
 RUNS = Path("runs")
 
 
-def _corpus(paths: list[str] | None) -> Any:
+def _corpus(args: argparse.Namespace) -> Any:
     from .corpus import file_corpus, stdlib_corpus
 
-    return file_corpus(paths) if paths else stdlib_corpus()
+    if args.corpus and getattr(args, "stdlib", None):
+        raise SystemExit("error: --corpus and --stdlib are alternatives; give one")
+    return file_corpus(args) if args.corpus else stdlib_corpus(getattr(args, "stdlib", None))
 
 
 def _threads(n: int | None) -> None:
@@ -30,7 +32,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
     started = time.perf_counter()
-    corpus = _corpus(args.corpus)
+    corpus = _corpus(args)
     out = train_tokenizer(corpus.train, args.out, vocab_size=args.vocab_size)
     print(
         f"tokenizer ({args.vocab_size} ids) saved to {out} in {time.perf_counter() - started:.1f}s"
@@ -45,13 +47,17 @@ def _verifier(args: argparse.Namespace) -> int:
     config = VerifierTrainingConfig(
         hidden_size=args.hidden_size,
         layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate_size,
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
         seed=args.seed,
+        time_budget=args.time_budget,
     )
-    metrics = train_verifier(_corpus(args.corpus), args.tokenizer, args.out, config, args.device)
+    metrics = train_verifier(_corpus(args), args.tokenizer, args.out, config, args.device)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -72,10 +78,13 @@ def _drafter(args: argparse.Namespace) -> int:
         steps=args.steps,
         sequences=args.sequences,
         batch_size=args.batch_size,
+        generation_batch=args.generation_batch,
         lr=args.lr,
         seed=args.seed,
+        time_budget=args.time_budget,
+        keep_data=args.keep_data,
     )
-    corpus: Corpus = _corpus(args.corpus)
+    corpus: Corpus = _corpus(args)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
     if args.eval_prompts:
         prompts = held_out_prompts(corpus.held_out, count=args.eval_prompts)
@@ -108,6 +117,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(
             "--lr", type=float, default=lr, help="peak learning rate (default %(default)s)"
         )
+        p.add_argument(
+            "--stdlib",
+            metavar="DIR",
+            help="build the standard-library corpus from this Lib folder instead of this "
+            "Python's (e.g. the interpreter the shipped pair was trained with)",
+        )
+        p.add_argument(
+            "--time-budget",
+            type=float,
+            metavar="SECONDS",
+            help="fit the whole schedule into this many seconds of optimisation (fewer steps)",
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -116,6 +137,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "tokenizer", help="byte-level BPE with eos, pad, mask and a chat template"
     )
     tok.add_argument("--corpus", nargs="+", metavar="FILE")
+    tok.add_argument("--stdlib", metavar="DIR", help="build the corpus from this Lib folder")
     tok.add_argument("--vocab-size", type=int, default=4096)
     tok.add_argument("--out", default=str(RUNS / "tokenizer"))
     tok.set_defaults(func=_tokenizer)
@@ -126,6 +148,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     ver.add_argument("--out", default=str(RUNS / "verifier"))
     ver.add_argument("--hidden-size", type=int, default=256)
     ver.add_argument("--layers", type=int, default=6)
+    ver.add_argument("--heads", type=int, default=8)
+    ver.add_argument("--kv-heads", type=int, default=4)
+    ver.add_argument("--intermediate-size", type=int, default=704)
     ver.add_argument("--batch-size", type=int, default=16)
     ver.add_argument("--seq-len", type=int, default=256)
     ver.set_defaults(func=_verifier)
@@ -161,6 +186,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--sequences", type=int, default=12288, help="verifier continuations to distil from"
     )
     dra.add_argument("--batch-size", type=int, default=256)
+    dra.add_argument(
+        "--generation-batch",
+        type=int,
+        default=128,
+        help="continuations generated together (larger on a GPU)",
+    )
+    dra.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="keep the verifier's continuations (distillation.pt) after training, so a "
+        "second drafter (e.g. --architecture causal) can reuse them",
+    )
     dra.add_argument(
         "--eval-prompts",
         type=int,

@@ -47,9 +47,16 @@ def _hash_files(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def stdlib_corpus(max_held_out_files: int = 200) -> Corpus:
-    """The standard library's ``.py`` files; test suites form the held-out split."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def stdlib_corpus(root: str | Path | None = None, max_held_out_files: int = 200) -> Corpus:
+    """The standard library's ``.py`` files; test suites form the held-out split.
+
+    ``root`` is another interpreter's ``Lib`` folder (default: this interpreter's), e.g. to
+    train on a GPU machine whose Python differs from the one the shipped pair was built with.
+    """
+    own = root is None
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library folder does not exist: {root}")
     files = sorted(
         p
         for p in root.rglob("*.py")
@@ -68,7 +75,7 @@ def stdlib_corpus(max_held_out_files: int = 200) -> Corpus:
     manifest = {
         "source": "CPython standard library (Lib/), test suites held out",
         "licence": "Python Software Foundation License",
-        "python_version": platform.python_version(),
+        "python_version": platform.python_version() if own else f"(library at {root})",
         "train_files": len(train_docs),
         "held_out_files": len(held_docs),
         "train_file_list_sha256": _hash_files(names),

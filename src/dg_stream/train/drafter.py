@@ -52,6 +52,8 @@ class DrafterTrainingConfig:
     warmup: int = 100
     seed: int = 0
     checkpoint_every: int = 200
+    time_budget: float | None = None  # seconds of optimisation; the step count shrinks to fit
+    keep_data: bool = False  # keep distillation.pt, e.g. to train an assistant on the same data
 
 
 @torch.inference_mode()
@@ -259,7 +261,7 @@ def train_drafter(
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, c:].flatten())
         return loss, seq.numel()
 
-    optimize(
+    steps = optimize(
         model,
         optimizer,
         start_step=resumed_from,
@@ -271,6 +273,7 @@ def train_drafter(
         generator=generator,
         checkpoint_every=config.checkpoint_every,
         desc="causal drafter" if causal else "drafter",
+        time_budget=config.time_budget,
     )
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -278,6 +281,7 @@ def train_drafter(
         "architecture": config.architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
         "distillation_sequences": int(data.shape[0]),
+        "steps": steps,
         "resumed_from_step": resumed_from,
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
         "device": str(dev),
@@ -287,5 +291,6 @@ def train_drafter(
     }
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
     checkpoints.remove()
-    data_path.unlink(missing_ok=True)
+    if not config.keep_data:
+        data_path.unlink(missing_ok=True)
     return metrics

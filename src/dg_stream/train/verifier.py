@@ -33,6 +33,7 @@ class VerifierTrainingConfig:
     weight_decay: float = 0.05
     seed: int = 0
     checkpoint_every: int = 100
+    time_budget: float | None = None  # seconds; the step count shrinks to fit
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def train_verifier(
         )
         return loss, batch.numel()
 
-    optimize(
+    steps = optimize(
         model,
         optimizer,
         start_step=resumed_from,
@@ -112,13 +113,15 @@ def train_verifier(
         generator=generator,
         checkpoint_every=config.checkpoint_every,
         desc="verifier",
+        time_budget=config.time_budget,
     )
     held_loss = evaluate_loss(model, held_stream, config.seq_len, windows=64, device=dev)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics: dict[str, object] = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_tokens_seen": config.steps * config.batch_size * config.seq_len,
+        "steps": steps,
+        "train_tokens_seen": steps * config.batch_size * config.seq_len,
         "corpus_tokens": len(train_stream),
         "held_out_loss_nats_per_token": round(held_loss, 4),
         "held_out_perplexity": round(math.exp(held_loss), 2),
