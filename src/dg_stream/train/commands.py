@@ -18,7 +18,7 @@ def _corpus(args: argparse.Namespace) -> Any:
 
     if args.corpus and getattr(args, "stdlib", None):
         raise SystemExit("error: --corpus and --stdlib are alternatives; give one")
-    return file_corpus(args) if args.corpus else stdlib_corpus(getattr(args, "stdlib", None))
+    return file_corpus(args.corpus) if args.corpus else stdlib_corpus(getattr(args, "stdlib", None))
 
 
 def _threads(n: int | None) -> None:
