@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Train the default pair on one GPU in under 10 minutes: a 25.7 M-parameter Llama verifier on
 # the CPython 3.11.7 standard library, then the diffusion drafter and the benchmarks' causal
-# assistant distilled from its greedy continuations (one set of continuations for both), and
-# last a drafter for the 5.5 M verifier shipped before, for comparison.
+# assistant distilled from its greedy continuations (one set of continuations for both).
 #
 #   scripts/train_default_pair_gpu.sh RUNS_DIR [LIB_DIR]
 #
@@ -19,24 +18,22 @@ LIB=("${2:+--stdlib}" "${2:-}")
 [[ -n "${2:-}" ]] || LIB=()
 PYTHON="${PYTHON:-python3}"
 PACKED="${PACKED:-$RUNS/packed}"
+# The shipped tokenizer (trained by `dg-stream train tokenizer`, deterministic) is reused.
 TOKENIZER="$(dirname "$0")/../src/dg_stream/default_model/verifier"
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
     V=(--hidden-size 64 --layers 2 --heads 4 --kv-heads 2 --intermediate-size 128
        --steps 30 --batch-size 2 --seq-len 64 --time-budget 20)
-    D=(--hidden-size 32 --layers 1 --heads 2 --steps 30 --sequences 64 --generation-batch 32
+    D=(--hidden-size 32 --layers 1 --heads 2 --window 56 --steps 30 --sequences 64 --generation-batch 32
        --batch-size 16 --time-budget 10)
     A=(--hidden-size 32 --layers 1 --heads 2 --steps 30 --time-budget 10)
-    H=("${D[@]}")
 else
     V=(--hidden-size 512 --layers 8 --heads 8 --kv-heads 4 --intermediate-size 1408
        --steps 2000 --batch-size 16 --seq-len 1024 --lr 1.5e-3 --time-budget 130)
-    D=(--hidden-size 192 --layers 3 --heads 4 --steps 15000 --sequences 131072
-       --generation-batch 2048 --batch-size 1024 --lr 2e-3 --time-budget 120)
+    D=(--hidden-size 192 --layers 3 --heads 4 --window 64 --steps 30000 --sequences 65536
+       --generation-batch 2048 --batch-size 2048 --lr 3e-3 --time-budget "${DRAFTER_SECONDS:-200}")
     A=(--hidden-size 192 --layers 3 --heads 4 --steps 8000 --batch-size 1024 --lr 2e-3
-       --time-budget 50)
-    H=(--hidden-size 192 --layers 3 --heads 4 --steps 15000 --sequences 65536
-       --generation-batch 2048 --batch-size 1024 --lr 2e-3 --time-budget 75)
+       --time-budget 45)
 fi
 
 train() { "$PYTHON" -m dg_stream.cli train "$@"; }
@@ -47,17 +44,23 @@ pack() {  # pack RUNS/$1 (weights, configs, tokenizer, metrics) into 16 MB parts
     echo "packed $1 after ${SECONDS}s"
 }
 
-train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
-pack verifier
-train drafter "${LIB[@]}" --verifier "$RUNS/verifier" --out "$RUNS/drafter" \
-    --eval-prompts 0 --keep-data "${D[@]}"
-pack drafter
-mkdir -p "$RUNS/assistant"
-mv "$RUNS/drafter/distillation.pt" "$RUNS/assistant/"
-train drafter "${LIB[@]}" --verifier "$RUNS/verifier" --out "$RUNS/assistant" \
-    --architecture causal --eval-prompts 0 "${A[@]}"
-pack assistant
-# Last and optional: a drafter of the same size for the previous 5.5 M verifier, to compare.
-train drafter "${LIB[@]}" --verifier "$TOKENIZER" --out "$RUNS/drafter5m" --eval-prompts 0 "${H[@]}"
-pack drafter5m
+# PHASES picks what to (re)train, e.g. "drafter assistant" against an existing VERIFIER.
+PHASES="${PHASES:-verifier drafter assistant}"
+VERIFIER="${VERIFIER:-$RUNS/verifier}"
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+
+has verifier && train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
+has verifier && pack verifier
+if has drafter; then
+    train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/drafter" \
+        --eval-prompts 0 --keep-data "${D[@]}"
+    pack drafter
+fi
+if has assistant; then
+    mkdir -p "$RUNS/assistant"
+    [[ -f "$RUNS/drafter/distillation.pt" ]] && mv "$RUNS/drafter/distillation.pt" "$RUNS/assistant/"
+    train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/assistant" \
+        --architecture causal --eval-prompts 0 "${A[@]}"
+    pack assistant
+fi
 echo "done in ${SECONDS}s"

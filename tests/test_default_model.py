@@ -12,8 +12,9 @@ from dg_stream._backends.local import default_model_dir
 from dg_stream.train.corpus import stdlib_corpus
 from dg_stream.train.evaluate import acceptance, held_out_prompts
 
-# Measured 2026-11-26 (see MODEL_CARD.md); the floor leaves room for platform differences.
-ACCEPTED_PER_CALL_FLOOR = 0.6
+# These 4 prompts measured 2.11 on 2026-11-26 (see MODEL_CARD.md); the floor leaves room for
+# platform differences.
+ACCEPTED_PER_CALL_FLOOR = 1.2
 
 
 @pytest.fixture(scope="module")

@@ -70,12 +70,12 @@ class TokenStream:
             yield self.ids[i * length : (i + 1) * length]
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to a tenth of the peak."""
+def cosine_lr(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to a tenth of the peak as
+    ``progress`` (the fraction of training done, 0..1) goes to 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 class Checkpointer:
@@ -83,6 +83,7 @@ class Checkpointer:
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "checkpoint.pt"
+        self.extra: dict[str, Any] = {}  # what the last loaded checkpoint carried beside weights
 
     def save(
         self,
@@ -116,6 +117,7 @@ class Checkpointer:
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         random.setstate(state["python_random"])
+        self.extra = dict(state.get("extra") or {})
         return int(state["step"])
 
     def remove(self) -> None:
@@ -141,12 +143,6 @@ def progress(total: int, initial: int, desc: str) -> Any:
 
         return _Silent()
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
-
-
-# A time budget fixes the step count from the speed of _CALIBRATION_STEPS steps, timed after
-# _WARMUP_STEPS whose first-call costs (allocations, kernel selection) would skew it.
-_WARMUP_STEPS = 5
-_CALIBRATION_STEPS = 20
 
 
 class Throughput:
@@ -179,29 +175,31 @@ def optimize(
     """The optimisation loop both models share: cosine schedule, clipping, progress, checkpoints.
 
     ``batch_loss()`` draws a batch and returns (loss, tokens in the batch). With
-    ``time_budget`` (seconds), the step count is cut once the speed is known (after
-    ``_CALIBRATION_STEPS``) so that the whole schedule, decay included, ends within the budget
-    rather than being stopped halfway at a high learning rate. Returns the final step count.
+    ``time_budget`` (seconds), training ends after ``steps`` or the budget, whichever comes
+    first, and the learning-rate schedule follows whichever is further along, so it has fully
+    decayed either way (a run is never cut off at a high learning rate). Returns the number
+    of steps done.
     """
     bar = progress(steps, start_step, desc)
     rate = Throughput()
     model.train()
     step = start_step
+    # Seconds spent by earlier runs of a resumed job count against the budget too.
+    spent_before = float(checkpoints.extra.get("seconds", 0.0))
     started = time.perf_counter()
-    timed_from = started
-    while step < steps:
-        if time_budget is not None and step == start_step + _WARMUP_STEPS:
-            timed_from = time.perf_counter()
-        if time_budget is not None and step == start_step + _WARMUP_STEPS + _CALIBRATION_STEPS:
-            now = time.perf_counter()
-            per_step = (now - timed_from) / _CALIBRATION_STEPS
-            affordable = step + int((time_budget - (now - started)) / per_step)
-            if affordable < steps:
-                steps = max(step + 1, affordable)
-                bar.total = steps
-                bar.write(f"{desc}: {per_step * 1000:.1f} ms/step, {steps} steps fit the budget")
+
+    def seconds() -> float:
+        return spent_before + time.perf_counter() - started
+
+    def done() -> float:
+        fraction = step / steps
+        if time_budget is not None:
+            fraction = max(fraction, seconds() / time_budget)
+        return fraction
+
+    while (progress_ := done()) < 1.0:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, peak_lr, warmup)
+            group["lr"] = cosine_lr(step, progress_, peak_lr, warmup)
         loss, tokens = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,8 +208,12 @@ def optimize(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(tokens):,.0f}")
-        if step % checkpoint_every == 0 or step == steps:
-            checkpoints.save(step, model, optimizer, generator)
+        if step % checkpoint_every == 0:
+            checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})
+    if step > start_step:
+        checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})
+    if step < steps:
+        bar.write(f"{desc}: time budget of {time_budget:.0f}s spent after {step} steps")
     bar.close()
     model.eval()
     return step

@@ -55,6 +55,12 @@ class DrafterTrainingConfig:
     time_budget: float | None = None  # seconds of optimisation; the step count shrinks to fit
     keep_data: bool = False  # keep distillation.pt, e.g. to train an assistant on the same data
 
+    @property
+    def context_length(self) -> int:
+        """Corpus tokens before each continuation: at least a full drafter window, so every
+        training window lies inside its row."""
+        return max(self.context_tokens, self.window)
+
 
 @torch.inference_mode()
 def greedy_continuations(verifier: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -83,7 +89,7 @@ def distillation_data(
     bar = progress(config.sequences, 0, "verifier continuations")
     for start in range(0, config.sequences, config.generation_batch):
         n = min(config.generation_batch, config.sequences - start)
-        contexts = stream.windows(n, config.context_tokens, generator).to(device)
+        contexts = stream.windows(n, config.context_length, generator).to(device)
         rows.append(greedy_continuations(verifier, contexts, config.continuation_tokens).cpu())
         bar.update(n)
     bar.close()
@@ -102,9 +108,8 @@ def _batch(
         window = int(torch.randint(1, config.window + 1, (1,), generator=generator))
     rows = torch.randint(0, n, (config.batch_size,), generator=generator)
     # Block starts inside the verifier-written part, so targets are always greedy continuations.
-    cut = torch.randint(
-        config.context_tokens, length - k + 1, (config.batch_size,), generator=generator
-    )
+    first = length - config.continuation_tokens
+    cut = torch.randint(first, length - k + 1, (config.batch_size,), generator=generator)
     offsets = torch.arange(-window, k)
     seq = data[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
     targets = seq[:, window:].clone()
@@ -223,6 +228,11 @@ def train_drafter(
         seconds = time.perf_counter() - started
         log(f"verifier continuations: {data.shape[0]} sequences in {seconds:.0f}s")
         torch.save(data, data_path)
+    if int(data.shape[1]) - config.continuation_tokens < config.window:
+        raise ValueError(
+            f"{data_path} holds contexts shorter than the drafter window ({config.window}); "
+            "delete it to generate new continuations"
+        )
     torch.manual_seed(config.seed)
     model: Any = (
         _causal_model(verifier, config) if causal else _diffusion_model(tokenizer, config)
@@ -254,7 +264,7 @@ def train_drafter(
         # verifier wrote, exactly the tokens the diffusion drafter learns to fill.
         picked = torch.randint(0, data.shape[0], (rows,), generator=generator)
         seq = data[picked].to(dev)  # (B, C + N)
-        c = config.context_tokens
+        c = int(data.shape[1]) - config.continuation_tokens
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             hidden = model.model(input_ids=seq[:, :-1]).last_hidden_state[:, c - 1 :]
             logits = model.lm_head(hidden).float()  # (B, N, V)

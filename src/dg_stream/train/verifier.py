@@ -13,6 +13,7 @@ import torch
 
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device
 from .corpus import Corpus
+from .tokenizer import END
 
 __all__ = ["VerifierTrainingConfig", "evaluate_loss", "train_verifier"]
 
@@ -81,6 +82,10 @@ def train_verifier(
         pad_token_id=tokenizer.pad_token_id,
     )
     model: Any = LlamaForCausalLM(model_config).to(dev)  # type: ignore[arg-type]
+    # A chat reply ends at the end-of-turn token as well as at end of text.
+    end_of_turn = tokenizer.convert_tokens_to_ids(END)
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     train_stream = TokenStream(corpus.train, tokenizer, tokenizer.eos_token_id)
     held_stream = TokenStream(corpus.held_out, tokenizer, tokenizer.eos_token_id)
     optimizer = torch.optim.AdamW(
