@@ -42,6 +42,9 @@ def test_shipped_files_are_small_and_complete() -> None:
 def test_default_backends(default: LocalBackend) -> None:
     assert type(default.drafter).__name__ == "DiffusionDrafter"
     assert default.drafter._lean is not None  # the lean forward reproduced the BERT forward
+    # The block size recorded in the shipped drafter's config (the fastest on 2 CPU cores).
+    assert default.defaults.block_size == default.drafter.recommended_block_size == 4
+    assert LocalBackend.default(block_size=6).defaults.block_size == 6
     assert LocalBackend.default(drafter=None).drafter is None
     assert type(LocalBackend.default(drafter="ngram").drafter).__name__ == "NgramDrafter"
 

@@ -85,6 +85,7 @@ def test_train_drafter_command_end_to_end(
     backend = LocalBackend(str(verifier_dir), str(out))
     assert type(backend.drafter).__name__ == "DiffusionDrafter"
     assert backend.drafter.window == 8
+    assert backend.defaults.block_size == 8  # no recommendation in its config: the default
 
 
 def test_drafter_for_a_tokenizer_without_mask_token(
@@ -182,3 +183,78 @@ def test_train_tokenizer_and_verifier_commands(tmp_path: Path, corpus_file: Path
     backend = LocalBackend(str(ver_dir), None)
     assert backend.tokenizer.mask_token == "<|mask|>"
     assert backend.tokenizer.chat_template
+    # A chat reply ends at the end-of-turn token as well as at end of text.
+    end_of_turn = backend.tokenizer.convert_tokens_to_ids("<|end|>")
+    eos = backend.verifier.model.generation_config.eos_token_id
+    assert eos == [backend.tokenizer.eos_token_id, end_of_turn]
+
+
+def test_time_budget_ends_the_schedule_fully_decayed(tmp_path: Path) -> None:
+    import time
+
+    import torch
+
+    from dg_stream.train._loop import Checkpointer, optimize
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def batch_loss() -> tuple[torch.Tensor, int]:
+        time.sleep(0.01)
+        return model(torch.ones(2, 4)).pow(2).mean(), 2
+
+    started = time.perf_counter()
+    steps = optimize(
+        model,
+        optimizer,
+        start_step=0,
+        steps=1_000_000,
+        peak_lr=1.0,
+        warmup=2,
+        batch_loss=batch_loss,
+        checkpoints=Checkpointer(tmp_path),
+        generator=torch.Generator(),
+        checkpoint_every=10_000,
+        desc="budget",
+        time_budget=0.5,
+    )
+    elapsed = time.perf_counter() - started
+    assert 5 < steps < 1_000_000
+    assert elapsed < 0.5 + 0.5  # ends at the budget (plus one step and a checkpoint)
+    # The last step ran near the end of the cosine: close to the floor of a tenth of the peak.
+    assert optimizer.param_groups[0]["lr"] < 0.2
+    # The checkpoint records the time spent, so a resumed run continues the same schedule.
+    checkpoints = Checkpointer(tmp_path)
+    assert checkpoints.load(model, optimizer, torch.Generator()) == steps
+    assert checkpoints.extra["seconds"] >= 0.5
+
+
+def test_stdlib_corpus_from_another_lib_folder(tmp_path: Path) -> None:
+    lib = tmp_path / "Lib"
+    (lib / "test").mkdir(parents=True)
+    (lib / "json.py").write_text("def dumps(obj):\n    return str(obj)\n")
+    (lib / "test" / "test_json.py").write_text("def test_dumps():\n    assert True\n")
+    corpus = stdlib_corpus(lib)
+    assert corpus.manifest["train_files"] == 1 and corpus.manifest["held_out_files"] == 1
+    assert str(lib) in str(corpus.manifest["python_version"])  # not this interpreter's version
+    with pytest.raises(FileNotFoundError):
+        stdlib_corpus(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="alternatives"):
+        main(["train", "tokenizer", "--corpus", str(lib), "--stdlib", str(lib)])
+
+
+def test_drafter_windows_longer_than_the_corpus_context_stay_inside_their_rows() -> None:
+    """Each training window is a contiguous slice of one row (no wrap-around to its end)."""
+    import torch
+
+    config = dataclasses.replace(TINY_CONFIG, window=60, batch_size=64, max_block=8)
+    assert config.context_length == 60 > config.context_tokens
+    length = config.context_length + config.continuation_tokens
+    data = torch.arange(16)[:, None] * 1000 + torch.arange(length)[None, :]  # rows increase by 1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        inputs, targets, _weights = drafter_module._batch(data, config, -1, generator)
+        window = inputs.shape[1] - targets.shape[1]
+        steps = torch.diff(torch.cat([inputs[:, :window], targets], dim=1), dim=1)
+        assert bool((steps == 1).all())  # contiguous context followed by its continuation
+        assert bool((targets % 1000 >= config.context_length).all())  # verifier-written part

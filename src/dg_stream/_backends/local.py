@@ -45,8 +45,10 @@ class LocalBackend:
     ``drafter``: a masked-LM (diffusion) checkpoint path or model, a small causal-LM path or
     model, ``"ngram"`` for prompt lookup, a ``Drafter`` object, or ``None`` for plain decoding.
     ``block_size``, ``steps``, ``adaptive`` and ``confidence`` are defaults that each request
-    may override. Steps of all generations on one backend run one at a time (a capacity limiter
-    of one per backend), interleaved, each generation with its own cache.
+    may override; ``block_size`` defaults to the one a diffusion checkpoint recommends
+    (``dg_stream_block_size`` in its config), else 8. Steps of all generations on one backend
+    run one at a time (a capacity limiter of one per backend), interleaved, each generation
+    with its own cache.
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class LocalBackend:
         drafter_tokenizer: Any = None,
         device: Any = None,
         dtype: Any = None,
-        block_size: int = 8,
+        block_size: int | None = None,
         steps: int = 1,
         adaptive: bool = False,
         confidence: float | None = None,
@@ -74,14 +76,16 @@ class LocalBackend:
         from .._engine import Engine
         from .._verifier import Verifier
 
-        self.defaults = SpeculativeConfig(
-            block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
-        )
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         model, tok = self._verifier_and_tokenizer(verifier, tokenizer)
         self.verifier = Verifier(model, tok)
         self.tokenizer = tok
         self.drafter = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
+        if block_size is None:
+            block_size = getattr(self.drafter, "recommended_block_size", None) or 8
+        self.defaults = SpeculativeConfig(
+            block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
+        )
         self.engine = Engine(self.verifier, self.drafter, tok, self.defaults)
         # One step at a time per backend: a capacity limiter per event loop (limiters belong to
         # the loop that made them) queues waiters without holding threads, and a lock keeps

@@ -433,8 +433,16 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
         for row in rows:
             row.update(memory.get(row["method"], {}))
     profile = None
-    # The profiled generation starts from the prompt of median length: typical, not extreme.
-    by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    # The profiled generation starts from the prompt of median length, typical rather than
+    # extreme, among those the baseline continued longest (a reply that stops after a few
+    # tokens profiles the prefill, not decoding).
+    produced: dict[str, int] = {}
+    for r in records:
+        if r["method"] == BASELINE and r["mode"] == greedy.mode:
+            produced[r["prompt"]] = max(produced.get(r["prompt"], 0), r["new_tokens"])
+    most = max(produced.values(), default=0)
+    candidates = [i for i, p in enumerate(prompts) if produced.get(p.id, most) == most]
+    by_length = sorted(candidates, key=lambda i: len(prompt_ids[i]))
     typical = by_length[len(by_length) // 2]
     if config.profile and setup.hybrid is not None and best is not None:
         from ._profile import profile_generation
