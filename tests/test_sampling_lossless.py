@@ -49,7 +49,11 @@ def exact_marginals(model: Any, params: SamplingParams) -> list[torch.Tensor]:
 
 
 def sample_runs(
-    backend: LocalBackend, params: SamplingParams, block_size: int, steps: int = 1
+    backend: LocalBackend,
+    params: SamplingParams,
+    block_size: int,
+    steps: int = 1,
+    adaptive: bool = False,
 ) -> list[list[int]]:
     runs = []
     for seed in range(RUNS):
@@ -59,7 +63,7 @@ def sample_runs(
             sampling=SamplingParams(
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed
             ),
-            speculative=SpeculativeConfig(block_size=block_size, steps=steps),
+            speculative=SpeculativeConfig(block_size=block_size, steps=steps, adaptive=adaptive),
         )
         session = backend.engine.session(request)
         ids: list[int] = []
@@ -87,17 +91,19 @@ def p_values(runs: list[list[int]], marginals: list[torch.Tensor]) -> list[float
     return out
 
 
-CASES = {
-    "diffusion-one-step-q": (dict(temperature=1.0), "diffusion", 1),
-    "diffusion-multi-step-point-mass": (dict(temperature=0.8, top_k=6), "diffusion", 2),
-    "ngram-point-mass": (dict(temperature=1.0, top_p=0.85), "ngram", 1),
-    "causal-q": (dict(temperature=0.7), "causal", 1),
+CASES = {  # sampling options, drafter, denoising steps, adaptive block size
+    "diffusion-one-step-q": (dict(temperature=1.0), "diffusion", 1, False),
+    "diffusion-multi-step-point-mass": (dict(temperature=0.8, top_k=6), "diffusion", 2, False),
+    "ngram-point-mass": (dict(temperature=1.0, top_p=0.85), "ngram", 1, False),
+    "causal-q": (dict(temperature=0.7), "causal", 1, False),
+    # Block sizes chosen from past acceptance and timings, 0 included: still exact.
+    "diffusion-adaptive": (dict(temperature=0.9), "diffusion", 1, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hybrid_sampling_matches_verifier_distribution(case: str, verifier: Any) -> None:
-    options, kind, steps = CASES[case]
+    options, kind, steps, adaptive = CASES[case]
     params = SamplingParams(**options)  # type: ignore[arg-type]
     drafter: Any = {
         "diffusion": lambda: tiny_masked_lm(V, mask_token_id=V - 1, seed=2),
@@ -105,7 +111,7 @@ def test_hybrid_sampling_matches_verifier_distribution(case: str, verifier: Any)
         "causal": lambda: CausalDrafter(tiny_causal_lm("gpt2", V, seed=9)),
     }[kind]()
     backend = LocalBackend(verifier, drafter)
-    runs = sample_runs(backend, params, block_size=2, steps=steps)
+    runs = sample_runs(backend, params, block_size=2, steps=steps, adaptive=adaptive)
     assert all(len(r) == NEW for r in runs)
     pvals = p_values(runs, exact_marginals(verifier, params))
     assert min(pvals) > 1e-3, pvals

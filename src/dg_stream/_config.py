@@ -56,9 +56,10 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     """Drafting options; ``None`` fields take the backend's defaults.
 
     ``block_size`` is the number of tokens drafted per verifier call, ``steps`` the number of
-    denoising steps of a diffusion drafter, ``adaptive`` grows the block after a fully accepted
-    call and shrinks it after a rejection, ``confidence`` unmasks every position whose drafter
-    probability exceeds it in one step (at least one per step).
+    denoising steps of a diffusion drafter, ``adaptive`` chooses each call's block size (up to
+    4 x ``block_size``, 0 included: plain decoding when drafting does not pay) from the measured
+    acceptance and the measured cost of verifier and drafter calls, ``confidence`` unmasks
+    every position whose drafter probability exceeds it in one step (at least one per step).
     """
 
     block_size: int | None = None

@@ -15,6 +15,7 @@ import msgspec
 import torch
 
 from ._acceptance import Verdict, accept_greedy, accept_sampled
+from ._block_policy import BlockSizePolicy, CostTable
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
 from ._detokenize import IncrementalDetokenizer
@@ -42,6 +43,9 @@ class Engine:
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.defaults = defaults
+        # Measured seconds per verifier and drafter call, shared by every generation's adaptive
+        # block size: they belong to these models on this machine, not to a prompt.
+        self.costs = CostTable()
 
     def session(self, request: GenerationRequest) -> GenerationSession:
         """Tokenize and validate (no model work yet); raises InvalidRequestError."""
@@ -63,7 +67,6 @@ class GenerationSession:
             )
         spec, defaults = request.speculative, engine.defaults
         self.block_size = spec.block_size or defaults.block_size or 8
-        self.max_block = self.block_size
         self.steps = spec.steps or defaults.steps or 1
         self.confidence = spec.confidence if spec.confidence is not None else defaults.confidence
         self.adaptive = spec.adaptive if spec.adaptive is not None else bool(defaults.adaptive)
@@ -75,6 +78,10 @@ class GenerationSession:
         self.draft_session: DraftSession | None = (
             engine.drafter.session() if engine.drafter is not None else None
         )
+        self.policy: BlockSizePolicy | None = None
+        if self.adaptive and engine.drafter is not None:
+            largest = min(4 * self.block_size, 64, engine.drafter.max_block_size)
+            self.policy = BlockSizePolicy(self.block_size, largest, engine.costs)
         self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         self.stops = StopMatcher(request.stop)
         self.generated = 0
@@ -101,7 +108,10 @@ class GenerationSession:
         draft = self.proposal
         k = draft.tokens.shape[0]
         block = torch.cat([self.ids[-1:], draft.tokens])  # newest committed token + draft
+        t_verify = time.perf_counter()
         logits = verifier.forward(block, self.cache)  # (k+1, V)
+        if self.policy is not None:
+            self.policy.costs.observe_verify(k + 1, time.perf_counter() - t_verify)
         verdict = self._accept(logits, draft)
         # Keep the cache of the context, the newest token and the accepted drafts; the token
         # the verifier adds is the next call's first input, so it is not cached yet.
@@ -116,7 +126,8 @@ class GenerationSession:
             finish = "stop"
         self.proposal = None
         if finish is None:
-            self._adapt(verdict.accepted, k)
+            if self.policy is not None:
+                self.policy.observe(k, verdict.accepted)
             t_draft = time.perf_counter()
             self.proposal = self._propose()
             draft_seconds += time.perf_counter() - t_draft
@@ -141,12 +152,17 @@ class GenerationSession:
     def _propose(self) -> DraftProposal:
         remaining = self.request.max_new_tokens - self.generated
         # The verifier always adds one token, so drafting past remaining - 1 is wasted work.
-        k = min(self.block_size, remaining - 1)
+        wanted = self.policy.next_block() if self.policy is not None else self.block_size
+        k = min(wanted, remaining - 1)
         if self.draft_session is None or k <= 0:
             return empty_proposal()
-        return self.draft_session.propose(
+        started = time.perf_counter()
+        proposal = self.draft_session.propose(
             self.ids, k, self.params, self.generator, steps=self.steps, confidence=self.confidence
         )
+        if self.policy is not None:
+            self.policy.costs.observe_draft(k, time.perf_counter() - started)
+        return proposal
 
     def _accept(self, logits: torch.Tensor, draft: DraftProposal) -> Verdict:
         params = self.params
@@ -183,15 +199,6 @@ class GenerationSession:
         elif len(new) == room and finish is None:
             finish = "length"
         return finish
-
-    def _adapt(self, accepted: int, drafted: int) -> None:
-        """Transformers' heuristic: +2 after a fully accepted block, -1 after a rejection."""
-        if not self.adaptive or drafted == 0:
-            return
-        if accepted == drafted:
-            self.block_size = min(self.block_size + 2, 4 * self.max_block, 64)
-        else:
-            self.block_size = max(1, self.block_size - 1)
 
     def _finish(self, text: str, new: list[int], step: StepStats, finish: FinishReason) -> Chunk:
         self.finished = True

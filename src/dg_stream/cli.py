@@ -100,7 +100,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--steps", type=_positive_int,
                       help="denoising steps of a diffusion drafter")
     spec.add_argument("--adaptive", action="store_true", default=None,
-                      help="grow the block after full acceptance, shrink it after a rejection")
+                      help="choose each call's block size from measured acceptance and costs")
     spec.add_argument("--confidence", type=float,
                       help="unmask every draft position above this probability in one step")
 

@@ -102,7 +102,7 @@ class _Setup:
                     self.methods.append(
                         self._hybrid(k, steps, False, verifier_bytes + drafter_bytes)
                     )
-            if config.adaptive:  # transformers' schedule from k=8: +2 if all accepted, else -1
+            if config.adaptive:  # block sizes chosen from measured acceptance and costs
                 self.methods.append(self._hybrid(8, 1, True, verifier_bytes + drafter_bytes))
         self.ngram = backend("ngram")
         self.methods.append(

@@ -1,0 +1,144 @@
+"""The adaptive block size: pure arithmetic, then the engine driven by it (greedy stays exact)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from _drafters import OracleDrafter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
+from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable, _interpolate
+
+
+def _costs(verify: dict[int, float], draft: dict[int, float]) -> CostTable:
+    costs = CostTable()
+    costs.verify, costs.draft = dict(verify), dict(draft)
+    return costs
+
+
+class FrozenCosts(CostTable):
+    """Costs of a pretend machine: what the tiny test models measure is ignored."""
+
+    def __init__(self, verify: dict[int, float], draft: dict[int, float]) -> None:
+        super().__init__()
+        self.verify, self.draft = dict(verify), dict(draft)
+
+    def observe_verify(self, tokens: int, seconds: float) -> None: ...
+
+    def observe_draft(self, block: int, seconds: float) -> None: ...
+
+
+def test_interpolation_is_exact_linear_between_and_extrapolated_beyond() -> None:
+    table = {1: 1.0, 3: 2.0, 5: 4.0}
+    assert _interpolate(table, 3) == 2.0
+    assert _interpolate(table, 2) == 1.5 and _interpolate(table, 4) == 3.0
+    assert _interpolate(table, 7) == 6.0  # the slope of the last two points
+    assert _interpolate({2: 1.0, 4: 3.0}, 0) == 0.0  # extrapolated below, never negative
+    assert _interpolate({4: 2.5}, 9) == 2.5  # one point: flat
+
+
+def test_acceptance_counts_the_accepted_prefix_and_the_first_rejection() -> None:
+    est = AcceptanceEstimate(max_block=4, prior=0.5, prior_weight=1.0, decay=1.0)
+    est.observe(drafted=4, accepted=2)
+    assert est.hits == [1, 1, 0, 0] and est.trials == [1, 1, 1, 0]
+    assert est.rate(0) == 0.75 and est.rate(2) == 0.25 and est.rate(3) == 0.5  # unseen: prior
+    assert est.expected_tokens(0) == 1.0
+    assert est.expected_tokens(2) == 1 + 0.75 + 0.75 * 0.75
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), max_size=30),
+    st.floats(0.05, 0.95),
+)
+def test_expected_tokens_grow_with_the_block_and_stay_bounded(
+    calls: list[tuple[int, int]], prior: float
+) -> None:
+    est = AcceptanceEstimate(max_block=8, prior=prior)
+    for drafted, accepted in calls:
+        est.observe(drafted, min(accepted, drafted))
+    values = [est.expected_tokens(k) for k in range(9)]
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    assert all(1.0 <= v <= k + 1 for k, v in enumerate(values))
+    assert all(0.0 < est.rate(i) < 1.0 for i in range(8))
+
+
+def test_a_drafter_that_never_agrees_is_switched_off() -> None:
+    costs = _costs({1: 10.0, 5: 14.0}, {4: 3.0})
+    policy = BlockSizePolicy(requested=4, max_block=16, costs=costs, probe_every=4)
+    for _ in range(20):
+        policy.observe(drafted=4, accepted=0)
+    assert policy.best() == 0
+    blocks = [policy.next_block() for _ in range(8)]
+    assert blocks == [0, 0, 0, 2, 0, 0, 0, 2]  # plain decoding, with a periodic probe
+
+
+def test_a_drafter_that_always_agrees_gets_the_largest_block_that_pays() -> None:
+    # Verifying costs little more for more tokens (a GPU, say): the largest block wins.
+    flat = BlockSizePolicy(4, 16, _costs({1: 10.0, 17: 11.0}, {1: 1.0, 16: 1.5}))
+    for _ in range(30):
+        flat.observe(drafted=16, accepted=16)
+    assert flat.best() == 16
+    # Verifying costs a full step per token (compute-bound): drafting cannot pay.
+    linear = BlockSizePolicy(4, 16, _costs({1: 10.0, 17: 170.0}, {1: 1.0, 16: 1.0}))
+    for _ in range(30):
+        linear.observe(drafted=16, accepted=16)
+    assert linear.best() == 0
+
+
+def test_costs_are_measured_before_they_are_used() -> None:
+    costs = CostTable()
+    policy = BlockSizePolicy(requested=6, max_block=24, costs=costs)
+    assert [policy.next_block() for _ in range(3)] == [6, 3, 0]  # warm-up: three sizes
+    costs.observe_verify(7, 0.010)
+    costs.observe_verify(1, 0.006)
+    costs.observe_draft(6, 0.002)
+    assert costs.ready
+    assert 0 <= policy.next_block() <= 24
+
+
+def _generate(backend: LocalBackend, prompt: list[int], n: int, adaptive: bool) -> Any:
+    request = GenerationRequest(
+        prompt=prompt,
+        max_new_tokens=n,
+        speculative=SpeculativeConfig(block_size=4, adaptive=adaptive),
+    )
+    session = backend.engine.session(request)
+    tokens, drafted = [], []
+    while (chunk := session.step()) is not None:
+        tokens.extend(chunk.token_ids)
+        drafted.append(chunk.step.drafted)
+    return tokens, drafted
+
+
+def test_engine_grows_blocks_for_an_oracle_and_stays_exact(
+    tiny_verifier: Any, tiny_tok: Any
+) -> None:
+    prompt = tiny_tok("def add(a, b):")["input_ids"]
+    plain = LocalBackend(tiny_verifier, None, tokenizer=tiny_tok)
+    expected, _ = _generate(plain, prompt, 60, adaptive=False)
+    oracle = OracleDrafter(prompt, expected)
+    backend = LocalBackend(tiny_verifier, oracle, tokenizer=tiny_tok)
+    # A verifier that costs much more per call than per extra token, as on a GPU.
+    backend.engine.costs = FrozenCosts({1: 10.0, 17: 11.0}, {1: 0.1, 16: 0.1})
+    tokens, drafted = _generate(backend, prompt, 60, adaptive=True)
+    assert tokens == expected
+    assert drafted[0] > 4 and max(drafted) >= 12  # beyond the requested 4, up to 4 x 4
+    assert len(drafted) < 60 / 5
+
+
+def test_engine_stops_drafting_when_it_does_not_pay_and_stays_exact(
+    tiny_verifier: Any, tiny_tok: Any
+) -> None:
+    prompt = tiny_tok("def add(a, b):")["input_ids"]
+    plain = LocalBackend(tiny_verifier, None, tokenizer=tiny_tok)
+    expected, _ = _generate(plain, prompt, 48, adaptive=False)
+    wrong = OracleDrafter(prompt, [(t + 1) % 50 for t in expected])  # never right
+    backend = LocalBackend(tiny_verifier, wrong, tokenizer=tiny_tok)
+    backend.engine.costs = FrozenCosts({1: 10.0, 5: 14.0}, {4: 3.0})
+    tokens, drafted = _generate(backend, prompt, 48, adaptive=True)
+    assert tokens == expected
+    assert drafted.count(0) > len(drafted) * 0.6  # mostly plain decoding, with probes
