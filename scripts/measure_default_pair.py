@@ -24,7 +24,9 @@ def timed_run(
     started, outputs = time.perf_counter(), []
     for prompt in prompts:
         request = GenerationRequest(
-            prompt=prompt, max_new_tokens=96, speculative=SpeculativeConfig(block_size=block_size)
+            prompt=prompt,
+            max_new_tokens=96,
+            speculative=SpeculativeConfig(block_size=block_size, adaptive=False),
         )
         session = backend.engine.session(request)
         ids: list[int] = []

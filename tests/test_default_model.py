@@ -45,6 +45,22 @@ def test_default_backends(default: LocalBackend) -> None:
     # The block size recorded in the shipped drafter's config (the fastest on 2 CPU cores).
     assert default.defaults.block_size == default.drafter.recommended_block_size == 4
     assert LocalBackend.default(block_size=6).defaults.block_size == 6
+    # Adaptive by default, where it cannot change a reproducible output.
+    assert default.defaults.adaptive is True
+    from dg_stream import SamplingParams
+
+    def adaptive(**sampling: Any) -> bool:
+        request = GenerationRequest(prompt="x = 1", sampling=SamplingParams(**sampling))
+        return default.engine.session(request).adaptive
+
+    assert adaptive() and adaptive(temperature=0.8)  # greedy; unseeded sampling
+    assert not adaptive(temperature=0.8, seed=3)  # a seeded sample stays reproducible
+    explicit = GenerationRequest(
+        prompt="x = 1",
+        sampling=SamplingParams(temperature=0.8, seed=3),
+        speculative=SpeculativeConfig(adaptive=True),
+    )
+    assert default.engine.session(explicit).adaptive  # unless the request asks for it
     assert LocalBackend.default(drafter=None).drafter is None
     assert type(LocalBackend.default(drafter="ngram").drafter).__name__ == "NgramDrafter"
 

@@ -69,8 +69,14 @@ class GenerationSession:
         self.block_size = spec.block_size or defaults.block_size or 8
         self.steps = spec.steps or defaults.steps or 1
         self.confidence = spec.confidence if spec.confidence is not None else defaults.confidence
-        self.adaptive = spec.adaptive if spec.adaptive is not None else bool(defaults.adaptive)
         self.params = request.sampling
+        if spec.adaptive is not None:
+            self.adaptive = spec.adaptive
+        else:
+            # Adaptive block sizes follow measured timings; greedy output does not depend on
+            # them, but a seeded sample would, so a backend default leaves seeded sampling be.
+            reproducible = self.params.greedy or self.params.seed is None
+            self.adaptive = bool(defaults.adaptive) and reproducible
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.ids = torch.tensor(self.prompt_ids, dtype=torch.long)

@@ -45,10 +45,13 @@ class LocalBackend:
     ``drafter``: a masked-LM (diffusion) checkpoint path or model, a small causal-LM path or
     model, ``"ngram"`` for prompt lookup, a ``Drafter`` object, or ``None`` for plain decoding.
     ``block_size``, ``steps``, ``adaptive`` and ``confidence`` are defaults that each request
-    may override; ``block_size`` defaults to the one a diffusion checkpoint recommends
-    (``dg_stream_block_size`` in its config), else 8. Steps of all generations on one backend
-    run one at a time (a capacity limiter of one per backend), interleaved, each generation
-    with its own cache.
+    may override; ``block_size`` and ``adaptive`` default to what a diffusion checkpoint
+    recommends (``dg_stream_block_size``, ``dg_stream_adaptive`` in its config), else 8 and
+    off. An adaptive default applies where it cannot change a reproducible output: greedy
+    decoding and unseeded sampling (a request may still ask for it explicitly).
+
+    Steps of all generations on one backend run one at a time (a capacity limiter of one per
+    backend), interleaved, each generation with its own cache.
     """
 
     def __init__(
@@ -62,7 +65,7 @@ class LocalBackend:
         dtype: Any = None,
         block_size: int | None = None,
         steps: int = 1,
-        adaptive: bool = False,
+        adaptive: bool | None = None,
         confidence: float | None = None,
         window: int | None = None,
     ) -> None:
@@ -83,6 +86,8 @@ class LocalBackend:
         self.drafter = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
         if block_size is None:
             block_size = getattr(self.drafter, "recommended_block_size", None) or 8
+        if adaptive is None:
+            adaptive = bool(getattr(self.drafter, "recommended_adaptive", None))
         self.defaults = SpeculativeConfig(
             block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
         )

@@ -35,7 +35,8 @@ def acceptance(
         request = GenerationRequest(
             prompt=prompt,
             max_new_tokens=max_new_tokens,
-            speculative=SpeculativeConfig(block_size=block_size, steps=steps),
+            # A fixed block: the figure is acceptance at this block size.
+            speculative=SpeculativeConfig(block_size=block_size, steps=steps, adaptive=False),
         )
         session = backend.engine.session(request)
         while session.step() is not None:
