@@ -114,17 +114,26 @@ def _generate(backend: LocalBackend, prompt: list[int], n: int, adaptive: bool) 
     return tokens, drafted
 
 
+def _adaptive_run(
+    verifier: Any, tok: Any, n: int, wrong: bool, costs: CostTable
+) -> tuple[list[int], list[int], list[int]]:
+    """(plain tokens, adaptive tokens, drafted per call) with an oracle drafter that is always
+    right (or, with ``wrong``, never) on a machine whose costs are ``costs``."""
+    prompt = tok("def add(a, b):")["input_ids"]
+    expected, _ = _generate(LocalBackend(verifier, None, tokenizer=tok), prompt, n, False)
+    proposals = [(t + 1) % 50 for t in expected] if wrong else expected
+    backend = LocalBackend(verifier, OracleDrafter(prompt, proposals), tokenizer=tok)
+    backend.engine.costs = costs
+    tokens, drafted = _generate(backend, prompt, n, adaptive=True)
+    return expected, tokens, drafted
+
+
 def test_engine_grows_blocks_for_an_oracle_and_stays_exact(
     tiny_verifier: Any, tiny_tok: Any
 ) -> None:
-    prompt = tiny_tok("def add(a, b):")["input_ids"]
-    plain = LocalBackend(tiny_verifier, None, tokenizer=tiny_tok)
-    expected, _ = _generate(plain, prompt, 60, adaptive=False)
-    oracle = OracleDrafter(prompt, expected)
-    backend = LocalBackend(tiny_verifier, oracle, tokenizer=tiny_tok)
     # A verifier that costs much more per call than per extra token, as on a GPU.
-    backend.engine.costs = FrozenCosts({1: 10.0, 17: 11.0}, {1: 0.1, 16: 0.1})
-    tokens, drafted = _generate(backend, prompt, 60, adaptive=True)
+    costs = FrozenCosts({1: 10.0, 17: 11.0}, {1: 0.1, 16: 0.1})
+    expected, tokens, drafted = _adaptive_run(tiny_verifier, tiny_tok, 60, False, costs)
     assert tokens == expected
     assert drafted[0] > 4 and max(drafted) >= 12  # beyond the requested 4, up to 4 x 4
     assert len(drafted) < 60 / 5
@@ -133,12 +142,7 @@ def test_engine_grows_blocks_for_an_oracle_and_stays_exact(
 def test_engine_stops_drafting_when_it_does_not_pay_and_stays_exact(
     tiny_verifier: Any, tiny_tok: Any
 ) -> None:
-    prompt = tiny_tok("def add(a, b):")["input_ids"]
-    plain = LocalBackend(tiny_verifier, None, tokenizer=tiny_tok)
-    expected, _ = _generate(plain, prompt, 48, adaptive=False)
-    wrong = OracleDrafter(prompt, [(t + 1) % 50 for t in expected])  # never right
-    backend = LocalBackend(tiny_verifier, wrong, tokenizer=tiny_tok)
-    backend.engine.costs = FrozenCosts({1: 10.0, 5: 14.0}, {4: 3.0})
-    tokens, drafted = _generate(backend, prompt, 48, adaptive=True)
+    costs = FrozenCosts({1: 10.0, 5: 14.0}, {4: 3.0})
+    expected, tokens, drafted = _adaptive_run(tiny_verifier, tiny_tok, 48, True, costs)
     assert tokens == expected
     assert drafted.count(0) > len(drafted) * 0.6  # mostly plain decoding, with probes
