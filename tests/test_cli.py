@@ -296,3 +296,44 @@ def test_console_script_runs_and_fails_cleanly(model_args: list[str], tmp_path: 
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
+
+
+def test_serve_command_passes_key_capacity_and_name_to_a_real_server() -> None:
+    """`dg-stream serve` in a subprocess on a free loopback port, the embedded verifier."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DG_STREAM_API_KEY": "sesame"}
+    command = [sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port),
+               "--drafter", "none", "--max-concurrent", "3", "--served-model-name", "demo"]
+    url = f"http://127.0.0.1:{port}"
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                try:
+                    health = httpx.get(url + "/health", timeout=2).json()
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the server did not start in 60 s"
+                    time.sleep(0.2)
+            assert health["model"] == "demo" and health["max_concurrent"] == 3
+            assert httpx.get(url + "/v1/models").status_code == 401  # key from the environment
+            models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sesame"})
+            assert models.status_code == 200 and models.json()["data"][0]["id"] == "demo"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0  # Ctrl-C is a normal stop for a server

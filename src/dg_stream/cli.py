@@ -166,9 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "event stream POST /v1/dg/generate, and a live chat page at /.")
     serve.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     serve.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    serve.add_argument("--api-key", default=os.environ.get("DG_STREAM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* "
+                            "(default: $DG_STREAM_API_KEY; none: open)")
+    serve.add_argument("--max-concurrent", type=_positive_int, default=64, metavar="N",
+                       help="generations at once; more are answered 503 with Retry-After "
+                            "(default %(default)s)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model id clients see (default: the verifier's path)")
     spec = serve.add_argument_group("speculative decoding defaults")
     spec.add_argument("--block-size", type=_positive_int, metavar="K")
     spec.add_argument("--steps", type=_positive_int)
+    spec.add_argument("--adaptive", action="store_true", default=None,
+                      help="choose each call's block size from measured acceptance and costs")
     _backend_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -222,7 +232,7 @@ def _make_backend(args: argparse.Namespace, *, quiet: bool = False) -> Any:
     else:
         drafter = args.drafter
     options: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
-    for name in ("block_size", "steps"):
+    for name in ("block_size", "steps", "adaptive"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     show = not quiet and sys.stderr.isatty()
@@ -491,7 +501,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     # uvicorn re-raises the Ctrl-C it shut down on; for a server that is a normal stop.
     with contextlib.suppress(KeyboardInterrupt):
-        server.serve(backend, host=args.host, port=args.port)
+        server.serve(backend, host=args.host, port=args.port, api_key=args.api_key,
+                     max_concurrent=args.max_concurrent, model_name=args.served_model_name)
     return 0
 
 
