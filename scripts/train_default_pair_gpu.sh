@@ -39,6 +39,7 @@ fi
 train() { "$PYTHON" -m dg_stream.cli train "$@"; }
 pack() {  # pack RUNS/$1 (weights, configs, tokenizer, metrics) into 16 MB parts
     mkdir -p "$PACKED"
+    rm -f "$PACKED/$1.tar.part-"*  # parts of an earlier, longer archive would corrupt this one
     tar -C "$RUNS" --exclude checkpoint.pt --exclude distillation.pt -cf - "$1" |
         split -b 16000000 - "$PACKED/$1.tar.part-"
     echo "packed $1 after ${SECONDS}s"
@@ -49,6 +50,8 @@ PHASES="${PHASES:-verifier drafter assistant}"
 VERIFIER="${VERIFIER:-$RUNS/verifier}"
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 
+# Continuations kept from an earlier run belong to the verifier that wrote them.
+has verifier && rm -f "$RUNS/drafter/distillation.pt" "$RUNS/assistant/distillation.pt"
 has verifier && train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
 has verifier && pack verifier
 if has drafter; then

@@ -5,17 +5,22 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from _drafters import OracleDrafter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
-from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable, _interpolate
+from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable
 
 
 def _costs(verify: dict[int, float], draft: dict[int, float]) -> CostTable:
-    costs = CostTable()
-    costs.verify, costs.draft = dict(verify), dict(draft)
+    """A cost table that has measured exactly these (tokens or block size -> seconds)."""
+    costs = CostTable(skip=0)
+    for tokens, seconds in verify.items():
+        costs.observe_verify(tokens, seconds)
+    for block, seconds in draft.items():
+        costs.observe_draft(block, seconds)
     return costs
 
 
@@ -23,21 +28,41 @@ class FrozenCosts(CostTable):
     """Costs of a pretend machine: what the tiny test models measure is ignored."""
 
     def __init__(self, verify: dict[int, float], draft: dict[int, float]) -> None:
-        super().__init__()
-        self.verify, self.draft = dict(verify), dict(draft)
+        measured = _costs(verify, draft)
+        super().__init__(skip=0)
+        self.verify, self.draft = measured.verify, measured.draft
 
     def observe_verify(self, tokens: int, seconds: float) -> None: ...
 
-    def observe_draft(self, block: int, seconds: float) -> None: ...
+    def observe_draft(self, block: int, seconds: float, steps: int = 1) -> None: ...
 
 
-def test_interpolation_is_exact_linear_between_and_extrapolated_beyond() -> None:
-    table = {1: 1.0, 3: 2.0, 5: 4.0}
-    assert _interpolate(table, 3) == 2.0
-    assert _interpolate(table, 2) == 1.5 and _interpolate(table, 4) == 3.0
-    assert _interpolate(table, 7) == 6.0  # the slope of the last two points
-    assert _interpolate({2: 1.0, 4: 3.0}, 0) == 0.0  # extrapolated below, never negative
-    assert _interpolate({4: 2.5}, 9) == 2.5  # one point: flat
+def test_costs_are_lines_through_what_was_measured() -> None:
+    costs = _costs({1: 1.0, 5: 3.0}, {4: 2.0})
+    assert costs.verify(3) == pytest.approx(2.0) and costs.verify(9) == pytest.approx(5.0)
+    assert costs.call_seconds(0) == pytest.approx(1.0)  # plain: no drafter call
+    assert costs.call_seconds(4) == pytest.approx(3.0 + 2.0)  # one size: a flat drafter line
+    falling = _costs({1: 3.0, 5: 1.0}, {})
+    assert falling.verify(1) == falling.verify(9)  # never a negative slope: flat at the mean
+    assert 1.0 < falling.verify(1) < 3.0
+    assert _costs({2: 1.0, 3: 5.0}, {}).verify(0) == 0.0  # never below zero
+    # An early outlier fades: a slow first measurement at 5 tokens, then many normal calls.
+    costs = _costs({1: 1.0, 5: 30.0}, {})
+    for _ in range(40):
+        costs.observe_verify(1, 1.0)
+        costs.observe_verify(5, 3.0)
+    assert costs.verify(5) == pytest.approx(3.0, rel=0.05)
+    # Drafter costs are kept apart per number of denoising steps.
+    costs.observe_draft(4, 8.0, steps=4)
+    assert costs.ready(4) and not costs.ready(2)
+    assert costs.call_seconds(4, steps=4) == pytest.approx(costs.verify(5) + 8.0)
+
+
+def test_first_verifier_calls_are_not_counted() -> None:
+    costs = CostTable(skip=2)
+    costs.observe_verify(5, 99.0)
+    costs.observe_verify(1, 99.0)
+    assert costs.verify.w == 0 and not costs.ready()
 
 
 def test_acceptance_counts_the_accepted_prefix_and_the_first_rejection() -> None:
@@ -90,14 +115,26 @@ def test_a_drafter_that_always_agrees_gets_the_largest_block_that_pays() -> None
 
 
 def test_costs_are_measured_before_they_are_used() -> None:
-    costs = CostTable()
+    costs = CostTable(skip=0)
     policy = BlockSizePolicy(requested=6, max_block=24, costs=costs)
     assert [policy.next_block() for _ in range(3)] == [6, 3, 0]  # warm-up: three sizes
     costs.observe_verify(7, 0.010)
     costs.observe_verify(1, 0.006)
     costs.observe_draft(6, 0.002)
-    assert costs.ready
+    assert costs.ready()
     assert 0 <= policy.next_block() <= 24
+
+
+def test_a_generation_starts_from_what_earlier_ones_saw() -> None:
+    shared = AcceptanceEstimate(16, decay=0.98)
+    costs = _costs({1: 10.0, 17: 11.0}, {1: 0.1, 16: 0.1})
+    first = BlockSizePolicy(4, 16, costs, shared=shared)
+    for _ in range(30):
+        first.observe(drafted=16, accepted=16)
+    second = BlockSizePolicy(4, 16, costs, shared=shared)
+    assert second.best() == 16  # no relearning from the prior
+    fresh = BlockSizePolicy(4, 16, costs)
+    assert fresh.acceptance.rate(0) == 0.5 and second.acceptance.rate(0) > 0.9
 
 
 def _generate(backend: LocalBackend, prompt: list[int], n: int, adaptive: bool) -> Any:

@@ -337,3 +337,10 @@ def test_serve_command_passes_key_capacity_and_name_to_a_real_server() -> None:
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0  # Ctrl-C is a normal stop for a server
+
+
+def test_adaptive_can_be_turned_off_against_a_checkpoint_recommendation() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["generate", "x", "--no-adaptive"]).adaptive is False
+    assert parser.parse_args(["serve", "--adaptive"]).adaptive is True
+    assert parser.parse_args(["generate", "x"]).adaptive is None  # the backend's default

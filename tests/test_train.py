@@ -223,6 +223,10 @@ def test_time_budget_ends_the_schedule_fully_decayed(tmp_path: Path) -> None:
     assert elapsed < 0.5 + 0.5  # ends at the budget (plus one step and a checkpoint)
     # The last step ran near the end of the cosine: close to the floor of a tenth of the peak.
     assert optimizer.param_groups[0]["lr"] < 0.2
+    with pytest.raises(ValueError, match="time_budget"):
+        optimize(model, optimizer, start_step=0, steps=5, peak_lr=1.0, warmup=1,
+                 batch_loss=batch_loss, checkpoints=Checkpointer(tmp_path / "x"),
+                 generator=torch.Generator(), checkpoint_every=10, desc="x", time_budget=0)
     # The checkpoint records the time spent, so a resumed run continues the same schedule.
     checkpoints = Checkpointer(tmp_path)
     assert checkpoints.load(model, optimizer, torch.Generator()) == steps
@@ -230,7 +234,7 @@ def test_time_budget_ends_the_schedule_fully_decayed(tmp_path: Path) -> None:
 
 
 def test_stdlib_corpus_from_another_lib_folder(tmp_path: Path) -> None:
-    lib = tmp_path / "Lib"
+    lib = tmp_path / "test" / "Lib"  # a folder named "test" above Lib holds no test files
     (lib / "test").mkdir(parents=True)
     (lib / "json.py").write_text("def dumps(obj):\n    return str(obj)\n")
     (lib / "test" / "test_json.py").write_text("def test_dumps():\n    assert True\n")

@@ -7,14 +7,16 @@ is accepted given that the ones before it were, and costs ``V(k + 1) + D(k)`` se
 second, ``k = 0`` (plain decoding) included, so a drafter that does not pay is switched off
 instead of slowing generation down.
 
-``a_i`` is estimated per generation from what the verifier accepted; the costs are measured on
-the running machine and shared by all generations of one engine (they belong to the models and
-the hardware, not to the prompt). Both are running means that forget old observations, so
-the choice follows a change of regime (a repetitive stretch of text, a longer context).
+``a_i`` is estimated per generation from what the verifier accepted, starting from what earlier
+generations of the same engine saw; the costs are measured on the running machine and shared by
+all generations of one engine (they belong to the models and the hardware, not to the prompt).
+All of it forgets old observations, so the choice follows a change of regime (a repetitive
+stretch of text, a longer context).
 
 Block sizes then depend on measured timings: greedy output is identical to plain decoding
-whatever they are, and sampled output keeps the verifier's distribution, but a seeded sampled
-generation is reproducible token for token only with a fixed block size.
+whatever they are (in float32; in reduced precision, differently shaped verifier calls can
+round a near-tie differently), and sampled output keeps the verifier's distribution, but a
+seeded sampled generation is reproducible token for token only with a fixed block size.
 """
 
 from __future__ import annotations
@@ -22,53 +24,60 @@ from __future__ import annotations
 __all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable"]
 
 
-def _update(table: dict[int, float], key: int, value: float, decay: float) -> None:
-    old = table.get(key)
-    table[key] = value if old is None else decay * old + (1 - decay) * value
+class _Line:
+    """``y = a + b x`` fitted by least squares to observations whose weights decay by
+    ``decay`` at each new one, so an early outlier (a first, slow call) fades instead of
+    sticking to the size it was measured at. The slope is never negative."""
 
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.w = self.sx = self.sxx = self.sy = self.sxy = 0.0
+        self.sizes: set[int] = set()
 
-def _interpolate(table: dict[int, float], x: int) -> float:
-    """Piecewise-linear through the measured points; linear beyond them (never below 0)."""
-    if x in table:
-        return table[x]
-    xs = sorted(table)
-    if len(xs) == 1:
-        return table[xs[0]]
-    if x < xs[0]:
-        lo, hi = xs[0], xs[1]
-    elif x > xs[-1]:
-        lo, hi = xs[-2], xs[-1]
-    else:
-        hi = next(p for p in xs if p > x)
-        lo = max(p for p in xs if p < x)
-    slope = (table[hi] - table[lo]) / (hi - lo)
-    return max(0.0, table[lo] + slope * (x - lo))
+    def add(self, x: int, y: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sxx = d * self.w + 1, d * self.sx + x, d * self.sxx + x * x
+        self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
+        self.sizes.add(x)
+
+    def __call__(self, x: int) -> float:
+        if self.w == 0:
+            return 0.0
+        mean_x, mean_y = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mean_x * mean_x
+        slope = max(0.0, (self.sxy / self.w - mean_x * mean_y) / var) if var > 1e-9 else 0.0
+        return max(0.0, mean_y + slope * (x - mean_x))
 
 
 class CostTable:
-    """Running mean seconds of a verifier call per tokens fed, and of a drafter call per block
-    size. ``decay`` is the weight kept by the old mean at each new observation."""
+    """Seconds of a verifier call against tokens fed, and of a drafter call against block size
+    (one line per number of denoising steps), each a forgetting least-squares line. The first
+    ``skip`` verifier calls are not counted: they pay one-off costs (allocations, kernel
+    selection) that later calls do not."""
 
-    def __init__(self, decay: float = 0.8) -> None:
+    def __init__(self, decay: float = 0.9, skip: int = 2) -> None:
         self.decay = decay
-        self.verify: dict[int, float] = {}
-        self.draft: dict[int, float] = {}
+        self.skip = skip
+        self.verify = _Line(decay)
+        self.draft: dict[int, _Line] = {}
 
     def observe_verify(self, tokens: int, seconds: float) -> None:
-        _update(self.verify, tokens, seconds, self.decay)
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        self.verify.add(tokens, seconds)
 
-    def observe_draft(self, block: int, seconds: float) -> None:
+    def observe_draft(self, block: int, seconds: float, steps: int = 1) -> None:
         if block > 0:
-            _update(self.draft, block, seconds, self.decay)
+            self.draft.setdefault(steps, _Line(self.decay)).add(block, seconds)
 
-    @property
-    def ready(self) -> bool:
+    def ready(self, steps: int = 1) -> bool:
         """Enough measured to compare block sizes: two verify sizes and one drafter call."""
-        return len(self.verify) >= 2 and bool(self.draft)
+        return len(self.verify.sizes) >= 2 and steps in self.draft
 
-    def call_seconds(self, block: int) -> float:
-        draft = _interpolate(self.draft, block) if block > 0 else 0.0
-        return _interpolate(self.verify, block + 1) + draft
+    def call_seconds(self, block: int, steps: int = 1) -> float:
+        draft = self.draft[steps](block) if block > 0 and steps in self.draft else 0.0
+        return self.verify(block + 1) + draft
 
 
 class AcceptanceEstimate:
@@ -80,6 +89,13 @@ class AcceptanceEstimate:
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.hits = [0.0] * max_block
         self.trials = [0.0] * max_block
+
+    def copy(self, decay: float | None = None) -> AcceptanceEstimate:
+        twin = AcceptanceEstimate(len(self.hits), self.prior, self.prior_weight, self.decay)
+        twin.hits, twin.trials = list(self.hits), list(self.trials)
+        if decay is not None:
+            twin.decay = decay
+        return twin
 
     def observe(self, drafted: int, accepted: int) -> None:
         """Drafts ``1..accepted`` were accepted; draft ``accepted + 1`` (if any) was not."""
@@ -111,38 +127,53 @@ class BlockSizePolicy:
     """Chooses each call's block size from an ``AcceptanceEstimate`` and a shared
     ``CostTable``.
 
-    Until the costs are known it measures them: the requested block size, half of it, then one
-    plain call. While plain decoding wins, every ``probe_every``-th call drafts anyway (half the
-    requested block), so that a drafter that starts to agree again (repeated text, say) is
-    noticed.
+    A generation's acceptance estimate starts from ``shared`` (what earlier generations on the
+    same engine saw) and follows its own text more quickly; every observation also updates
+    ``shared``. Until the costs are known it measures them: the requested block size, half of
+    it, then one plain call. While plain decoding wins, every ``probe_every``-th call drafts
+    anyway (half the requested block), so that a drafter that starts to agree again (repeated
+    text, say) is noticed.
     """
 
     def __init__(
-        self, requested: int, max_block: int, costs: CostTable, probe_every: int = 8
+        self,
+        requested: int,
+        max_block: int,
+        costs: CostTable,
+        *,
+        steps: int = 1,
+        shared: AcceptanceEstimate | None = None,
+        probe_every: int = 8,
     ) -> None:
         self.requested = max(1, min(requested, max_block))
         self.max_block = max_block
         self.costs = costs
-        self.acceptance = AcceptanceEstimate(max_block)
+        self.steps = steps
+        self.shared = shared
+        self.acceptance = (
+            shared.copy(decay=0.9) if shared is not None else AcceptanceEstimate(max_block)
+        )
         self.probe_every = probe_every
         self._warmup = [self.requested, max(1, self.requested // 2), 0]
         self._plain_calls = 0
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.acceptance.observe(drafted, accepted)
+        if self.shared is not None:
+            self.shared.observe(drafted, accepted)
 
     def best(self) -> int:
         """The block size with the most expected tokens per second."""
         rates = [
-            self.acceptance.expected_tokens(k) / max(1e-9, self.costs.call_seconds(k))
+            self.acceptance.expected_tokens(k)
+            / max(1e-9, self.costs.call_seconds(k, self.steps))
             for k in range(self.max_block + 1)
         ]
         return max(range(len(rates)), key=rates.__getitem__)
 
     def next_block(self) -> int:
-        if not self.costs.ready:
-            k = self._warmup.pop(0) if self._warmup else self.requested
-            return k
+        if not self.costs.ready(self.steps):
+            return self._warmup.pop(0) if self._warmup else self.requested
         k = self.best()
         if k == 0:
             self._plain_calls += 1

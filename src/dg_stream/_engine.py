@@ -15,7 +15,7 @@ import msgspec
 import torch
 
 from ._acceptance import Verdict, accept_greedy, accept_sampled
-from ._block_policy import BlockSizePolicy, CostTable
+from ._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
 from ._detokenize import IncrementalDetokenizer
@@ -43,9 +43,13 @@ class Engine:
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.defaults = defaults
-        # Measured seconds per verifier and drafter call, shared by every generation's adaptive
-        # block size: they belong to these models on this machine, not to a prompt.
+        # Measured seconds per verifier and drafter call, and the acceptance seen so far
+        # (greedy and sampled apart), shared by every generation's adaptive block size: they
+        # belong to these models on this machine, not to one prompt.
         self.costs = CostTable()
+        self.acceptance = {
+            greedy: AcceptanceEstimate(64, decay=0.98) for greedy in (True, False)
+        }
 
     def session(self, request: GenerationRequest) -> GenerationSession:
         """Tokenize and validate (no model work yet); raises InvalidRequestError."""
@@ -87,7 +91,13 @@ class GenerationSession:
         self.policy: BlockSizePolicy | None = None
         if self.adaptive and engine.drafter is not None:
             largest = min(4 * self.block_size, 64, engine.drafter.max_block_size)
-            self.policy = BlockSizePolicy(self.block_size, largest, engine.costs)
+            self.policy = BlockSizePolicy(
+                self.block_size,
+                largest,
+                engine.costs,
+                steps=self.steps,
+                shared=engine.acceptance[self.params.greedy],
+            )
         self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         self.stops = StopMatcher(request.stop)
         self.generated = 0
@@ -117,6 +127,8 @@ class GenerationSession:
         t_verify = time.perf_counter()
         logits = verifier.forward(block, self.cache)  # (k+1, V)
         if self.policy is not None:
+            if logits.is_cuda:  # time the work, not its launch (acceptance syncs anyway)
+                torch.cuda.synchronize(logits.device)
             self.policy.costs.observe_verify(k + 1, time.perf_counter() - t_verify)
         verdict = self._accept(logits, draft)
         # Keep the cache of the context, the newest token and the accepted drafts; the token
@@ -167,7 +179,7 @@ class GenerationSession:
             self.ids, k, self.params, self.generator, steps=self.steps, confidence=self.confidence
         )
         if self.policy is not None:
-            self.policy.costs.observe_draft(k, time.perf_counter() - started)
+            self.policy.costs.observe_draft(k, time.perf_counter() - started, self.steps)
         return proposal
 
     def _accept(self, logits: torch.Tensor, draft: DraftProposal) -> Verdict:

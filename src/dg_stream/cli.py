@@ -99,7 +99,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
                       help="tokens drafted per verifier call (default: the backend's)")
     spec.add_argument("--steps", type=_positive_int,
                       help="denoising steps of a diffusion drafter")
-    spec.add_argument("--adaptive", action="store_true", default=None,
+    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                       help="choose each call's block size from measured acceptance and costs")
     spec.add_argument("--confidence", type=float,
                       help="unmask every draft position above this probability in one step")
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec = serve.add_argument_group("speculative decoding defaults")
     spec.add_argument("--block-size", type=_positive_int, metavar="K")
     spec.add_argument("--steps", type=_positive_int)
-    spec.add_argument("--adaptive", action="store_true", default=None,
+    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                       help="choose each call's block size from measured acceptance and costs")
     _backend_options(serve)
     serve.set_defaults(func=_cmd_serve)

@@ -73,9 +73,9 @@ class TokenStream:
 def cosine_lr(step: int, progress: float, peak: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to a tenth of the peak as
     ``progress`` (the fraction of training done, 0..1) goes to 1."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    decayed = peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    # The smaller of the two: a budget that ends during warm-up still ends annealed.
+    return min(peak * (step + 1) / warmup, decayed) if step < warmup else decayed
 
 
 class Checkpointer:
@@ -180,6 +180,10 @@ def optimize(
     decayed either way (a run is never cut off at a high learning rate). Returns the number
     of steps done.
     """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if time_budget is not None and time_budget <= 0:
+        raise ValueError(f"time_budget must be positive seconds, got {time_budget}")
     bar = progress(steps, start_step, desc)
     rate = Throughput()
     model.train()
@@ -208,7 +212,7 @@ def optimize(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(tokens):,.0f}")
-        if step % checkpoint_every == 0:
+        if step % checkpoint_every == 0 and done() < 1.0:
             checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})
     if step > start_step:
         checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})

@@ -57,14 +57,15 @@ def stdlib_corpus(root: str | Path | None = None, max_held_out_files: int = 200)
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"standard library folder does not exist: {root}")
+    # Classified by their path inside the Lib folder, whatever folders lie above it.
     files = sorted(
         p
         for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "dist-packages" not in p.parts
+        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
-    train_files = [p for p in files if not _is_test_file(p)]
+    train_files = [p for p in files if not _is_test_file(p.relative_to(root))]
     # Every k-th test file, so the held-out set spans the whole test suite but stays small.
-    test_files = [p for p in files if _is_test_file(p)]
+    test_files = [p for p in files if _is_test_file(p.relative_to(root))]
     stride = max(1, len(test_files) // max_held_out_files)
     held_files = test_files[::stride][:max_held_out_files]
     train = [(p, _read(p)) for p in train_files]
