@@ -262,3 +262,22 @@ def test_drafter_windows_longer_than_the_corpus_context_stay_inside_their_rows()
         steps = torch.diff(torch.cat([inputs[:, :window], targets], dim=1), dim=1)
         assert bool((steps == 1).all())  # contiguous context followed by its continuation
         assert bool((targets % 1000 >= config.context_length).all())  # verifier-written part
+
+
+def test_kept_continuations_carry_their_layout(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    """A second drafter reuses kept continuations; one that would read them differently stops."""
+    import torch
+
+    config = dataclasses.replace(TINY_CONFIG, steps=2, keep_data=True)
+    out = tmp_path / "drafter"
+    train_drafter(file_corpus([corpus_file]), verifier_dir, out, config)
+    saved = torch.load(out / "distillation.pt")
+    assert saved["continuation_tokens"] == config.continuation_tokens
+    assert saved["ids"].shape == (config.sequences, config.context_length + 80)
+    (out / "model.safetensors").unlink()  # a second model from the same continuations
+    train_drafter(file_corpus([corpus_file]), verifier_dir, out, config)
+    other = dataclasses.replace(config, continuation_tokens=40)
+    with pytest.raises(ValueError, match="continuations of 80 tokens, not 40"):
+        train_drafter(file_corpus([corpus_file]), verifier_dir, out, other)

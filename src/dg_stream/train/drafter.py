@@ -219,7 +219,13 @@ def train_drafter(
     generator = torch.Generator().manual_seed(config.seed)
     data_path = out / "distillation.pt"
     if data_path.exists():  # resuming: the verifier's continuations are the slow part
-        data = torch.load(data_path)
+        saved = torch.load(data_path)
+        data = saved["ids"]
+        if saved["continuation_tokens"] != config.continuation_tokens:
+            raise ValueError(
+                f"{data_path} holds continuations of {saved['continuation_tokens']} tokens, "
+                f"not {config.continuation_tokens}; delete it to generate new ones"
+            )
     else:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         stream = TokenStream(corpus.train, tokenizer, eos)
@@ -227,7 +233,8 @@ def train_drafter(
         data = distillation_data(verifier, stream, config, generator, dev)
         seconds = time.perf_counter() - started
         log(f"verifier continuations: {data.shape[0]} sequences in {seconds:.0f}s")
-        torch.save(data, data_path)
+        # The layout travels with the ids: a resumed or reusing run must read it the same way.
+        torch.save({"ids": data, "continuation_tokens": config.continuation_tokens}, data_path)
     if int(data.shape[1]) - config.continuation_tokens < config.window:
         raise ValueError(
             f"{data_path} holds contexts shorter than the drafter window ({config.window}); "
