@@ -114,13 +114,18 @@ class AcceptanceEstimate:
         w = self.prior_weight
         return (self.hits[i] + self.prior * w) / (self.trials[i] + w)
 
+    def expected_tokens_upto(self, largest: int) -> list[float]:
+        """Tokens a verifier call keeps on average with 0..``largest`` drafts (its own
+        included), in one pass."""
+        totals, chain = [1.0], 1.0
+        for i in range(largest):
+            chain *= self.rate(i)
+            totals.append(totals[-1] + chain)
+        return totals
+
     def expected_tokens(self, block: int) -> float:
         """Tokens a verifier call keeps on average with ``block`` drafts (its own included)."""
-        total, chain = 1.0, 1.0
-        for i in range(block):
-            chain *= self.rate(i)
-            total += chain
-        return total
+        return self.expected_tokens_upto(block)[-1]
 
 
 class BlockSizePolicy:
@@ -164,9 +169,9 @@ class BlockSizePolicy:
 
     def best(self) -> int:
         """The block size with the most expected tokens per second."""
+        tokens = self.acceptance.expected_tokens_upto(self.max_block)
         rates = [
-            self.acceptance.expected_tokens(k)
-            / max(1e-9, self.costs.call_seconds(k, self.steps))
+            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps))
             for k in range(self.max_block + 1)
         ]
         return max(range(len(rates)), key=rates.__getitem__)

@@ -94,15 +94,20 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
     group.add_argument("--stop", action="append", metavar="TEXT",
                        help="end at this text (repeatable; the text is not printed)")
-    spec = parser.add_argument_group("speculative decoding")
+    spec = _speculative_options(parser, "speculative decoding")
+    spec.add_argument("--confidence", type=float,
+                      help="unmask every draft position above this probability in one step")
+
+
+def _speculative_options(parser: argparse.ArgumentParser, title: str) -> Any:
+    spec = parser.add_argument_group(title)
     spec.add_argument("--block-size", type=_positive_int, metavar="K",
                       help="tokens drafted per verifier call (default: the backend's)")
     spec.add_argument("--steps", type=_positive_int,
                       help="denoising steps of a diffusion drafter")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                       help="choose each call's block size from measured acceptance and costs")
-    spec.add_argument("--confidence", type=float,
-                      help="unmask every draft position above this probability in one step")
+    return spec
 
 
 def _display_options(parser: argparse.ArgumentParser) -> None:
@@ -174,11 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default %(default)s)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model id clients see (default: the verifier's path)")
-    spec = serve.add_argument_group("speculative decoding defaults")
-    spec.add_argument("--block-size", type=_positive_int, metavar="K")
-    spec.add_argument("--steps", type=_positive_int)
-    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
-                      help="choose each call's block size from measured acceptance and costs")
+    _speculative_options(serve, "speculative decoding defaults")
     _backend_options(serve)
     serve.set_defaults(func=_cmd_serve)
 

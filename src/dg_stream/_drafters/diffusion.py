@@ -43,8 +43,8 @@ class DiffusionDrafter:
         configured = getattr(model.config, "dg_stream_window", None)
         self.window = int(window or configured or max(1, min(64, max_positions // 2)))
         self.max_block_size = max(1, max_positions - self.window)
-        # The block size (and adaptive setting) its trainer measured fastest, when the
-        # checkpoint records them.
+        # The block size and adaptive setting found fastest with this checkpoint, when its
+        # config records them.
         recommended = getattr(model.config, "dg_stream_block_size", None)
         self.recommended_block_size: int | None = (
             min(int(recommended), self.max_block_size) if recommended else None

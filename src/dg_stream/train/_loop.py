@@ -126,14 +126,11 @@ class Checkpointer:
 
 def progress(total: int, initial: int, desc: str) -> Any:
     """A tqdm bar (or a silent stand-in when tqdm is not installed)."""
-    total_ = total
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm comes with the train extra
 
         class _Silent:
-            total = total_
-
             def write(self, message: str) -> None:
                 print(message)
 

@@ -16,9 +16,9 @@ RUNS = Path("runs")
 def _corpus(args: argparse.Namespace) -> Any:
     from .corpus import file_corpus, stdlib_corpus
 
-    if args.corpus and getattr(args, "stdlib", None):
+    if args.corpus and args.stdlib:
         raise SystemExit("error: --corpus and --stdlib are alternatives; give one")
-    return file_corpus(args.corpus) if args.corpus else stdlib_corpus(getattr(args, "stdlib", None))
+    return file_corpus(args.corpus) if args.corpus else stdlib_corpus(args.stdlib)
 
 
 def _threads(n: int | None) -> None:

@@ -52,7 +52,7 @@ class DrafterTrainingConfig:
     warmup: int = 100
     seed: int = 0
     checkpoint_every: int = 200
-    time_budget: float | None = None  # seconds of optimisation; the step count shrinks to fit
+    time_budget: float | None = None  # seconds of optimisation; the schedule fits into them
     keep_data: bool = False  # keep distillation.pt, e.g. to train an assistant on the same data
 
     @property

@@ -34,7 +34,7 @@ class VerifierTrainingConfig:
     weight_decay: float = 0.05
     seed: int = 0
     checkpoint_every: int = 100
-    time_budget: float | None = None  # seconds; the step count shrinks to fit
+    time_budget: float | None = None  # seconds of optimisation; the schedule fits into them
 
 
 @torch.no_grad()
