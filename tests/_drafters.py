@@ -15,6 +15,8 @@ class OracleDrafter:
 
     vocab_size: int | None = None
     max_block_size = 64
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
 
     def __init__(self, prompt: Sequence[int], continuation: Sequence[int]) -> None:
         self.full = torch.tensor([*prompt, *continuation])
@@ -40,6 +42,8 @@ class CountingDrafter:
         self.inner = inner
         self.vocab_size = inner.vocab_size
         self.max_block_size = inner.max_block_size
+        self.feature_layers = inner.feature_layers
+        self.feature_window = inner.feature_window
         self.calls = 0
         self.fail_at = fail_at
 
@@ -62,6 +66,8 @@ class MislabelledDrafter:
 
     vocab_size: int | None = None
     max_block_size = 64
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
 
     def __init__(self, vocab: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)

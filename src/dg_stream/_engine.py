@@ -24,7 +24,7 @@ from ._errors import InvalidRequestError
 from ._prompt import encode_prompt
 from ._sampling import apply_repetition_penalty, process_logits
 from ._stop import StopMatcher
-from ._verifier import Verifier
+from ._verifier import Scores, Verifier
 
 __all__ = ["Engine", "GenerationSession"]
 
@@ -103,6 +103,12 @@ class GenerationSession:
         self.generated = 0
         self.stats = Stats()
         self.started = time.perf_counter()
+        # Verifier features of the newest committed positions (all but the newest token),
+        # for a drafter that reads them.
+        drafter = engine.drafter
+        self.feature_layers = drafter.feature_layers if drafter is not None else ()
+        self.feature_window = drafter.feature_window if drafter is not None else 0
+        self.features: torch.Tensor | None = None
         self.proposal: DraftProposal | None = None
         self.finished = False
         self.text_parts: list[str] = []
@@ -116,7 +122,8 @@ class GenerationSession:
         draft_seconds = 0.0
         t0 = time.perf_counter()
         if self.cache.length == 0 and self.ids.shape[0] > 1:
-            verifier.forward(self.ids[:-1], self.cache)  # prefill all but the newest token
+            # Prefill all but the newest token.
+            self._keep_features(verifier.forward(self.ids[:-1], self.cache, self.feature_layers))
         if self.proposal is None:  # first step; later proposals are made at the end of a step
             t_draft = time.perf_counter()
             self.proposal = self._propose()
@@ -125,7 +132,8 @@ class GenerationSession:
         k = draft.tokens.shape[0]
         block = torch.cat([self.ids[-1:], draft.tokens])  # newest committed token + draft
         t_verify = time.perf_counter()
-        logits = verifier.forward(block, self.cache)  # (k+1, V)
+        scores = verifier.forward(block, self.cache, self.feature_layers)
+        logits = scores.logits  # (k+1, V)
         if self.policy is not None:
             if logits.is_cuda:  # time the work, not its launch (acceptance syncs anyway)
                 torch.cuda.synchronize(logits.device)
@@ -134,6 +142,7 @@ class GenerationSession:
         # Keep the cache of the context, the newest token and the accepted drafts; the token
         # the verifier adds is the next call's first input, so it is not cached yet.
         self.cache.rollback(self.cache.length - (k - verdict.accepted))
+        self._keep_features(scores, verdict.accepted + 1)
         new = [*draft.tokens[: verdict.accepted].tolist(), verdict.token]
         finish = self._truncate(new)
         self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long)])
@@ -167,6 +176,15 @@ class GenerationSession:
 
     # -- pieces -----------------------------------------------------------------------------
 
+    def _keep_features(self, scores: Scores, count: int | None = None) -> None:
+        """Append the features of the first ``count`` positions a call fed (all by default)."""
+        if scores.features is None:
+            return
+        new = scores.features[:count]
+        if self.features is not None:
+            new = torch.cat([self.features, new])
+        self.features = new[-self.feature_window :]
+
     def _propose(self) -> DraftProposal:
         remaining = self.request.max_new_tokens - self.generated
         # The verifier always adds one token, so drafting past remaining - 1 is wasted work.
@@ -176,7 +194,13 @@ class GenerationSession:
             return empty_proposal()
         started = time.perf_counter()
         proposal = self.draft_session.propose(
-            self.ids, k, self.params, self.generator, steps=self.steps, confidence=self.confidence
+            self.ids,
+            k,
+            self.params,
+            self.generator,
+            steps=self.steps,
+            confidence=self.confidence,
+            features=self.features,
         )
         if self.policy is not None:
             self.policy.costs.observe_draft(k, time.perf_counter() - started, self.steps)
@@ -246,6 +270,7 @@ class GenerationSession:
             self.draft_session.close()
             self.draft_session = None
         self.cache.release()
+        self.features = None
 
     @property
     def text(self) -> str:

@@ -11,11 +11,17 @@ from ._errors import MissingDependencyError, ModelLoadError, VocabularyMismatchE
 __all__ = [
     "check_vocabularies",
     "load_causal_lm",
+    "load_feature_projection",
     "load_masked_lm",
     "load_tokenizer",
     "require_local_extra",
     "resolve_device_dtype",
+    "save_feature_projection",
 ]
+
+#: Beside a feature-conditioned drafter's stock checkpoint: the (hidden, features) matrix that
+#: maps the verifier's features into its embedding space.
+FEATURE_PROJECTION_FILE = "feature_projection.safetensors"
 
 LOCAL_HINT = "the local backend needs torch and transformers: pip install 'dg-stream[local]'"
 
@@ -94,6 +100,25 @@ def load_masked_lm(path: str | os.PathLike[str], device: Any, dtype: Any) -> Any
     from transformers import AutoModelForMaskedLM
 
     return _load(AutoModelForMaskedLM, path, "drafter", device, dtype)
+
+
+def save_feature_projection(directory: str | os.PathLike[str], weight: Any) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"weight": weight.contiguous()}, str(Path(directory) / FEATURE_PROJECTION_FILE))
+
+
+def load_feature_projection(directory: str | os.PathLike[str]) -> Any:
+    """The drafter's feature projection, or ``None`` when the checkpoint has none."""
+    path = Path(directory) / FEATURE_PROJECTION_FILE
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["weight"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the feature projection {path}: {exc}") from exc
 
 
 def is_causal_checkpoint(path: str | os.PathLike[str]) -> bool:

@@ -3,22 +3,47 @@
 A generation's KV cache holds every committed token except the newest one. Each call feeds
 that newest token followed by the draft block, giving logits for the k draft positions plus
 one bonus position; afterwards the cache is cropped back to exactly what was kept.
+
+A call can also return the verifier's hidden states at chosen layers (``verifier_features``):
+a feature-conditioned drafter reads them, as DFlash and EAGLE drafters read their target's.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Verifier", "VerifierCache", "cache_keyword"]
+__all__ = ["Scores", "Verifier", "VerifierCache", "cache_keyword", "verifier_features"]
 
 
 def cache_keyword(model: Any) -> str:
     """The forward() keyword for a KV cache: ``cache`` in newer transformers, else the old name."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def verifier_features(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """The chosen layers' hidden states (``hidden_states[i]`` is the output of layer i, 0 the
+    embeddings), each scaled to unit RMS and concatenated: (..., T, len(layers) * hidden).
+
+    The residual stream grows by an order of magnitude through the layers; unit RMS keeps every
+    layer's share of the drafter's input comparable.
+    """
+    parts = []
+    for layer in layers:
+        h = hidden_states[layer].float()
+        parts.append(h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-6))
+    return torch.cat(parts, dim=-1)
+
+
+class Scores(NamedTuple):
+    """One verifier call: next-token logits (T, V), and features (T, F) when asked for."""
+
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 class VerifierCache:
@@ -86,15 +111,22 @@ class Verifier:
         return VerifierCache(self.model)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: VerifierCache) -> torch.Tensor:
-        """Append ``ids`` ((T,)) to the cache and return their next-token logits (T, V)."""
+    def forward(
+        self, ids: torch.Tensor, cache: VerifierCache, feature_layers: Sequence[int] = ()
+    ) -> Scores:
+        """Append ``ids`` ((T,)) to the cache; their next-token logits (T, V), and with
+        ``feature_layers`` the hidden-state features of each position (T, F)."""
         start = cache.length
         positions = torch.arange(start, start + ids.shape[0], device=self.device)
         out = self.model(
             input_ids=ids.to(self.device)[None],
             use_cache=True,
             position_ids=positions[None],
+            output_hidden_states=bool(feature_layers),
             **{self._cache_keyword: cache.kv},
         )
         cache.length = start + ids.shape[0]
-        return out.logits[0].float()  # (T, V)
+        features = None
+        if feature_layers:
+            features = verifier_features(out.hidden_states, feature_layers)[0]
+        return Scores(out.logits[0].float(), features)

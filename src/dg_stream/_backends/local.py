@@ -19,6 +19,7 @@ from .._loading import (
     check_vocabularies,
     is_causal_checkpoint,
     load_causal_lm,
+    load_feature_projection,
     load_masked_lm,
     load_tokenizer,
     require_local_extra,
@@ -135,8 +136,10 @@ class LocalBackend:
             return NgramDrafter()
         if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
             return drafter  # already a Drafter
+        projection = None
         if isinstance(drafter, (str, os.PathLike)):
             path = drafter
+            projection = load_feature_projection(path)
             if drafter_tokenizer is None and (Path(path) / "tokenizer_config.json").exists():
                 drafter_tokenizer = load_tokenizer(path)
             if is_causal_checkpoint(path):
@@ -163,14 +166,42 @@ class LocalBackend:
                 "the diffusion drafter has no mask token: give its tokenizer a "
                 "mask_token or set config.mask_token_id"
             )
-        return DiffusionDrafter(
-            drafter,
-            mask_token_id=mask_id,
-            window=window,
-            steps=steps,
-            confidence=confidence,
-            output_vocab_size=self.verifier.vocab_size,
-        )
+        if projection is None:  # a model object may carry its projection
+            projection = getattr(drafter, "dg_stream_feature_projection", None)
+        try:
+            diffusion = DiffusionDrafter(
+                drafter,
+                mask_token_id=mask_id,
+                window=window,
+                steps=steps,
+                confidence=confidence,
+                output_vocab_size=self.verifier.vocab_size,
+                feature_projection=projection,
+            )
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot use this drafter: {exc}") from exc
+        self._check_features(diffusion)
+        return diffusion
+
+    def _check_features(self, drafter: Any) -> None:
+        """A feature-conditioned drafter must fit this verifier's layers and width."""
+        if not drafter.feature_layers:
+            return
+        config = self.verifier.config
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        hidden = int(getattr(config, "hidden_size", 0) or 0)
+        wanted = len(drafter.feature_layers) * hidden
+        if max(drafter.feature_layers) > layers or min(drafter.feature_layers) < 0:
+            raise ModelLoadError(
+                f"the drafter reads verifier layers {list(drafter.feature_layers)}, but the "
+                f"verifier has {layers} layers"
+            )
+        if drafter.feature_size != wanted:
+            raise ModelLoadError(
+                f"the drafter reads {drafter.feature_size} verifier features per token, but "
+                f"layers {list(drafter.feature_layers)} of this verifier give {wanted}: it was "
+                "trained for another verifier"
+            )
 
     def _mask_token_id(self, model: Any, drafter_tokenizer: Any) -> int | None:
         for source in (drafter_tokenizer, model.config, self.tokenizer):

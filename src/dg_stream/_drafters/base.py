@@ -36,11 +36,13 @@ class DraftSession(Protocol):
         *,
         steps: int | None = None,
         confidence: float | None = None,
+        features: torch.Tensor | None = None,
     ) -> DraftProposal:
         """Draft up to ``k`` tokens following ``context`` ((n,) committed ids).
 
         ``steps`` and ``confidence`` are the request's denoising options; drafters that do not
-        denoise ignore them.
+        denoise ignore them. ``features`` ((m, F)) are the verifier's features of the last m
+        context tokens before the newest one, given to drafters that ask for them.
         """
         ...
 
@@ -56,6 +58,11 @@ class Drafter(Protocol):
     vocab_size: int | None
     #: Most tokens one proposal may hold (position limits of the model).
     max_block_size: int
+    #: Verifier layers whose features the drafter reads (see ``verifier_features``); empty
+    #: for drafters that read tokens only.
+    feature_layers: tuple[int, ...]
+    #: How many of the newest positions' features a proposal reads.
+    feature_window: int
 
     def session(self) -> DraftSession: ...
 

@@ -22,6 +22,8 @@ class CausalDrafter:
         self.vocab_size: int | None = int(model.config.vocab_size)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.max_block_size = 64
+        self.feature_layers: tuple[int, ...] = ()
+        self.feature_window = 0
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
 
@@ -54,6 +56,7 @@ class _CausalDraftSession:
         *,
         steps: int | None = None,
         confidence: float | None = None,
+        features: torch.Tensor | None = None,
     ) -> DraftProposal:
         if k <= 0:
             return empty_proposal(context.device)

@@ -4,6 +4,10 @@ The model is any bidirectional masked LM (``AutoModelForMaskedLM``). Its input i
 ``window`` context tokens followed by ``k`` mask tokens; each denoising step predicts every
 masked position at once and unmasks the most confident ones (all those above ``confidence``,
 at least an even share of the rest), so ``steps=1`` fills the whole block in one forward.
+
+A feature-conditioned drafter (config ``dg_stream_feature_layers``, DFlash-style) also reads
+the verifier's hidden states at those layers for its context tokens: a learned projection adds
+them to the token embeddings. The newest token has none yet (the verifier has not read it).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class DiffusionDrafter:
         steps: int = 1,
         confidence: float | None = None,
         output_vocab_size: int | None = None,
+        feature_projection: torch.Tensor | None = None,
     ) -> None:
         self.model = model.eval()
         self.mask_token_id = int(mask_token_id)
@@ -60,6 +65,29 @@ class DiffusionDrafter:
         self.confidence = confidence
         self.device = next(model.parameters()).device
         self._lean = maybe_lean(model)
+        layers = getattr(model.config, "dg_stream_feature_layers", None) or ()
+        self.feature_layers: tuple[int, ...] = tuple(int(layer) for layer in layers)
+        if self.feature_layers and feature_projection is None:
+            raise ValueError(
+                "this drafter reads verifier features (config dg_stream_feature_layers) but "
+                "no feature projection was given; load it from its checkpoint folder"
+            )
+        self.feature_window = self.window if self.feature_layers else 0
+        self.projection: torch.Tensor | None = None
+        if self.feature_layers and feature_projection is not None:
+            hidden = int(model.config.hidden_size)
+            if feature_projection.ndim != 2 or feature_projection.shape[0] != hidden:
+                raise ValueError(
+                    f"the feature projection's shape {tuple(feature_projection.shape)} does "
+                    f"not map onto the drafter's hidden size {hidden}"
+                )
+            dtype = next(model.parameters()).dtype
+            self.projection = feature_projection.to(self.device, dtype)
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the verifier features the drafter reads (0: none)."""
+        return 0 if self.projection is None else int(self.projection.shape[1])
 
     def session(self) -> DiffusionDrafter:
         return self  # stateless: the context is re-read each proposal (it is short)
@@ -67,10 +95,31 @@ class DiffusionDrafter:
     def close(self) -> None:
         return None
 
-    def _logits(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+    def _extra_embeddings(
+        self, features: torch.Tensor | None, length: int, context: int
+    ) -> torch.Tensor | None:
+        """Projected features on the context positions before the newest token, zero elsewhere
+        (the positions training saw without features)."""
+        if self.projection is None:
+            return None
+        extra = torch.zeros(length, self.projection.shape[0], device=self.device)
+        extra = extra.to(self.projection.dtype)
+        m = 0 if features is None else min(features.shape[0], context - 1)
+        if m > 0:
+            assert features is not None
+            rows = features[-m:].to(self.device, self.projection.dtype)
+            extra[context - 1 - m : context - 1] = rows @ self.projection.T
+        return extra
+
+    def _logits(
+        self, ids: torch.Tensor, last: int, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(T,) ids -> (last, V) float logits of the last positions; the mask never proposed."""
         if self._lean is not None:
-            logits = self._lean(ids, last)
+            logits = self._lean(ids, last, extra)
+        elif extra is not None:
+            embeds = self.model.get_input_embeddings()(ids) + extra
+            logits = self.model(inputs_embeds=embeds[None]).logits[0, -last:]
         else:
             logits = self.model(input_ids=ids[None]).logits[0, -last:]
         logits = logits[:, : self.output_vocab_size].float()
@@ -88,6 +137,7 @@ class DiffusionDrafter:
         *,
         steps: int | None = None,
         confidence: float | None = None,
+        features: torch.Tensor | None = None,
     ) -> DraftProposal:
         k = min(k, self.max_block_size)
         if k <= 0:
@@ -97,8 +147,9 @@ class DiffusionDrafter:
         ctx = context[-self.window :].to(self.device)
         n = ctx.shape[0]
         ids = torch.cat([ctx, torch.full((k,), self.mask_token_id, device=self.device)])
+        extra = self._extra_embeddings(features, n + k, n)
         if steps == 1:
-            logits = self._logits(ids, k)  # (k, V)
+            logits = self._logits(ids, k, extra)  # (k, V)
             if params.greedy:
                 return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
             # One step: every token is drawn from a distribution conditioned on the context
@@ -107,7 +158,7 @@ class DiffusionDrafter:
             return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
         masked = torch.ones(k, dtype=torch.bool, device=self.device)
         for step in range(steps):
-            logits = self._logits(ids, k)
+            logits = self._logits(ids, k, extra)
             probs = logits.softmax(dim=-1) if params.greedy else logits_to_probs(logits, params)
             conf, choice = probs.max(dim=-1)  # (k,), (k,)
             conf = conf.masked_fill(~masked, -1.0)

@@ -56,9 +56,13 @@ class LeanBertMLM:
         weight, bias, eps = params
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
-    def __call__(self, ids: torch.Tensor, last: int) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, last: int, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``extra`` ((T, H)) is added to the token embeddings (projected verifier features)."""
         t = ids.shape[0]
-        x = self._norm(self.word[ids] + self.position[:t], self.emb_norm)  # (T, H)
+        embeds = self.word[ids] if extra is None else self.word[ids] + extra
+        x = self._norm(embeds + self.position[:t], self.emb_norm)  # (T, H)
         h = self.heads
         for qkv_w, qkv_b, o_w, o_b, norm1, i_w, i_b, f_w, f_b, norm2 in self.layers:
             q, k, v = F.linear(x, qkv_w, qkv_b).view(t, 3, h, -1).permute(1, 2, 0, 3)  # (h, T, d)

@@ -16,6 +16,8 @@ class NgramDrafter:
 
     vocab_size: int | None = None
     max_block_size = 64
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -38,6 +40,7 @@ class NgramDrafter:
         *,
         steps: int | None = None,
         confidence: float | None = None,
+        features: torch.Tensor | None = None,
     ) -> DraftProposal:
         n_ctx = context.shape[0]
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):

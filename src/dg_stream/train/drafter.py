@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .._verifier import cache_keyword
+from .._loading import save_feature_projection
+from .._verifier import cache_keyword, verifier_features
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
 from .corpus import Corpus
 
@@ -54,6 +56,9 @@ class DrafterTrainingConfig:
     checkpoint_every: int = 200
     time_budget: float | None = None  # seconds of optimisation; the schedule fits into them
     keep_data: bool = False  # keep distillation.pt, e.g. to train an assistant on the same data
+    # Verifier layers whose hidden states the drafter reads beside the tokens (DFlash-style
+    # conditioning; 0 is the embeddings); empty for a drafter that reads tokens alone.
+    feature_layers: tuple[int, ...] = ()
 
     @property
     def context_length(self) -> int:
@@ -61,20 +66,54 @@ class DrafterTrainingConfig:
         training window lies inside its row."""
         return max(self.context_tokens, self.window)
 
+    @property
+    def feature_positions(self) -> int:
+        """Positions whose verifier features a batch can read: the drafter window before the
+        continuation and every continuation position but the last."""
+        return self.window + self.continuation_tokens - 1
+
+
+class Distillation(NamedTuple):
+    """Corpus contexts continued by the verifier.
+
+    ids: (N, C + continuation) tokens. features: (N, P, F) float16 verifier features of the
+    last P positions that have them (every position but the final token), for a
+    feature-conditioned drafter; ``None`` otherwise.
+    """
+
+    ids: torch.Tensor
+    features: torch.Tensor | None = None
+
 
 @torch.inference_mode()
-def greedy_continuations(verifier: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(N, C) contexts -> (N, C + new_tokens) with the verifier's greedy continuations."""
+def greedy_continuations(
+    verifier: Any,
+    contexts: torch.Tensor,
+    new_tokens: int,
+    feature_layers: Sequence[int] = (),
+    feature_positions: int = 0,
+) -> Distillation:
+    """(N, C) contexts continued greedily by ``new_tokens``; with ``feature_layers``, the
+    features of the last ``feature_positions`` positions before the final token."""
     from transformers import DynamicCache
 
-    kw = {cache_keyword(verifier): DynamicCache(config=verifier.config)}
-    logits = verifier(input_ids=contexts, use_cache=True, **kw).logits[:, -1]
-    out = [contexts]
-    for _ in range(new_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)  # (N, 1)
-        out.append(token)
-        logits = verifier(input_ids=token, use_cache=True, **kw).logits[:, -1]
-    return torch.cat(out, dim=1)
+    kw = {
+        cache_keyword(verifier): DynamicCache(config=verifier.config),
+        "use_cache": True,
+        "output_hidden_states": bool(feature_layers),
+    }
+    out = verifier(input_ids=contexts, **kw)
+    ids, features = [contexts], []
+    for i in range(new_tokens):
+        if feature_layers:
+            features.append(verifier_features(out.hidden_states, feature_layers).half())
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (N, 1)
+        ids.append(token)
+        if i < new_tokens - 1:  # the final token's own forward would be wasted
+            out = verifier(input_ids=token, **kw)
+    if not feature_layers:
+        return Distillation(torch.cat(ids, dim=1))
+    return Distillation(torch.cat(ids, dim=1), torch.cat(features, dim=1)[:, -feature_positions:])
 
 
 def distillation_data(
@@ -83,24 +122,79 @@ def distillation_data(
     config: DrafterTrainingConfig,
     generator: torch.Generator,
     device: torch.device,
-) -> torch.Tensor:
-    """(sequences, context + continuation) ids: corpus contexts continued by the verifier."""
-    rows = []
+) -> Distillation:
+    """``config.sequences`` corpus contexts continued by the verifier (features included
+    when the drafter reads them)."""
+    ids, features = [], []
     bar = progress(config.sequences, 0, "verifier continuations")
     for start in range(0, config.sequences, config.generation_batch):
         n = min(config.generation_batch, config.sequences - start)
         contexts = stream.windows(n, config.context_length, generator).to(device)
-        rows.append(greedy_continuations(verifier, contexts, config.continuation_tokens).cpu())
+        batch = greedy_continuations(
+            verifier,
+            contexts,
+            config.continuation_tokens,
+            config.feature_layers,
+            config.feature_positions,
+        )
+        ids.append(batch.ids.cpu())
+        if batch.features is not None:
+            features.append(batch.features.cpu())
         bar.update(n)
     bar.close()
-    return torch.cat(rows)
+    return Distillation(torch.cat(ids), torch.cat(features) if features else None)
+
+
+def save_distillation(path: Path, data: Distillation, config: DrafterTrainingConfig) -> None:
+    # The layout travels with the ids: a resumed or reusing run must read it the same way.
+    torch.save(
+        {
+            "ids": data.ids,
+            "continuation_tokens": config.continuation_tokens,
+            "features": data.features,
+            "feature_layers": list(config.feature_layers),
+        },
+        path,
+    )
+
+
+def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation:
+    """Kept continuations, refused with a clear error when this run would read them wrongly."""
+    saved = torch.load(path)
+    data = Distillation(saved["ids"], saved.get("features"))
+    problem = None
+    if saved["continuation_tokens"] != config.continuation_tokens:
+        problem = (
+            f"holds continuations of {saved['continuation_tokens']} tokens, "
+            f"not {config.continuation_tokens}"
+        )
+    elif int(data.ids.shape[1]) - config.continuation_tokens < config.window:
+        problem = f"holds contexts shorter than the drafter window ({config.window})"
+    elif tuple(saved.get("feature_layers") or ()) != tuple(config.feature_layers):
+        problem = (
+            f"holds features of verifier layers {saved.get('feature_layers') or []}, "
+            f"not {list(config.feature_layers)}"
+        )
+    elif data.features is not None and data.features.shape[1] < config.feature_positions:
+        problem = f"holds features for a window shorter than {config.window}"
+    if problem:
+        raise ValueError(f"{path} {problem}; delete it to generate new continuations")
+    return data
+
+
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # (B, W+k) context ids then the block, masked where ``weights`` > 0
+    targets: torch.Tensor  # (B, k)
+    weights: torch.Tensor  # (B, k) MDLM weights, 0 on positions left unmasked
+    features: torch.Tensor | None  # (B, W-1, F) verifier features of all context tokens but
+    # the newest, whose features the verifier has not computed when the drafter runs
 
 
 def _batch(
-    data: torch.Tensor, config: DrafterTrainingConfig, mask_id: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs (B, W+k), targets (B, k), mask (B, k) for one batch with a random block size k."""
-    n, length = data.shape
+    data: Distillation, config: DrafterTrainingConfig, mask_id: int, generator: torch.Generator
+) -> Batch:
+    """One batch with a random block size k and (now and then) a shorter context."""
+    n, length = data.ids.shape
     k = int(torch.randint(2, config.max_block + 1, (1,), generator=generator))
     window = config.window
     # Short contexts happen at the start of a generation; teach the drafter those too.
@@ -111,7 +205,7 @@ def _batch(
     first = length - config.continuation_tokens
     cut = torch.randint(first, length - k + 1, (config.batch_size,), generator=generator)
     offsets = torch.arange(-window, k)
-    seq = data[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
+    seq = data.ids[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
     targets = seq[:, window:].clone()
     # Mask ratio t per example: half fully masked (one-step drafting), half t ~ U(0.1, 1).
     t = torch.rand(config.batch_size, generator=generator) * 0.9 + 0.1
@@ -124,7 +218,31 @@ def _batch(
     inputs = seq.clone()
     inputs[:, window:] = torch.where(masked, torch.full_like(targets, mask_id), targets)
     weights = masked.float() / t[:, None] / k  # MDLM 1/t weighting, per-token normalised
-    return inputs, targets, weights
+    features = None
+    if data.features is not None:
+        # Stored features start `config.window` positions before the continuation.
+        positions = cut[:, None] + torch.arange(-window, -1)[None, :] - (first - config.window)
+        features = data.features[rows[:, None], positions].float()
+    return Batch(inputs, targets, weights, features)
+
+
+class FeatureConditionedMLM(torch.nn.Module):
+    """A BERT drafter plus the projection that adds verifier features to its token embeddings
+    (only while training: they are saved apart, the BERT as a stock checkpoint)."""
+
+    def __init__(self, mlm: Any, feature_size: int) -> None:
+        super().__init__()
+        self.mlm = mlm
+        hidden = int(mlm.config.hidden_size)
+        self.projection = torch.nn.Linear(feature_size, hidden, bias=False)
+
+    def hidden(self, inputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and (B, m, F) features of the m positions before the newest token."""
+        embeds = self.mlm.bert.embeddings.word_embeddings(inputs)
+        m = features.shape[1]
+        extra = torch.zeros_like(embeds)
+        extra[:, :m] = self.projection(features)
+        return self.mlm.bert(inputs_embeds=embeds + extra).last_hidden_state
 
 
 def ensure_mask_token(tokenizer: Any) -> tuple[Any, bool]:
@@ -157,6 +275,8 @@ def _diffusion_model(tokenizer: Any, config: DrafterTrainingConfig) -> Any:
         # context the drafter was trained to read.
         **{"mask_token_id": tokenizer.mask_token_id, "dg_stream_window": config.window},
     )
+    if config.feature_layers:  # the verifier layers whose features the drafter reads
+        drafter_config.dg_stream_feature_layers = list(config.feature_layers)
     return BertForMaskedLM(drafter_config)
 
 
@@ -202,6 +322,8 @@ def train_drafter(
             f"architecture must be one of {ARCHITECTURES}, not {config.architecture!r}"
         )
     causal = config.architecture == "causal"
+    if causal and config.feature_layers:
+        raise ValueError("verifier features condition diffusion drafters only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
@@ -219,31 +341,23 @@ def train_drafter(
     generator = torch.Generator().manual_seed(config.seed)
     data_path = out / "distillation.pt"
     if data_path.exists():  # resuming: the verifier's continuations are the slow part
-        saved = torch.load(data_path)
-        data = saved["ids"]
-        if saved["continuation_tokens"] != config.continuation_tokens:
-            raise ValueError(
-                f"{data_path} holds continuations of {saved['continuation_tokens']} tokens, "
-                f"not {config.continuation_tokens}; delete it to generate new ones"
-            )
+        data = load_distillation(data_path, config)
     else:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         stream = TokenStream(corpus.train, tokenizer, eos)
         started = time.perf_counter()
         data = distillation_data(verifier, stream, config, generator, dev)
         seconds = time.perf_counter() - started
-        log(f"verifier continuations: {data.shape[0]} sequences in {seconds:.0f}s")
-        # The layout travels with the ids: a resumed or reusing run must read it the same way.
-        torch.save({"ids": data, "continuation_tokens": config.continuation_tokens}, data_path)
-    if int(data.shape[1]) - config.continuation_tokens < config.window:
-        raise ValueError(
-            f"{data_path} holds contexts shorter than the drafter window ({config.window}); "
-            "delete it to generate new continuations"
-        )
+        log(f"verifier continuations: {data.ids.shape[0]} sequences in {seconds:.0f}s")
+        save_distillation(data_path, data, config)
     torch.manual_seed(config.seed)
     model: Any = (
         _causal_model(verifier, config) if causal else _diffusion_model(tokenizer, config)
-    ).to(dev)
+    )
+    if config.feature_layers:
+        feature_size = len(config.feature_layers) * int(verifier.config.hidden_size)
+        model = FeatureConditionedMLM(model, feature_size)
+    model = model.to(dev)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
     )
@@ -253,25 +367,30 @@ def train_drafter(
     started = time.perf_counter()
 
     def diffusion_loss() -> tuple[torch.Tensor, int]:
-        inputs, targets, weights = _batch(data, config, tokenizer.mask_token_id, generator)
-        inputs, targets, weights = inputs.to(dev), targets.to(dev), weights.to(dev)
+        batch = _batch(data, config, tokenizer.mask_token_id, generator)
+        inputs, targets = batch.inputs.to(dev), batch.targets.to(dev)
+        weights = batch.weights.to(dev)
         k = targets.shape[1]
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]  # (B, k, H)
-            logits = model.cls(hidden).float()  # only the block needs the vocabulary head
+            if batch.features is not None:
+                hidden = model.hidden(inputs, batch.features.to(dev))[:, -k:]  # (B, k, H)
+                logits = model.mlm.cls(hidden).float()
+            else:
+                hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]
+                logits = model.cls(hidden).float()  # only the block needs the vocabulary head
         ce = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), targets.flatten(), reduction="none"
         )
         return (ce.view_as(weights) * weights).sum(dim=1).mean(), inputs.numel()
 
-    rows = causal_batch_rows(config, int(data.shape[1]))
+    rows = causal_batch_rows(config, int(data.ids.shape[1]))
 
     def causal_loss() -> tuple[torch.Tensor, int]:
         # Whole (context + continuation) rows; the loss covers the positions whose target the
         # verifier wrote, exactly the tokens the diffusion drafter learns to fill.
-        picked = torch.randint(0, data.shape[0], (rows,), generator=generator)
-        seq = data[picked].to(dev)  # (B, C + N)
-        c = int(data.shape[1]) - config.continuation_tokens
+        picked = torch.randint(0, data.ids.shape[0], (rows,), generator=generator)
+        seq = data.ids[picked].to(dev)  # (B, C + N)
+        c = int(data.ids.shape[1]) - config.continuation_tokens
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             hidden = model.model(input_ids=seq[:, :-1]).last_hidden_state[:, c - 1 :]
             logits = model.lm_head(hidden).float()  # (B, N, V)
@@ -292,12 +411,16 @@ def train_drafter(
         desc="causal drafter" if causal else "drafter",
         time_budget=config.time_budget,
     )
+    parameters = sum(p.numel() for p in model.parameters())
+    if isinstance(model, FeatureConditionedMLM):
+        save_feature_projection(out, model.projection.weight.detach().to(torch.float16))
+        model = model.mlm
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     metrics: dict[str, object] = {
         "architecture": config.architecture,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "distillation_sequences": int(data.shape[0]),
+        "parameters": parameters,
+        "distillation_sequences": int(data.ids.shape[0]),
         "steps": steps,
         "resumed_from_step": resumed_from,
         "wall_seconds_this_run": round(time.perf_counter() - started, 1),
