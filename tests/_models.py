@@ -93,3 +93,25 @@ def tiny_masked_lm(vocab_size: int, mask_token_id: int, seed: int = 1, positions
     )
     torch.manual_seed(seed)
     return tf.BertForMaskedLM(config).eval()
+
+
+def tiny_feature_drafter(
+    vocab_size: int,
+    mask_token_id: int,
+    verifier: Any,
+    layers: tuple[int, ...] = (1, 2),
+    seed: int = 5,
+    window: int = 16,
+) -> Any:
+    """A random feature-conditioned diffusion drafter for ``verifier`` (DFlash-style)."""
+    from dg_stream._drafters import DiffusionDrafter
+
+    model = tiny_masked_lm(vocab_size, mask_token_id, seed=seed)
+    model.config.dg_stream_feature_layers = list(layers)
+    hidden = int(verifier.config.hidden_size)
+    g = torch.Generator().manual_seed(seed)
+    # Large enough that the features visibly move the drafter's predictions.
+    projection = torch.randn(model.config.hidden_size, len(layers) * hidden, generator=g)
+    return DiffusionDrafter(
+        model, mask_token_id=mask_token_id, window=window, feature_projection=projection
+    )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from _drafters import MislabelledDrafter
-from _models import tiny_causal_lm, tiny_masked_lm
+from _models import tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
 from scipy.stats import chisquare
 
 from dg_stream import GenerationRequest, LocalBackend, SamplingParams, SpeculativeConfig
@@ -96,6 +96,8 @@ CASES = {  # sampling options, drafter, denoising steps, adaptive block size
     "diffusion-multi-step-point-mass": (dict(temperature=0.8, top_k=6), "diffusion", 2, False),
     "ngram-point-mass": (dict(temperature=1.0, top_p=0.85), "ngram", 1, False),
     "causal-q": (dict(temperature=0.7), "causal", 1, False),
+    # Drafts that read the verifier's hidden states: q is still exact in one step.
+    "feature-conditioned-q": (dict(temperature=1.0, top_k=8), "features", 1, False),
     # Block sizes chosen from past acceptance and timings, 0 included: still exact.
     "diffusion-adaptive": (dict(temperature=0.9), "diffusion", 1, True),
 }
@@ -109,6 +111,7 @@ def test_hybrid_sampling_matches_verifier_distribution(case: str, verifier: Any)
         "diffusion": lambda: tiny_masked_lm(V, mask_token_id=V - 1, seed=2),
         "ngram": lambda: "ngram",
         "causal": lambda: CausalDrafter(tiny_causal_lm("gpt2", V, seed=9)),
+        "features": lambda: tiny_feature_drafter(V, V - 1, verifier),
     }[kind]()
     backend = LocalBackend(verifier, drafter)
     runs = sample_runs(backend, params, block_size=2, steps=steps, adaptive=adaptive)

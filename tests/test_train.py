@@ -13,7 +13,7 @@ from dg_stream import LocalBackend, generate
 from dg_stream.cli import main
 from dg_stream.train import drafter as drafter_module
 from dg_stream.train.corpus import file_corpus, stdlib_corpus
-from dg_stream.train.drafter import DrafterTrainingConfig, train_drafter
+from dg_stream.train.drafter import Distillation, DrafterTrainingConfig, train_drafter
 
 TINY = [
     "--hidden-size",
@@ -257,7 +257,8 @@ def test_drafter_windows_longer_than_the_corpus_context_stay_inside_their_rows()
     data = torch.arange(16)[:, None] * 1000 + torch.arange(length)[None, :]  # rows increase by 1
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        inputs, targets, _weights = drafter_module._batch(data, config, -1, generator)
+        batch = drafter_module._batch(Distillation(data), config, -1, generator)
+        inputs, targets = batch.inputs, batch.targets
         window = inputs.shape[1] - targets.shape[1]
         steps = torch.diff(torch.cat([inputs[:, :window], targets], dim=1), dim=1)
         assert bool((steps == 1).all())  # contiguous context followed by its continuation
@@ -281,3 +282,98 @@ def test_kept_continuations_carry_their_layout(
     other = dataclasses.replace(config, continuation_tokens=40)
     with pytest.raises(ValueError, match="continuations of 80 tokens, not 40"):
         train_drafter(file_corpus([corpus_file]), verifier_dir, out, other)
+
+
+def test_feature_batches_line_up_with_their_tokens() -> None:
+    """Each context token but the newest gets the features of its own position."""
+    import torch
+
+    config = dataclasses.replace(TINY_CONFIG, window=8, batch_size=64, feature_layers=(1,))
+    c = config.context_length
+    length = c + config.continuation_tokens
+    ids = torch.arange(16)[:, None] * length + torch.arange(length)[None, :]
+    # Features hold the id of the position they belong to (float16 is exact up to 2048);
+    # they are stored from `window` positions before the continuation.
+    assert int(ids.max()) <= 2048
+    stored = ids[:, c - config.window : length - 1].to(torch.float16)
+    features = stored[:, :, None].expand(-1, -1, 3).contiguous()
+    assert features.shape[1] == config.feature_positions
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        batch = drafter_module._batch(Distillation(ids, features), config, -1, generator)
+        assert batch.features is not None
+        window = batch.inputs.shape[1] - batch.targets.shape[1]
+        assert batch.features.shape == (64, window - 1, 3)
+        context = batch.inputs[:, : window - 1].float()
+        assert torch.equal(batch.features[:, :, 0], context)
+
+
+def test_train_a_feature_conditioned_drafter_end_to_end(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    out = tmp_path / "drafter"
+    code = main(
+        [
+            "train",
+            "drafter",
+            "--verifier",
+            str(verifier_dir),
+            "--corpus",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--eval-prompts",
+            "0",
+            "--feature-layers",
+            "0,2",
+            "--continuation-tokens",
+            "24",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    assert (out / "feature_projection.safetensors").exists()
+    backend = LocalBackend(str(verifier_dir), str(out))
+    assert backend.drafter.feature_layers == (0, 2)
+    assert backend.drafter.feature_size == 2 * 32
+    plain = LocalBackend(str(verifier_dir), None)
+    import anyio
+
+    async def both() -> tuple[str, str]:
+        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
+        b = await generate("def add", backend=plain, max_new_tokens=20).collect()
+        return a.text, b.text
+
+    hybrid_text, plain_text = anyio.run(both)
+    assert hybrid_text == plain_text
+
+
+def test_kept_features_must_be_of_the_same_layers(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    config = dataclasses.replace(
+        TINY_CONFIG, steps=2, keep_data=True, feature_layers=(2,), continuation_tokens=16
+    )
+    out = tmp_path / "drafter"
+    train_drafter(file_corpus([corpus_file]), verifier_dir, out, config)
+    other = dataclasses.replace(config, feature_layers=(1, 2))
+    with pytest.raises(ValueError, match=r"features of verifier layers \[2\], not \[1, 2\]"):
+        train_drafter(file_corpus([corpus_file]), verifier_dir, out, other)
+
+
+def test_feature_layers_are_for_diffusion_drafters(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    config = dataclasses.replace(TINY_CONFIG, architecture="causal", feature_layers=(1,))
+    with pytest.raises(ValueError, match="diffusion drafters only"):
+        train_drafter(file_corpus([corpus_file]), verifier_dir, tmp_path, config)
+
+
+@pytest.mark.parametrize("bad", ["", "a,b", "1,-2"])
+def test_feature_layers_flag_rejects_bad_lists(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "drafter", "--feature-layers", bad]) == 2
+    assert "--feature-layers: expected" in capsys.readouterr().err

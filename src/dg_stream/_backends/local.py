@@ -135,6 +135,7 @@ class LocalBackend:
         if isinstance(drafter, str) and drafter == "ngram":
             return NgramDrafter()
         if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
+            self._check_features(drafter)
             return drafter  # already a Drafter
         projection = None
         if isinstance(drafter, (str, os.PathLike)):
@@ -166,8 +167,6 @@ class LocalBackend:
                 "the diffusion drafter has no mask token: give its tokenizer a "
                 "mask_token or set config.mask_token_id"
             )
-        if projection is None:  # a model object may carry its projection
-            projection = getattr(drafter, "dg_stream_feature_projection", None)
         try:
             diffusion = DiffusionDrafter(
                 drafter,
@@ -178,13 +177,19 @@ class LocalBackend:
                 output_vocab_size=self.verifier.vocab_size,
                 feature_projection=projection,
             )
-        except ValueError as exc:
+        except ValueError as exc:  # e.g. a feature-conditioned model without its projection
             raise ModelLoadError(f"cannot use this drafter: {exc}") from exc
         self._check_features(diffusion)
         return diffusion
 
     def _check_features(self, drafter: Any) -> None:
         """A feature-conditioned drafter must fit this verifier's layers and width."""
+        missing = [a for a in ("feature_layers", "feature_window") if not hasattr(drafter, a)]
+        if missing:
+            raise ModelLoadError(
+                f"{type(drafter).__name__} lacks the Drafter attribute(s) {', '.join(missing)} "
+                "(use () and 0 for a drafter that reads no verifier features)"
+            )
         if not drafter.feature_layers:
             return
         config = self.verifier.config
@@ -196,9 +201,10 @@ class LocalBackend:
                 f"the drafter reads verifier layers {list(drafter.feature_layers)}, but the "
                 f"verifier has {layers} layers"
             )
-        if drafter.feature_size != wanted:
+        size = getattr(drafter, "feature_size", None)  # known to drafters with a projection
+        if size is not None and size != wanted:
             raise ModelLoadError(
-                f"the drafter reads {drafter.feature_size} verifier features per token, but "
+                f"the drafter reads {size} verifier features per token, but "
                 f"layers {list(drafter.feature_layers)} of this verifier give {wanted}: it was "
                 "trained for another verifier"
             )

@@ -62,6 +62,18 @@ def _verifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected layer numbers like 2,5,8, not {text!r}"
+        ) from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative layer numbers, not {text!r}")
+    return layers
+
+
 def _drafter(args: argparse.Namespace) -> int:
     from .corpus import Corpus
     from .drafter import DrafterTrainingConfig, train_drafter
@@ -83,6 +95,8 @@ def _drafter(args: argparse.Namespace) -> int:
         seed=args.seed,
         time_budget=args.time_budget,
         keep_data=args.keep_data,
+        continuation_tokens=args.continuation_tokens,
+        feature_layers=tuple(args.feature_layers),
     )
     corpus: Corpus = _corpus(args)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
@@ -182,6 +196,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="feed-forward width (default: 3 x hidden size)",
     )
     dra.add_argument("--window", type=int, default=32, help="context tokens the drafter reads")
+    dra.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=80,
+        help="tokens the verifier writes after each corpus context",
+    )
+    dra.add_argument(
+        "--feature-layers",
+        type=_layer_list,
+        default=(),
+        metavar="I,J,...",
+        help="also read the verifier's hidden states at these layers (0: embeddings; e.g. "
+        "2,5,8): a drafter for this verifier only, and a much better one",
+    )
     dra.add_argument(
         "--sequences", type=int, default=12288, help="verifier continuations to distil from"
     )

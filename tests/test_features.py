@@ -1,0 +1,192 @@
+"""Feature-conditioned drafting: the drafter reads the verifier's hidden states (DFlash-style).
+
+The engine must hand the drafter exactly the verifier's features of the committed context
+(all but the newest token, whose features do not exist yet), through prefill, partial
+acceptance and rollback; the output must stay the verifier's own; a drafter trained for
+another verifier must be refused at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _models import ARCHITECTURES, tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
+from test_greedy_lossless import PROMPTS, hybrid, reference
+
+from dg_stream import LocalBackend
+from dg_stream._drafters import DiffusionDrafter, DraftProposal
+from dg_stream._errors import ModelLoadError
+from dg_stream._loading import FEATURE_PROJECTION_FILE, save_feature_projection
+from dg_stream._verifier import verifier_features
+
+
+def test_features_are_unit_rms_layers_side_by_side() -> None:
+    hidden = [torch.randn(1, 5, 8) * scale for scale in (1.0, 10.0, 100.0)]
+    features = verifier_features(hidden, (2, 0))
+    assert features.shape == (1, 5, 16)
+    rms = features.view(1, 5, 2, 8).pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    # Layer 2 first, as asked: the same direction as its hidden state.
+    cosine = torch.nn.functional.cosine_similarity(features[..., :8], hidden[2], dim=-1)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5)
+
+
+class RecordingFeatureDrafter:
+    """Wraps a feature-conditioned drafter; keeps every (context, features) it was handed.
+
+    With ``truth`` (prompt + the verifier's greedy continuation) it proposes that instead, its
+    last token spoiled every other call: blocks wholly and partly accepted.
+    """
+
+    def __init__(self, inner: DiffusionDrafter, truth: list[int] | None = None) -> None:
+        self.inner = inner
+        self.truth = truth
+        self.vocab_size = inner.vocab_size
+        self.max_block_size = inner.max_block_size
+        self.feature_layers = inner.feature_layers
+        self.feature_window = inner.feature_window
+        self.feature_size = inner.feature_size
+        self.seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def session(self) -> RecordingFeatureDrafter:
+        return self
+
+    def close(self) -> None: ...
+
+    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
+        features = options.get("features")
+        self.seen.append((context.clone(), None if features is None else features.clone()))
+        if self.truth is None:
+            return self.inner.propose(context, k, *args, **options)
+        n = context.shape[0]
+        tokens = torch.tensor(self.truth[n : n + k])
+        if len(self.seen) % 2 and tokens.numel():
+            tokens[-1] = (tokens[-1] + 1) % 50
+        return DraftProposal(tokens, None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_the_drafter_sees_the_features_of_its_committed_context(arch: str, tiny_tok: Any) -> None:
+    model = tiny_causal_lm(arch, len(tiny_tok))
+    inner = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model, window=6)
+    prompt = PROMPTS["long"]
+    expected = reference(model, prompt, 40)
+    drafter = RecordingFeatureDrafter(inner, truth=[*prompt, *expected])
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok)
+    ids, stats = hybrid(backend, prompt, 40, block_size=3)
+    assert ids == expected
+    # Whole blocks and partial ones were accepted, so the features went through rollbacks.
+    assert 0 < stats.accepted_tokens < stats.drafted_tokens
+    assert len(drafter.seen) >= stats.verifier_calls - 1 > 5
+    for context, features in drafter.seen:
+        assert features is not None
+        with torch.no_grad():
+            out = model(input_ids=context[None, :-1], output_hidden_states=True)
+        expected = verifier_features(out.hidden_states, inner.feature_layers)[0]
+        m = min(6, context.shape[0] - 1)
+        assert features.shape == (m, expected.shape[-1])
+        # Computed a block at a time from a cache, so equal up to float rounding.
+        torch.testing.assert_close(features, expected[-m:], atol=2e-4, rtol=1e-4)
+
+
+def test_a_one_token_prompt_starts_without_features(tiny_tok: Any) -> None:
+    model = tiny_causal_lm("llama", len(tiny_tok))
+    drafter = RecordingFeatureDrafter(
+        tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok)
+    assert hybrid(backend, PROMPTS["one"], 12, 4)[0] == reference(model, PROMPTS["one"], 12)
+    assert drafter.seen[0][1] is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_feature_conditioned_drafting_matches_plain_greedy(arch: str, tiny_tok: Any) -> None:
+    model = tiny_causal_lm(arch, len(tiny_tok))
+    drafter = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model)
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok)
+    for name in ("short", "long"):
+        expected = reference(model, PROMPTS[name], 30)
+        for block_size, steps in [(1, 1), (4, 1), (8, 3)]:
+            assert hybrid(backend, PROMPTS[name], 30, block_size, steps)[0] == expected
+
+
+def test_the_features_change_the_drafts(tiny_tok: Any) -> None:
+    """Not a no-op: the same drafter without its features proposes other blocks."""
+    model = tiny_causal_lm("llama", len(tiny_tok))
+    drafter = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model)
+    context = torch.tensor(PROMPTS["long"])
+    with torch.no_grad():
+        out = model(input_ids=context[None, :-1], output_hidden_states=True)
+    features = verifier_features(out.hidden_states, drafter.feature_layers)[0]
+    from dg_stream import SamplingParams
+
+    params = SamplingParams(temperature=1.0)
+    with_features = drafter.propose(context, 8, params, None, features=features).q
+    without = drafter.propose(context, 8, params, None).q
+    assert with_features is not None and without is not None
+    # A random tiny BERT predicts almost uniformly; still, every position moves.
+    assert (with_features - without).abs().sum(-1).min() > 1e-4
+
+
+def save_feature_drafter(path: Path, tiny_tok: Any, verifier: Any, layers: tuple[int, ...]) -> None:
+    drafter = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, verifier, layers)
+    drafter.model.save_pretrained(path)
+    tiny_tok.save_pretrained(path)
+    assert drafter.projection is not None
+    save_feature_projection(path, drafter.projection)
+
+
+def test_a_saved_feature_drafter_loads_from_its_folder(tmp_path: Path, tiny_tok: Any) -> None:
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    save_feature_drafter(tmp_path, tiny_tok, verifier, (0, 2))
+    backend = LocalBackend(verifier, tmp_path, tokenizer=tiny_tok)
+    assert backend.drafter.feature_layers == (0, 2) and backend.drafter.feature_size == 64
+    prompt = PROMPTS["short"]
+    assert hybrid(backend, prompt, 20, 5)[0] == reference(verifier, prompt, 20)
+
+
+def test_a_feature_drafter_without_its_projection_is_refused(
+    tmp_path: Path, tiny_tok: Any
+) -> None:
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    save_feature_drafter(tmp_path, tiny_tok, verifier, (2,))
+    (tmp_path / FEATURE_PROJECTION_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="no feature projection"):
+        LocalBackend(verifier, tmp_path, tokenizer=tiny_tok)
+
+
+def test_a_feature_drafter_for_another_verifier_is_refused(tmp_path: Path, tiny_tok: Any) -> None:
+    wide = tiny_causal_lm("gpt_neox", len(tiny_tok))
+    wide_config = wide.config
+    wide_config.hidden_size = 48  # only the width matters to the check
+    save_feature_drafter(tmp_path, tiny_tok, wide, (1, 2))
+    verifier = tiny_causal_lm("llama", len(tiny_tok))  # 32 wide
+    with pytest.raises(ModelLoadError, match="trained for another verifier"):
+        LocalBackend(verifier, tmp_path, tokenizer=tiny_tok)
+    deep = tmp_path / "deep"
+    save_feature_drafter(deep, tiny_tok, verifier, (1, 5))
+    with pytest.raises(ModelLoadError, match="the verifier has 2 layers"):
+        LocalBackend(verifier, deep, tokenizer=tiny_tok)
+
+
+def test_a_drafter_object_without_the_feature_attributes_is_refused(tiny_tok: Any) -> None:
+    class OldStyleDrafter:
+        vocab_size = None
+        max_block_size = 8
+
+        def session(self) -> Any:
+            return self
+
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    with pytest.raises(ModelLoadError, match="feature_layers, feature_window"):
+        LocalBackend(verifier, OldStyleDrafter(), tokenizer=tiny_tok)
+
+
+def test_projection_must_fit_the_drafter() -> None:
+    model = tiny_masked_lm(50, 2)
+    model.config.dg_stream_feature_layers = [1]
+    with pytest.raises(ValueError, match="hidden size 32"):
+        DiffusionDrafter(model, mask_token_id=2, feature_projection=torch.zeros(16, 64))
