@@ -330,6 +330,7 @@ def test_train_a_feature_conditioned_drafter_end_to_end(
             "0,2",
             "--continuation-tokens",
             "24",
+            "--cpu-bf16",
             *TINY,
         ]
     )

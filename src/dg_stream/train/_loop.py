@@ -28,9 +28,12 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it; full precision on CPU."""
+def autocast_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it; on CPU only when asked (CPUs with bf16 matrix
+    units train about twice as fast with it, others slower)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_bf16:
         return torch.bfloat16
     return None
 

@@ -97,6 +97,7 @@ def _drafter(args: argparse.Namespace) -> int:
         keep_data=args.keep_data,
         continuation_tokens=args.continuation_tokens,
         feature_layers=tuple(args.feature_layers),
+        cpu_bf16=args.cpu_bf16,
     )
     corpus: Corpus = _corpus(args)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
@@ -201,6 +202,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=80,
         help="tokens the verifier writes after each corpus context",
+    )
+    dra.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="bf16 autocast on CPU as well (about 2x faster on CPUs with bf16 matrix units)",
     )
     dra.add_argument(
         "--feature-layers",

@@ -59,6 +59,7 @@ class DrafterTrainingConfig:
     # Verifier layers whose hidden states the drafter reads beside the tokens (DFlash-style
     # conditioning; 0 is the embeddings); empty for a drafter that reads tokens alone.
     feature_layers: tuple[int, ...] = ()
+    cpu_bf16: bool = False  # bf16 autocast when training on CPU too
 
     @property
     def context_length(self) -> int:
@@ -363,7 +364,7 @@ def train_drafter(
     )
     checkpoints = Checkpointer(out)
     resumed_from = checkpoints.load(model, optimizer, generator)
-    amp = autocast_dtype(dev)
+    amp = autocast_dtype(dev, config.cpu_bf16)
     started = time.perf_counter()
 
     def diffusion_loss() -> tuple[torch.Tensor, int]:
