@@ -190,3 +190,25 @@ def test_projection_must_fit_the_drafter() -> None:
     model.config.dg_stream_feature_layers = [1]
     with pytest.raises(ValueError, match="hidden size 32"):
         DiffusionDrafter(model, mask_token_id=2, feature_projection=torch.zeros(16, 64))
+
+
+def test_features_cover_only_the_feature_window(tiny_tok: Any) -> None:
+    """A drafter trained on features of its newest positions reads exactly those."""
+    model = tiny_causal_lm("llama", len(tiny_tok))
+    drafter = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model, window=10)
+    drafter.feature_window = 4  # as from config dg_stream_feature_window: 3 rows of features
+    context = torch.tensor(PROMPTS["long"])
+    with torch.no_grad():
+        out = model(input_ids=context[None, :-1], output_hidden_states=True)
+    features = verifier_features(out.hidden_states, drafter.feature_layers)[0]
+    from dg_stream import SamplingParams
+
+    params = SamplingParams(temperature=1.0)
+
+    def q(rows: int) -> torch.Tensor:
+        proposal = drafter.propose(context, 4, params, None, features=features[-rows:])
+        assert proposal.q is not None
+        return proposal.q
+
+    assert torch.equal(q(3), q(len(features)))  # rows beyond the window are ignored
+    assert not torch.equal(q(2), q(3))  # the three newest all count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -364,11 +365,50 @@ def test_kept_features_must_be_of_the_same_layers(
         train_drafter(file_corpus([corpus_file]), verifier_dir, out, other)
 
 
+def test_a_token_drafter_learns_to_read_features(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    """--init-from keeps the drafter's window and block size and starts from its weights."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from dg_stream.train.drafter import FeatureConditionedMLM
+
+    corpus = file_corpus([corpus_file])
+    tokens = tmp_path / "tokens"
+    base = dataclasses.replace(TINY_CONFIG, steps=2, window=6, max_block=5)
+    train_drafter(corpus, verifier_dir, tokens, base)
+    start = AutoModelForMaskedLM.from_pretrained(tokens).float().eval()
+    # The projection starts at zero: the warm-started drafter predicts as before.
+    wrapped = FeatureConditionedMLM(start, 64).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        plain = start.bert(input_ids=ids).last_hidden_state
+        conditioned = wrapped.hidden(ids, torch.randn(2, 3, 64), context=5)
+    torch.testing.assert_close(conditioned, plain)
+    config = dataclasses.replace(
+        TINY_CONFIG,
+        steps=2,
+        init_from=str(tokens),
+        feature_layers=(1, 2),
+        feature_window=4,
+        continuation_tokens=16,
+    )
+    out = tmp_path / "features"
+    train_drafter(corpus, verifier_dir, out, config)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dg_stream_window"] == 6 and saved["max_position_embeddings"] == 11
+    assert saved["dg_stream_feature_layers"] == [1, 2]
+    assert saved["dg_stream_feature_window"] == 4
+    backend = LocalBackend(str(verifier_dir), str(out))
+    assert backend.drafter.feature_window == 4 and backend.drafter.window == 6
+
+
 def test_feature_layers_are_for_diffusion_drafters(
     tmp_path: Path, verifier_dir: Path, corpus_file: Path
 ) -> None:
     config = dataclasses.replace(TINY_CONFIG, architecture="causal", feature_layers=(1,))
-    with pytest.raises(ValueError, match="diffusion drafters only"):
+    with pytest.raises(ValueError, match="for diffusion drafters only"):
         train_drafter(file_corpus([corpus_file]), verifier_dir, tmp_path, config)
 
 

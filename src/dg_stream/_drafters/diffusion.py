@@ -7,7 +7,8 @@ at least an even share of the rest), so ``steps=1`` fills the whole block in one
 
 A feature-conditioned drafter (config ``dg_stream_feature_layers``, DFlash-style) also reads
 the verifier's hidden states at those layers for its context tokens: a learned projection adds
-them to the token embeddings. The newest token has none yet (the verifier has not read it).
+them to the token embeddings, and the latest of them to every masked slot. The newest token
+has none yet (the verifier has not read it).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class DiffusionDrafter:
                 "this drafter reads verifier features (config dg_stream_feature_layers) but "
                 "no feature projection was given; load it from its checkpoint folder"
             )
-        self.feature_window = self.window if self.feature_layers else 0
+        # The newest context positions the features cover (the newest token has none).
+        covered = getattr(model.config, "dg_stream_feature_window", None) or self.window
+        self.feature_window = min(int(covered), self.window) if self.feature_layers else 0
         self.projection: torch.Tensor | None = None
         if self.feature_layers and feature_projection is not None:
             hidden = int(model.config.hidden_size)
@@ -98,17 +101,20 @@ class DiffusionDrafter:
     def _extra_embeddings(
         self, features: torch.Tensor | None, length: int, context: int
     ) -> torch.Tensor | None:
-        """Projected features on the context positions before the newest token, zero elsewhere
-        (the positions training saw without features)."""
+        """Projected features on the context positions before the newest token, and the
+        latest of them on every block position: what training fed (zero on the newest)."""
         if self.projection is None:
             return None
         extra = torch.zeros(length, self.projection.shape[0], device=self.device)
         extra = extra.to(self.projection.dtype)
-        m = 0 if features is None else min(features.shape[0], context - 1)
+        if features is None:
+            return extra
+        m = min(features.shape[0], context - 1, self.feature_window - 1)
         if m > 0:
-            assert features is not None
             rows = features[-m:].to(self.device, self.projection.dtype)
-            extra[context - 1 - m : context - 1] = rows @ self.projection.T
+            projected = rows @ self.projection.T
+            extra[context - 1 - m : context - 1] = projected
+            extra[context:] = projected[-1]
         return extra
 
     def _logits(

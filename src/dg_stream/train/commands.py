@@ -98,6 +98,8 @@ def _drafter(args: argparse.Namespace) -> int:
         continuation_tokens=args.continuation_tokens,
         feature_layers=tuple(args.feature_layers),
         cpu_bf16=args.cpu_bf16,
+        feature_window=args.feature_window,
+        init_from=args.init_from,
     )
     corpus: Corpus = _corpus(args)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
@@ -202,6 +204,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=80,
         help="tokens the verifier writes after each corpus context",
+    )
+    dra.add_argument(
+        "--feature-window",
+        type=int,
+        default=0,
+        metavar="N",
+        help="read features for the newest N context positions only (default: the window)",
+    )
+    dra.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="start from this diffusion drafter (e.g. teach a token-only drafter to read "
+        "verifier features); its window and block size are kept",
     )
     dra.add_argument(
         "--cpu-bf16",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,7 +59,13 @@ class DrafterTrainingConfig:
     # Verifier layers whose hidden states the drafter reads beside the tokens (DFlash-style
     # conditioning; 0 is the embeddings); empty for a drafter that reads tokens alone.
     feature_layers: tuple[int, ...] = ()
+    # The newest context positions whose features are read (the newest token included, which
+    # has none yet); at most the window. 0: the whole window.
+    feature_window: int = 0
     cpu_bf16: bool = False  # bf16 autocast when training on CPU too
+    # A diffusion drafter to start from (same tokenizer), e.g. a token-only drafter that
+    # learns to read verifier features; its window and block size are kept.
+    init_from: str | None = None
 
     @property
     def context_length(self) -> int:
@@ -68,10 +74,15 @@ class DrafterTrainingConfig:
         return max(self.context_tokens, self.window)
 
     @property
+    def features_read(self) -> int:
+        """Context positions covered by features (see ``feature_window``)."""
+        return min(self.feature_window or self.window, self.window)
+
+    @property
     def feature_positions(self) -> int:
-        """Positions whose verifier features a batch can read: the drafter window before the
+        """Positions whose verifier features are kept: ``features_read`` before the
         continuation and every continuation position but the last."""
-        return self.window + self.continuation_tokens - 1
+        return self.features_read + self.continuation_tokens - 1
 
 
 class Distillation(NamedTuple):
@@ -169,15 +180,15 @@ def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation
             f"holds continuations of {saved['continuation_tokens']} tokens, "
             f"not {config.continuation_tokens}"
         )
-    elif int(data.ids.shape[1]) - config.continuation_tokens < config.window:
-        problem = f"holds contexts shorter than the drafter window ({config.window})"
+    elif int(data.ids.shape[1]) - config.max_block < config.window:
+        problem = f"holds rows too short for the drafter window ({config.window}) and a block"
     elif tuple(saved.get("feature_layers") or ()) != tuple(config.feature_layers):
         problem = (
             f"holds features of verifier layers {saved.get('feature_layers') or []}, "
             f"not {list(config.feature_layers)}"
         )
     elif data.features is not None and data.features.shape[1] < config.feature_positions:
-        problem = f"holds features for a window shorter than {config.window}"
+        problem = f"holds features for fewer than {config.features_read} context positions"
     if problem:
         raise ValueError(f"{path} {problem}; delete it to generate new continuations")
     return data
@@ -187,7 +198,7 @@ class Batch(NamedTuple):
     inputs: torch.Tensor  # (B, W+k) context ids then the block, masked where ``weights`` > 0
     targets: torch.Tensor  # (B, k)
     weights: torch.Tensor  # (B, k) MDLM weights, 0 on positions left unmasked
-    features: torch.Tensor | None  # (B, W-1, F) verifier features of all context tokens but
+    features: torch.Tensor | None  # (B, m, F) verifier features of the m context tokens before
     # the newest, whose features the verifier has not computed when the drafter runs
 
 
@@ -202,15 +213,18 @@ def _batch(
     if float(torch.rand(1, generator=generator)) < 0.1:
         window = int(torch.randint(1, config.window + 1, (1,), generator=generator))
     rows = torch.randint(0, n, (config.batch_size,), generator=generator)
-    # Block starts inside the verifier-written part, so targets are always greedy continuations.
+    # Block starts inside the verifier-written part, so targets are always greedy continuations,
+    # and late enough for a whole window to lie inside the row.
     first = length - config.continuation_tokens
-    cut = torch.randint(first, length - k + 1, (config.batch_size,), generator=generator)
+    lowest = max(first, config.window)
+    cut = torch.randint(lowest, length - k + 1, (config.batch_size,), generator=generator)
     offsets = torch.arange(-window, k)
     seq = data.ids[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
     targets = seq[:, window:].clone()
-    # Mask ratio t per example: half fully masked (one-step drafting), half t ~ U(0.1, 1).
+    # Mask ratio t per example: three quarters fully masked (one-step drafting, the default),
+    # the rest t ~ U(0.1, 1) for multi-step denoising.
     t = torch.rand(config.batch_size, generator=generator) * 0.9 + 0.1
-    t[: config.batch_size // 2] = 1.0
+    t[: config.batch_size * 3 // 4] = 1.0
     masked = torch.rand(config.batch_size, k, generator=generator) < t[:, None]
     masked[
         torch.arange(config.batch_size),
@@ -221,9 +235,10 @@ def _batch(
     weights = masked.float() / t[:, None] / k  # MDLM 1/t weighting, per-token normalised
     features = None
     if data.features is not None:
-        # Stored features start `config.window` positions before the continuation.
-        positions = cut[:, None] + torch.arange(-window, -1)[None, :] - (first - config.window)
-        features = data.features[rows[:, None], positions].float()
+        read = min(window, config.features_read)
+        # Stored features start `features_read` positions before the continuation.
+        offsets = torch.arange(-read, -1)[None, :] - (first - config.features_read)
+        features = data.features[rows[:, None], cut[:, None] + offsets].float()
     return Batch(inputs, targets, weights, features)
 
 
@@ -236,13 +251,19 @@ class FeatureConditionedMLM(torch.nn.Module):
         self.mlm = mlm
         hidden = int(mlm.config.hidden_size)
         self.projection = torch.nn.Linear(feature_size, hidden, bias=False)
+        # Zero: the drafter starts as it would read tokens alone (a warm start stays intact).
+        torch.nn.init.zeros_(self.projection.weight)
 
-    def hidden(self, inputs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and (B, m, F) features of the m positions before the newest token."""
+    def hidden(self, inputs: torch.Tensor, features: torch.Tensor, context: int) -> torch.Tensor:
+        """(B, T) ids whose first ``context`` are the context, and (B, m, F) features of the
+        m context tokens before the newest."""
         embeds = self.mlm.bert.embeddings.word_embeddings(inputs)
         m = features.shape[1]
         extra = torch.zeros_like(embeds)
-        extra[:, :m] = self.projection(features)
+        if m:
+            projected = self.projection(features)
+            extra[:, context - 1 - m : context - 1] = projected
+            extra[:, context:] = projected[:, -1:]  # the latest features reach every drafted slot
         return self.mlm.bert(inputs_embeds=embeds + extra).last_hidden_state
 
 
@@ -276,9 +297,26 @@ def _diffusion_model(tokenizer: Any, config: DrafterTrainingConfig) -> Any:
         # context the drafter was trained to read.
         **{"mask_token_id": tokenizer.mask_token_id, "dg_stream_window": config.window},
     )
-    if config.feature_layers:  # the verifier layers whose features the drafter reads
-        drafter_config.dg_stream_feature_layers = list(config.feature_layers)
     return BertForMaskedLM(drafter_config)
+
+
+def _warm_start(config: DrafterTrainingConfig, tokenizer: Any) -> tuple[Any, DrafterTrainingConfig]:
+    """The drafter at ``config.init_from`` and the config with its window and block size."""
+    from transformers import AutoModelForMaskedLM
+
+    assert config.init_from is not None
+    model = AutoModelForMaskedLM.from_pretrained(config.init_from, dtype=torch.float32)
+    if int(model.config.vocab_size) != len(tokenizer):
+        raise ValueError(
+            f"{config.init_from} has a vocabulary of {model.config.vocab_size} ids, the "
+            f"verifier's tokenizer {len(tokenizer)}"
+        )
+    window = int(getattr(model.config, "dg_stream_window", 0) or config.window)
+    max_block = int(model.config.max_position_embeddings) - window
+    for stale in ("dg_stream_block_size", "dg_stream_adaptive"):  # measured for the old model
+        if hasattr(model.config, stale):
+            delattr(model.config, stale)
+    return model, replace(config, window=window, max_block=max_block)
 
 
 def _causal_model(verifier: Any, config: DrafterTrainingConfig) -> Any:
@@ -323,8 +361,8 @@ def train_drafter(
             f"architecture must be one of {ARCHITECTURES}, not {config.architecture!r}"
         )
     causal = config.architecture == "causal"
-    if causal and config.feature_layers:
-        raise ValueError("verifier features condition diffusion drafters only")
+    if causal and (config.feature_layers or config.init_from):
+        raise ValueError("verifier features and warm starts are for diffusion drafters only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
@@ -337,6 +375,9 @@ def train_drafter(
             f"the verifier's tokenizer has no mask token: added {tokenizer.mask_token!r} "
             f"(id {tokenizer.mask_token_id}) for the drafter"
         )
+    start: Any = None
+    if config.init_from:
+        start, config = _warm_start(config, tokenizer)
     verifier: Any = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32)
     verifier = verifier.to(dev).eval()
     generator = torch.Generator().manual_seed(config.seed)
@@ -352,10 +393,15 @@ def train_drafter(
         log(f"verifier continuations: {data.ids.shape[0]} sequences in {seconds:.0f}s")
         save_distillation(data_path, data, config)
     torch.manual_seed(config.seed)
-    model: Any = (
-        _causal_model(verifier, config) if causal else _diffusion_model(tokenizer, config)
-    )
+    model: Any
+    if causal:
+        model = _causal_model(verifier, config)
+    else:
+        model = start if start is not None else _diffusion_model(tokenizer, config)
     if config.feature_layers:
+        # Saved with the checkpoint: which verifier layers it reads, and over how many tokens.
+        model.config.dg_stream_feature_layers = list(config.feature_layers)
+        model.config.dg_stream_feature_window = config.features_read
         feature_size = len(config.feature_layers) * int(verifier.config.hidden_size)
         model = FeatureConditionedMLM(model, feature_size)
     model = model.to(dev)
@@ -374,7 +420,8 @@ def train_drafter(
         k = targets.shape[1]
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             if batch.features is not None:
-                hidden = model.hidden(inputs, batch.features.to(dev))[:, -k:]  # (B, k, H)
+                features = batch.features.to(dev)
+                hidden = model.hidden(inputs, features, inputs.shape[1] - k)[:, -k:]  # (B, k, H)
                 logits = model.mlm.cls(hidden).float()
             else:
                 hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]
