@@ -10,7 +10,8 @@
 # phase has a time budget (seconds of optimisation; the step count shrinks to fit, the
 # schedule decays fully), so the run ends on time on a slower card. Sizes and budgets come
 # from the variables below; SMOKE=1 shrinks everything to check the script on a CPU in a
-# minute. After each phase the result is packed into $PACKED (default RUNS_DIR/packed/, 16 MB
+# minute. FEATURES=2,5,8 trains a drafter that also reads the verifier's hidden states at
+# those layers (DFlash-style; FEATURE_WINDOW positions of them, default 16). After each phase the result is packed into $PACKED (default RUNS_DIR/packed/, 16 MB
 # parts, small enough for most transfer limits), so a run stopped early keeps what it finished.
 set -euo pipefail
 RUNS="${1:?usage: train_default_pair_gpu.sh RUNS_DIR [LIB_DIR]}"
@@ -54,9 +55,11 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 has verifier && rm -f "$RUNS/drafter/distillation.pt" "$RUNS/assistant/distillation.pt"
 has verifier && train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
 has verifier && pack verifier
+F=()
+[[ -n "${FEATURES:-}" ]] && F=(--feature-layers "$FEATURES" --feature-window "${FEATURE_WINDOW:-16}")
 if has drafter; then
     train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/drafter" \
-        --eval-prompts 0 --keep-data "${D[@]}"
+        --eval-prompts 0 --keep-data "${D[@]}" "${F[@]}"
     pack drafter
 fi
 if has assistant; then

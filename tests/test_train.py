@@ -418,3 +418,23 @@ def test_feature_layers_flag_rejects_bad_lists(
 ) -> None:
     assert main(["train", "drafter", "--feature-layers", bad]) == 2
     assert "--feature-layers: expected" in capsys.readouterr().err
+
+
+def test_gpu_training_script_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
+    """SMOKE=1 shrinks every phase: the script that spends scarce GPU minutes must not fail."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "train_default_pair_gpu.sh"
+    env = {**os.environ, "SMOKE": "1", "FEATURES": "1,2", "PYTHON": sys.executable}
+    subprocess.run(
+        ["bash", str(script), str(tmp_path)], env=env, check=True, timeout=900, capture_output=True
+    )
+    for part in ("verifier", "drafter", "assistant"):
+        assert list((tmp_path / "packed").glob(f"{part}.tar.part-*")), part
+    drafter = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert drafter["dg_stream_feature_layers"] == [1, 2]
+    assert (tmp_path / "drafter" / "feature_projection.safetensors").exists()
+    # The causal assistant learnt from the same continuations, without their features.
+    assert (tmp_path / "assistant" / "model.safetensors").exists()

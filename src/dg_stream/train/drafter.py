@@ -173,7 +173,9 @@ def save_distillation(path: Path, data: Distillation, config: DrafterTrainingCon
 def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation:
     """Kept continuations, refused with a clear error when this run would read them wrongly."""
     saved = torch.load(path)
-    data = Distillation(saved["ids"], saved.get("features"))
+    # A drafter that reads tokens only can learn from any continuations (features dropped).
+    features = saved.get("features") if config.feature_layers else None
+    data = Distillation(saved["ids"], features)
     problem = None
     if saved["continuation_tokens"] != config.continuation_tokens:
         problem = (
@@ -182,7 +184,9 @@ def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation
         )
     elif int(data.ids.shape[1]) - config.max_block < config.window:
         problem = f"holds rows too short for the drafter window ({config.window}) and a block"
-    elif tuple(saved.get("feature_layers") or ()) != tuple(config.feature_layers):
+    elif config.feature_layers and tuple(saved.get("feature_layers") or ()) != tuple(
+        config.feature_layers
+    ):
         problem = (
             f"holds features of verifier layers {saved.get('feature_layers') or []}, "
             f"not {list(config.feature_layers)}"
