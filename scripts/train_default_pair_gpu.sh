@@ -56,7 +56,9 @@ has verifier && rm -f "$RUNS/drafter/distillation.pt" "$RUNS/assistant/distillat
 has verifier && train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
 has verifier && pack verifier
 F=()
-[[ -n "${FEATURES:-}" ]] && F=(--feature-layers "$FEATURES" --feature-window "${FEATURE_WINDOW:-16}")
+if [[ -n "${FEATURES:-}" ]]; then
+    F=(--feature-layers "$FEATURES" --feature-window "${FEATURE_WINDOW:-16}")
+fi
 if has drafter; then
     train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/drafter" \
         --eval-prompts 0 --keep-data "${D[@]}" "${F[@]}"

@@ -86,7 +86,7 @@ def test_the_drafter_sees_the_features_of_its_committed_context(arch: str, tiny_
         with torch.no_grad():
             out = model(input_ids=context[None, :-1], output_hidden_states=True)
         expected = verifier_features(out.hidden_states, inner.feature_layers)[0]
-        m = min(6, context.shape[0] - 1)
+        m = min(inner.feature_window, context.shape[0] - 1)  # 5 rows: the window but its newest
         assert features.shape == (m, expected.shape[-1])
         # Computed a block at a time from a cache, so equal up to float rounding.
         torch.testing.assert_close(features, expected[-m:], atol=2e-4, rtol=1e-4)
@@ -172,17 +172,27 @@ def test_a_feature_drafter_for_another_verifier_is_refused(tmp_path: Path, tiny_
         LocalBackend(verifier, deep, tokenizer=tiny_tok)
 
 
-def test_a_drafter_object_without_the_feature_attributes_is_refused(tiny_tok: Any) -> None:
-    class OldStyleDrafter:
+def test_a_drafter_written_before_features_still_works(tiny_tok: Any) -> None:
+    """No feature attributes, no ``features`` keyword: it is handed no features."""
+
+    class OlderDrafter:
         vocab_size = None
         max_block_size = 8
 
         def session(self) -> Any:
             return self
 
+        def close(self) -> None: ...
+
+        def propose(
+            self, context: Any, k: int, params: Any, generator: Any, *, steps: Any, confidence: Any
+        ) -> DraftProposal:
+            return DraftProposal(context[-k:].clone(), None)  # repeats the context's tail
+
     verifier = tiny_causal_lm("llama", len(tiny_tok))
-    with pytest.raises(ModelLoadError, match="feature_layers, feature_window"):
-        LocalBackend(verifier, OldStyleDrafter(), tokenizer=tiny_tok)
+    backend = LocalBackend(verifier, OlderDrafter(), tokenizer=tiny_tok)
+    prompt = PROMPTS["long"]
+    assert hybrid(backend, prompt, 20, 4)[0] == reference(verifier, prompt, 20)
 
 
 def test_projection_must_fit_the_drafter() -> None:
@@ -196,7 +206,7 @@ def test_features_cover_only_the_feature_window(tiny_tok: Any) -> None:
     """A drafter trained on features of its newest positions reads exactly those."""
     model = tiny_causal_lm("llama", len(tiny_tok))
     drafter = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model, window=10)
-    drafter.feature_window = 4  # as from config dg_stream_feature_window: 3 rows of features
+    drafter.feature_window = 3  # as from config dg_stream_feature_window
     context = torch.tensor(PROMPTS["long"])
     with torch.no_grad():
         out = model(input_ids=context[None, :-1], output_hidden_states=True)

@@ -285,28 +285,52 @@ def test_kept_continuations_carry_their_layout(
         train_drafter(file_corpus([corpus_file]), verifier_dir, out, other)
 
 
-def test_feature_batches_line_up_with_their_tokens() -> None:
-    """Each context token but the newest gets the features of its own position."""
+@pytest.mark.parametrize("feature_window", [0, 3])
+def test_feature_batches_line_up_with_their_tokens(tmp_path: Path, feature_window: int) -> None:
+    """Each context token before the newest gets the features of its own position, also from
+    continuations kept for a longer feature window."""
     import torch
 
-    config = dataclasses.replace(TINY_CONFIG, window=8, batch_size=64, feature_layers=(1,))
+    from dg_stream.train.drafter import load_distillation, save_distillation
+
+    config = dataclasses.replace(
+        TINY_CONFIG, window=8, batch_size=64, feature_layers=(1,), feature_window=feature_window
+    )
     c = config.context_length
     length = c + config.continuation_tokens
     ids = torch.arange(16)[:, None] * length + torch.arange(length)[None, :]
-    # Features hold the id of the position they belong to (float16 is exact up to 2048);
-    # they are stored from `window` positions before the continuation.
+    # Features hold the id of the position they belong to (float16 is exact up to 2048), kept
+    # for the whole window (7 positions before the newest context token) and everything after.
     assert int(ids.max()) <= 2048
-    stored = ids[:, c - config.window : length - 1].to(torch.float16)
+    stored = ids[:, c - 8 : length - 1].to(torch.float16)
     features = stored[:, :, None].expand(-1, -1, 3).contiguous()
-    assert features.shape[1] == config.feature_positions
+    written = dataclasses.replace(config, feature_window=0)
+    save_distillation(tmp_path / "d.pt", Distillation(ids, features), written)
+    data = load_distillation(tmp_path / "d.pt", config)
+    assert data.features is not None and data.features.shape[1] == config.feature_positions
+    read = feature_window or 7
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
-        batch = drafter_module._batch(Distillation(ids, features), config, -1, generator)
+        batch = drafter_module._batch(data, config, -1, generator)
         assert batch.features is not None
         window = batch.inputs.shape[1] - batch.targets.shape[1]
-        assert batch.features.shape == (64, window - 1, 3)
-        context = batch.inputs[:, : window - 1].float()
+        rows = min(window - 1, read)
+        assert batch.features.shape == (64, rows, 3)
+        context = batch.inputs[:, window - 1 - rows : window - 1].float()
         assert torch.equal(batch.features[:, :, 0], context)
+
+
+def test_settings_that_would_fail_late_are_refused_early(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    corpus = file_corpus([corpus_file])
+    short = dataclasses.replace(TINY_CONFIG, continuation_tokens=8)  # blocks of up to 16
+    with pytest.raises(ValueError, match="do not fit in continuations of 8"):
+        train_drafter(corpus, verifier_dir, tmp_path, short)
+    deep = dataclasses.replace(TINY_CONFIG, feature_layers=(1, 3))  # the verifier has 2
+    with pytest.raises(ValueError, match=r"feature layers \[3\] do not exist"):
+        train_drafter(corpus, verifier_dir, tmp_path, deep)
+    assert not (tmp_path / "distillation.pt").exists()  # refused before any verifier work
 
 
 def test_train_a_feature_conditioned_drafter_end_to_end(
@@ -402,6 +426,21 @@ def test_a_token_drafter_learns_to_read_features(
     assert saved["dg_stream_feature_window"] == 4
     backend = LocalBackend(str(verifier_dir), str(out))
     assert backend.drafter.feature_window == 4 and backend.drafter.window == 6
+    # A warm start keeps a projection only for the same verifier layers.
+    from dg_stream._loading import load_feature_projection
+
+    trained = load_feature_projection(out).float()
+    again = FeatureConditionedMLM(AutoModelForMaskedLM.from_pretrained(out), 64)
+    again.load_projection(out, (1, 2))
+    assert torch.equal(again.projection.weight.data, trained)
+    other = FeatureConditionedMLM(AutoModelForMaskedLM.from_pretrained(out), 64)
+    other.load_projection(out, (0, 2))
+    assert not other.projection.weight.data.any()
+    # A token-only drafter started from a feature drafter reads no features.
+    plain = tmp_path / "plain"
+    train_drafter(corpus, verifier_dir, plain, dataclasses.replace(base, init_from=str(out)))
+    assert "dg_stream_feature_layers" not in json.loads((plain / "config.json").read_text())
+    assert LocalBackend(str(verifier_dir), str(plain)).drafter.feature_layers == ()
 
 
 def test_feature_layers_are_for_diffusion_drafters(

@@ -104,10 +104,11 @@ class GenerationSession:
         self.stats = Stats()
         self.started = time.perf_counter()
         # Verifier features of the newest committed positions (all but the newest token),
-        # for a drafter that reads them.
+        # for a drafter that reads them; drafters written before features existed read none.
         drafter = engine.drafter
-        self.feature_layers = drafter.feature_layers if drafter is not None else ()
-        self.feature_window = drafter.feature_window if drafter is not None else 0
+        self.feature_window = int(getattr(drafter, "feature_window", 0) or 0)
+        layers = getattr(drafter, "feature_layers", ()) or ()
+        self.feature_layers: tuple[int, ...] = tuple(layers) if self.feature_window > 0 else ()
         self.features: torch.Tensor | None = None
         self.proposal: DraftProposal | None = None
         self.finished = False
@@ -122,8 +123,11 @@ class GenerationSession:
         draft_seconds = 0.0
         t0 = time.perf_counter()
         if self.cache.length == 0 and self.ids.shape[0] > 1:
-            # Prefill all but the newest token.
-            self._keep_features(verifier.forward(self.ids[:-1], self.cache, self.feature_layers))
+            # Prefill all but the newest token (features only for the rows the drafter reads).
+            prefill = verifier.forward(
+                self.ids[:-1], self.cache, self.feature_layers, feature_rows=self.feature_window
+            )
+            self._keep_features(prefill)
         if self.proposal is None:  # first step; later proposals are made at the end of a step
             t_draft = time.perf_counter()
             self.proposal = self._propose()
@@ -183,7 +187,7 @@ class GenerationSession:
         new = scores.features[:count]
         if self.features is not None:
             new = torch.cat([self.features, new])
-        self.features = new[-self.feature_window :]
+        self.features = new[-self.feature_window :].clone()  # not a view of the whole call
 
     def _propose(self) -> DraftProposal:
         remaining = self.request.max_new_tokens - self.generated
@@ -193,6 +197,8 @@ class GenerationSession:
         if self.draft_session is None or k <= 0:
             return empty_proposal()
         started = time.perf_counter()
+        # Features go only to drafters that read them (older drafters lack the keyword).
+        extra = {"features": self.features} if self.feature_layers else {}
         proposal = self.draft_session.propose(
             self.ids,
             k,
@@ -200,7 +206,7 @@ class GenerationSession:
             self.generator,
             steps=self.steps,
             confidence=self.confidence,
-            features=self.features,
+            **extra,
         )
         if self.policy is not None:
             self.policy.costs.observe_draft(k, time.perf_counter() - started, self.steps)

@@ -112,10 +112,15 @@ class Verifier:
 
     @torch.inference_mode()
     def forward(
-        self, ids: torch.Tensor, cache: VerifierCache, feature_layers: Sequence[int] = ()
+        self,
+        ids: torch.Tensor,
+        cache: VerifierCache,
+        feature_layers: Sequence[int] = (),
+        feature_rows: int | None = None,
     ) -> Scores:
         """Append ``ids`` ((T,)) to the cache; their next-token logits (T, V), and with
-        ``feature_layers`` the hidden-state features of each position (T, F)."""
+        ``feature_layers`` the hidden-state features of each position, or of the last
+        ``feature_rows`` (a long prompt's prefill needs only those)."""
         start = cache.length
         positions = torch.arange(start, start + ids.shape[0], device=self.device)
         out = self.model(
@@ -128,5 +133,7 @@ class Verifier:
         cache.length = start + ids.shape[0]
         features = None
         if feature_layers:
-            features = verifier_features(out.hidden_states, feature_layers)[0]
+            rows = ids.shape[0] if feature_rows is None else min(feature_rows, ids.shape[0])
+            hidden = [h[0, ids.shape[0] - rows :] for h in out.hidden_states]
+            features = verifier_features(hidden, feature_layers)
         return Scores(out.logits[0].float(), features)

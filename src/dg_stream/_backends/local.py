@@ -184,28 +184,23 @@ class LocalBackend:
 
     def _check_features(self, drafter: Any) -> None:
         """A feature-conditioned drafter must fit this verifier's layers and width."""
-        missing = [a for a in ("feature_layers", "feature_window") if not hasattr(drafter, a)]
-        if missing:
-            raise ModelLoadError(
-                f"{type(drafter).__name__} lacks the Drafter attribute(s) {', '.join(missing)} "
-                "(use () and 0 for a drafter that reads no verifier features)"
-            )
-        if not drafter.feature_layers:
+        feature_layers = tuple(getattr(drafter, "feature_layers", ()) or ())
+        if not feature_layers:
             return
         config = self.verifier.config
         layers = int(getattr(config, "num_hidden_layers", 0) or 0)
         hidden = int(getattr(config, "hidden_size", 0) or 0)
-        wanted = len(drafter.feature_layers) * hidden
-        if max(drafter.feature_layers) > layers or min(drafter.feature_layers) < 0:
+        wanted = len(feature_layers) * hidden
+        if layers and (max(feature_layers) > layers or min(feature_layers) < 0):
             raise ModelLoadError(
-                f"the drafter reads verifier layers {list(drafter.feature_layers)}, but the "
+                f"the drafter reads verifier layers {list(feature_layers)}, but the "
                 f"verifier has {layers} layers"
             )
         size = getattr(drafter, "feature_size", None)  # known to drafters with a projection
-        if size is not None and size != wanted:
+        if size is not None and hidden and size != wanted:
             raise ModelLoadError(
                 f"the drafter reads {size} verifier features per token, but "
-                f"layers {list(drafter.feature_layers)} of this verifier give {wanted}: it was "
+                f"layers {list(feature_layers)} of this verifier give {wanted}: it was "
                 "trained for another verifier"
             )
 

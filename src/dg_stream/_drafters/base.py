@@ -59,9 +59,9 @@ class Drafter(Protocol):
     #: Most tokens one proposal may hold (position limits of the model).
     max_block_size: int
     #: Verifier layers whose features the drafter reads (see ``verifier_features``); empty
-    #: for drafters that read tokens only.
+    #: for drafters that read tokens only. Optional: a drafter without it reads none.
     feature_layers: tuple[int, ...]
-    #: How many of the newest positions' features a proposal reads.
+    #: How many positions before the newest token a proposal reads features for.
     feature_window: int
 
     def session(self) -> DraftSession: ...

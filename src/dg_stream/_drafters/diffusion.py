@@ -7,8 +7,8 @@ at least an even share of the rest), so ``steps=1`` fills the whole block in one
 
 A feature-conditioned drafter (config ``dg_stream_feature_layers``, DFlash-style) also reads
 the verifier's hidden states at those layers for its context tokens: a learned projection adds
-them to the token embeddings, and the latest of them to every masked slot. The newest token
-has none yet (the verifier has not read it).
+them to the token embeddings, and the latest of them to every slot of the block. The newest
+token has none yet (the verifier has not read it).
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ class DiffusionDrafter:
                 "this drafter reads verifier features (config dg_stream_feature_layers) but "
                 "no feature projection was given; load it from its checkpoint folder"
             )
-        # The newest context positions the features cover (the newest token has none).
-        covered = getattr(model.config, "dg_stream_feature_window", None) or self.window
-        self.feature_window = min(int(covered), self.window) if self.feature_layers else 0
+        # Rows of features read: the context positions before the newest token, up to the
+        # number the drafter was trained with.
+        rows = getattr(model.config, "dg_stream_feature_window", None) or self.window - 1
+        self.feature_window = min(int(rows), self.window - 1) if self.feature_layers else 0
         self.projection: torch.Tensor | None = None
         if self.feature_layers and feature_projection is not None:
             hidden = int(model.config.hidden_size)
@@ -105,11 +106,12 @@ class DiffusionDrafter:
         latest of them on every block position: what training fed (zero on the newest)."""
         if self.projection is None:
             return None
-        extra = torch.zeros(length, self.projection.shape[0], device=self.device)
-        extra = extra.to(self.projection.dtype)
+        extra = torch.zeros(
+            length, self.projection.shape[0], device=self.device, dtype=self.projection.dtype
+        )
         if features is None:
             return extra
-        m = min(features.shape[0], context - 1, self.feature_window - 1)
+        m = min(features.shape[0], context - 1, self.feature_window)
         if m > 0:
             rows = features[-m:].to(self.device, self.projection.dtype)
             projected = rows @ self.projection.T

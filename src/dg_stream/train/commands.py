@@ -210,7 +210,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="read features for the newest N context positions only (default: the window)",
+        help="read features for the N positions before the newest token only "
+        "(default: all in the window)",
     )
     dra.add_argument(
         "--init-from",

@@ -5,7 +5,9 @@ continuations, not the corpus: contexts from the corpus are continued greedily b
 and every position of a continuation is a training example (the rest of a greedy sequence is
 the greedy continuation of its prefix). The drafter is a small BERT masked LM that reads the
 last ``window`` tokens and fills a masked block (MDLM loss: cross-entropy on masked positions,
-weighted by 1/t for mask ratio t; half the examples fully masked, as one-step drafting sees).
+weighted by 1/t for mask ratio t; three quarters of the examples fully masked, as one-step
+drafting sees them). With ``feature_layers`` it also reads the verifier's hidden states at those
+layers, captured while the verifier writes the continuations (see ``FeatureConditionedMLM``).
 
 ``architecture="causal"`` distils a small Llama causal LM of the same width and depth from the
 same continuations instead (next-token cross-entropy on the verifier-written positions): the
@@ -24,12 +26,20 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._loading import save_feature_projection
+from .._loading import load_feature_projection, save_feature_projection
 from .._verifier import cache_keyword, verifier_features
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
 from .corpus import Corpus
 
-__all__ = ["ARCHITECTURES", "DrafterTrainingConfig", "distillation_data", "train_drafter"]
+__all__ = [
+    "ARCHITECTURES",
+    "Distillation",
+    "DrafterTrainingConfig",
+    "FeatureConditionedMLM",
+    "distillation_data",
+    "greedy_continuations",
+    "train_drafter",
+]
 
 
 ARCHITECTURES = ("diffusion", "causal")
@@ -59,8 +69,8 @@ class DrafterTrainingConfig:
     # Verifier layers whose hidden states the drafter reads beside the tokens (DFlash-style
     # conditioning; 0 is the embeddings); empty for a drafter that reads tokens alone.
     feature_layers: tuple[int, ...] = ()
-    # The newest context positions whose features are read (the newest token included, which
-    # has none yet); at most the window. 0: the whole window.
+    # How many context positions before the newest token get their features (the newest has
+    # none yet); 0: every one in the window.
     feature_window: int = 0
     cpu_bf16: bool = False  # bf16 autocast when training on CPU too
     # A diffusion drafter to start from (same tokenizer), e.g. a token-only drafter that
@@ -75,14 +85,14 @@ class DrafterTrainingConfig:
 
     @property
     def features_read(self) -> int:
-        """Context positions covered by features (see ``feature_window``)."""
-        return min(self.feature_window or self.window, self.window)
+        """Rows of features a drafter input holds (see ``feature_window``)."""
+        return min(self.feature_window or self.window - 1, self.window - 1)
 
     @property
     def feature_positions(self) -> int:
-        """Positions whose verifier features are kept: ``features_read`` before the
-        continuation and every continuation position but the last."""
-        return self.features_read + self.continuation_tokens - 1
+        """Positions whose verifier features are kept: ``features_read`` before the newest
+        context token, and the newest and every continuation position but the last."""
+        return self.features_read + self.continuation_tokens
 
 
 class Distillation(NamedTuple):
@@ -106,7 +116,8 @@ def greedy_continuations(
     feature_positions: int = 0,
 ) -> Distillation:
     """(N, C) contexts continued greedily by ``new_tokens``; with ``feature_layers``, the
-    features of the last ``feature_positions`` positions before the final token."""
+    features of the last ``feature_positions`` positions that have them (all but the final
+    token)."""
     from transformers import DynamicCache
 
     kw = {
@@ -125,7 +136,8 @@ def greedy_continuations(
             out = verifier(input_ids=token, **kw)
     if not feature_layers:
         return Distillation(torch.cat(ids, dim=1))
-    return Distillation(torch.cat(ids, dim=1), torch.cat(features, dim=1)[:, -feature_positions:])
+    kept = torch.cat(features, dim=1)
+    return Distillation(torch.cat(ids, dim=1), kept[:, kept.shape[1] - feature_positions :])
 
 
 def distillation_data(
@@ -173,8 +185,12 @@ def save_distillation(path: Path, data: Distillation, config: DrafterTrainingCon
 def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation:
     """Kept continuations, refused with a clear error when this run would read them wrongly."""
     saved = torch.load(path)
-    # A drafter that reads tokens only can learn from any continuations (features dropped).
+    # A drafter that reads tokens only can learn from any continuations (features dropped);
+    # stored features end at the same position whatever window they were kept for, so a
+    # smaller window takes their tail.
     features = saved.get("features") if config.feature_layers else None
+    if features is not None and features.shape[1] >= config.feature_positions:
+        features = features[:, features.shape[1] - config.feature_positions :]
     data = Distillation(saved["ids"], features)
     problem = None
     if saved["continuation_tokens"] != config.continuation_tokens:
@@ -193,6 +209,8 @@ def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation
         )
     elif data.features is not None and data.features.shape[1] < config.feature_positions:
         problem = f"holds features for fewer than {config.features_read} context positions"
+    elif config.feature_layers and data.features is None:
+        problem = "holds no verifier features"
     if problem:
         raise ValueError(f"{path} {problem}; delete it to generate new continuations")
     return data
@@ -222,8 +240,8 @@ def _batch(
     first = length - config.continuation_tokens
     lowest = max(first, config.window)
     cut = torch.randint(lowest, length - k + 1, (config.batch_size,), generator=generator)
-    offsets = torch.arange(-window, k)
-    seq = data.ids[rows[:, None], cut[:, None] + offsets[None, :]]  # (B, W+k)
+    span = torch.arange(-window, k)
+    seq = data.ids[rows[:, None], cut[:, None] + span[None, :]]  # (B, W+k)
     targets = seq[:, window:].clone()
     # Mask ratio t per example: three quarters fully masked (one-step drafting, the default),
     # the rest t ~ U(0.1, 1) for multi-step denoising.
@@ -239,10 +257,11 @@ def _batch(
     weights = masked.float() / t[:, None] / k  # MDLM 1/t weighting, per-token normalised
     features = None
     if data.features is not None:
-        read = min(window, config.features_read)
-        # Stored features start `features_read` positions before the continuation.
-        offsets = torch.arange(-read, -1)[None, :] - (first - config.features_read)
-        features = data.features[rows[:, None], cut[:, None] + offsets].float()
+        # Positions cut-1-read .. cut-2: the context before its newest token (at cut-1).
+        read = min(window - 1, config.features_read)
+        # Stored features start `features_read` positions before the newest context token.
+        index = torch.arange(-read - 1, -1)[None, :] - (first - 1 - config.features_read)
+        features = data.features[rows[:, None], cut[:, None] + index].float()
     return Batch(inputs, targets, weights, features)
 
 
@@ -257,6 +276,15 @@ class FeatureConditionedMLM(torch.nn.Module):
         self.projection = torch.nn.Linear(feature_size, hidden, bias=False)
         # Zero: the drafter starts as it would read tokens alone (a warm start stays intact).
         torch.nn.init.zeros_(self.projection.weight)
+
+    def load_projection(self, drafter_dir: str | Path, layers: Sequence[int]) -> None:
+        """Take the projection of a drafter that read the same layers (else keep zeros)."""
+        config = json.loads((Path(drafter_dir) / "config.json").read_text())
+        weight = load_feature_projection(drafter_dir)
+        same = list(config.get("dg_stream_feature_layers") or []) == list(layers)
+        if weight is not None and same and weight.shape == self.projection.weight.shape:
+            with torch.no_grad():
+                self.projection.weight.copy_(weight.float())
 
     def hidden(self, inputs: torch.Tensor, features: torch.Tensor, context: int) -> torch.Tensor:
         """(B, T) ids whose first ``context`` are the context, and (B, m, F) features of the
@@ -317,7 +345,14 @@ def _warm_start(config: DrafterTrainingConfig, tokenizer: Any) -> tuple[Any, Dra
         )
     window = int(getattr(model.config, "dg_stream_window", 0) or config.window)
     max_block = int(model.config.max_position_embeddings) - window
-    for stale in ("dg_stream_block_size", "dg_stream_adaptive"):  # measured for the old model
+    # Recommendations measured for the old model, and what it read (set again below if this
+    # run reads features too).
+    for stale in (
+        "dg_stream_block_size",
+        "dg_stream_adaptive",
+        "dg_stream_feature_layers",
+        "dg_stream_feature_window",
+    ):
         if hasattr(model.config, stale):
             delattr(model.config, stale)
     return model, replace(config, window=window, max_block=max_block)
@@ -347,6 +382,24 @@ def _causal_model(verifier: Any, config: DrafterTrainingConfig) -> Any:
     model = LlamaForCausalLM(causal_config)
     model.generation_config = copy.deepcopy(verifier.generation_config)
     return model
+
+
+def _check_config(config: DrafterTrainingConfig, verifier: Any) -> None:
+    """Refuse settings that would fail only after the (slow) continuations are written."""
+    if config.max_block > config.continuation_tokens:
+        raise ValueError(
+            f"blocks of up to {config.max_block} tokens do not fit in continuations of "
+            f"{config.continuation_tokens}: raise continuation_tokens"
+        )
+    if config.feature_window < 0:
+        raise ValueError(f"feature_window must be 0 or more, got {config.feature_window}")
+    layers = int(verifier.config.num_hidden_layers)
+    wrong = [layer for layer in config.feature_layers if not 0 <= layer <= layers]
+    if wrong:
+        raise ValueError(
+            f"feature layers {wrong} do not exist: the verifier has layers 0 (embeddings) "
+            f"to {layers}"
+        )
 
 
 def train_drafter(
@@ -384,6 +437,7 @@ def train_drafter(
         start, config = _warm_start(config, tokenizer)
     verifier: Any = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32)
     verifier = verifier.to(dev).eval()
+    _check_config(config, verifier)
     generator = torch.Generator().manual_seed(config.seed)
     data_path = out / "distillation.pt"
     if data_path.exists():  # resuming: the verifier's continuations are the slow part
@@ -408,6 +462,8 @@ def train_drafter(
         model.config.dg_stream_feature_window = config.features_read
         feature_size = len(config.feature_layers) * int(verifier.config.hidden_size)
         model = FeatureConditionedMLM(model, feature_size)
+        if start is not None:  # a drafter that read the same features keeps its projection
+            model.load_projection(config.init_from, config.feature_layers)
     model = model.to(dev)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01
