@@ -11,7 +11,8 @@
 # schedule decays fully), so the run ends on time on a slower card. Sizes and budgets come
 # from the variables below; SMOKE=1 shrinks everything to check the script on a CPU in a
 # minute. FEATURES=2,5,8 trains a drafter that also reads the verifier's hidden states at
-# those layers (DFlash-style; FEATURE_WINDOW positions of them, default 16). After each phase the result is packed into $PACKED (default RUNS_DIR/packed/, 16 MB
+# those layers (DFlash-style; FEATURE_WINDOW positions of them, default 16). After each
+# phase the result is packed into $PACKED (default RUNS_DIR/packed/, 16 MB
 # parts, small enough for most transfer limits), so a run stopped early keeps what it finished.
 set -euo pipefail
 RUNS="${1:?usage: train_default_pair_gpu.sh RUNS_DIR [LIB_DIR]}"
