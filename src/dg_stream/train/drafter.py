@@ -386,7 +386,8 @@ def _causal_model(verifier: Any, config: DrafterTrainingConfig) -> Any:
 
 def _check_config(config: DrafterTrainingConfig, verifier: Any) -> None:
     """Refuse settings that would fail only after the (slow) continuations are written."""
-    if config.max_block > config.continuation_tokens:
+    # A causal assistant learns whole continuations; only diffusion blocks must fit in one.
+    if config.architecture == "diffusion" and config.max_block > config.continuation_tokens:
         raise ValueError(
             f"blocks of up to {config.max_block} tokens do not fit in continuations of "
             f"{config.continuation_tokens}: raise continuation_tokens"
