@@ -36,6 +36,19 @@ TINY_CONFIG = DrafterTrainingConfig(
 )
 
 
+def train_drafter_command(verifier: Path, corpus: Path, out: Path, *options: str) -> int:
+    """``dg-stream train drafter`` on the tiny verifier and corpus, with tiny sizes."""
+    return main(
+        [
+            "train",
+            "drafter",
+            *("--verifier", str(verifier), "--corpus", str(corpus), "--out", str(out)),
+            *options,
+            *TINY,
+        ]
+    )
+
+
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "code.py"
@@ -62,23 +75,8 @@ def test_train_drafter_command_end_to_end(
     tmp_path: Path, verifier_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "drafter"
-    code = main(
-        [
-            "train",
-            "drafter",
-            "--verifier",
-            str(verifier_dir),
-            "--corpus",
-            str(corpus_file),
-            "--out",
-            str(out),
-            "--steps",
-            "6",
-            "--eval-prompts",
-            "2",
-            *TINY,
-        ]
-    )
+    options = ("--steps", "6", "--eval-prompts", "2")
+    code = train_drafter_command(verifier_dir, corpus_file, out, *options)
     assert code == 0
     assert (out / "model.safetensors").exists() and (out / "training_metrics.json").exists()
     assert not (out / "checkpoint.pt").exists()  # removed once training completed
@@ -337,27 +335,12 @@ def test_train_a_feature_conditioned_drafter_end_to_end(
     tmp_path: Path, verifier_dir: Path, corpus_file: Path
 ) -> None:
     out = tmp_path / "drafter"
-    code = main(
-        [
-            "train",
-            "drafter",
-            "--verifier",
-            str(verifier_dir),
-            "--corpus",
-            str(corpus_file),
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-            "--eval-prompts",
-            "0",
-            "--feature-layers",
-            "0,2",
-            "--continuation-tokens",
-            "24",
-            "--cpu-bf16",
-            *TINY,
-        ]
+    code = train_drafter_command(
+        verifier_dir,
+        corpus_file,
+        out,
+        *("--steps", "4", "--eval-prompts", "0", "--feature-layers", "0,2"),
+        *("--continuation-tokens", "24", "--cpu-bf16"),
     )
     assert code == 0
     assert (out / "feature_projection.safetensors").exists()

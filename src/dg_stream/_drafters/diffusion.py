@@ -23,7 +23,24 @@ from .._sampling import logits_to_probs, sample
 from .base import DraftProposal, empty_proposal
 from .lean_bert import maybe_lean
 
-__all__ = ["DiffusionDrafter"]
+__all__ = ["DiffusionDrafter", "place_features"]
+
+
+def place_features(projected: torch.Tensor, length: int, context: int) -> torch.Tensor:
+    """Where projected verifier features enter a drafter input of ``length`` positions whose
+    first ``context`` are the context: (..., m, H) features of the m tokens before the newest
+    -> (..., length, H) additions to the token embeddings.
+
+    They sit on their own positions, the newest token gets none (the verifier has not read
+    it), and the latest of them goes to every block slot. Training and drafting share this
+    one rule.
+    """
+    m = projected.shape[-2]
+    extra = projected.new_zeros(*projected.shape[:-2], length, projected.shape[-1])
+    if m:
+        extra[..., context - 1 - m : context - 1, :] = projected
+        extra[..., context:, :] = projected[..., -1:, :]
+    return extra
 
 
 class DiffusionDrafter:
@@ -102,22 +119,16 @@ class DiffusionDrafter:
     def _extra_embeddings(
         self, features: torch.Tensor | None, length: int, context: int
     ) -> torch.Tensor | None:
-        """Projected features on the context positions before the newest token, and the
-        latest of them on every block position: what training fed (zero on the newest)."""
+        """The projected features the drafter was trained with (see ``place_features``)."""
         if self.projection is None:
             return None
-        extra = torch.zeros(
-            length, self.projection.shape[0], device=self.device, dtype=self.projection.dtype
-        )
-        if features is None:
-            return extra
-        m = min(features.shape[0], context - 1, self.feature_window)
-        if m > 0:
-            rows = features[-m:].to(self.device, self.projection.dtype)
-            projected = rows @ self.projection.T
-            extra[context - 1 - m : context - 1] = projected
-            extra[context:] = projected[-1]
-        return extra
+        m = 0 if features is None else min(features.shape[0], context - 1, self.feature_window)
+        if features is None or m <= 0:
+            rows = torch.zeros(0, self.projection.shape[1], device=self.device)
+        else:
+            rows = features[-m:]
+        projected = rows.to(self.device, self.projection.dtype) @ self.projection.T
+        return place_features(projected, length, context)
 
     def _logits(
         self, ids: torch.Tensor, last: int, extra: torch.Tensor | None = None

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._argtypes import int_list
 from ._config import FULL, QUICK, BenchConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -15,18 +16,6 @@ __all__ = ["build_parser", "config_from_args", "main"]
 DEFAULT_PROMPTS = Path("benchmarks/prompts/prompts.jsonl")
 DEFAULT_ASSISTANT = Path("benchmarks/assistant")
 DEFAULT_OUT = Path("benchmarks/results")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("values must be positive integers")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--num-prompts", type=int)
     work.add_argument("--max-new-tokens", type=int)
     work.add_argument("--repeats", type=int)
-    work.add_argument("--block-sizes", type=_ints, help="hybrid grid, e.g. 4,8,16")
-    work.add_argument("--steps", type=_ints, help="denoising steps grid, e.g. 1,2")
+    work.add_argument("--block-sizes", type=int_list(1, "4,8,16"), help="hybrid grid, e.g. 4,8,16")
+    work.add_argument("--steps", type=int_list(1, "1,2"), help="denoising steps grid, e.g. 1,2")
     work.add_argument("--no-adaptive", action="store_true", help="skip the adaptive block size")
     work.add_argument(
         "--temperature",

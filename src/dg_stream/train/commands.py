@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import int_list
+
 __all__ = ["add_parser"]
 
 RUNS = Path("runs")
@@ -60,18 +62,6 @@ def _verifier(args: argparse.Namespace) -> int:
     metrics = train_verifier(_corpus(args), args.tokenizer, args.out, config, args.device)
     print(json.dumps(metrics, indent=2))
     return 0
-
-
-def _layer_list(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected layer numbers like 2,5,8, not {text!r}"
-        ) from None
-    if not layers or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative layer numbers, not {text!r}")
-    return layers
 
 
 def _drafter(args: argparse.Namespace) -> int:
@@ -226,7 +216,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     dra.add_argument(
         "--feature-layers",
-        type=_layer_list,
+        type=int_list(0, "2,5,8"),
         default=(),
         metavar="I,J,...",
         help="also read the verifier's hidden states at these layers (0: embeddings; e.g. "

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._drafters.diffusion import place_features
 from .._loading import load_feature_projection, save_feature_projection
 from .._verifier import cache_keyword, verifier_features
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
@@ -128,8 +129,9 @@ def greedy_continuations(
     out = verifier(input_ids=contexts, **kw)
     ids, features = [contexts], []
     for i in range(new_tokens):
-        if feature_layers:
-            features.append(verifier_features(out.hidden_states, feature_layers).half())
+        if feature_layers:  # only the positions that are kept
+            states = [h[:, max(0, h.shape[1] - feature_positions) :] for h in out.hidden_states]
+            features.append(verifier_features(states, feature_layers).half())
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (N, 1)
         ids.append(token)
         if i < new_tokens - 1:  # the final token's own forward would be wasted
@@ -290,12 +292,7 @@ class FeatureConditionedMLM(torch.nn.Module):
         """(B, T) ids whose first ``context`` are the context, and (B, m, F) features of the
         m context tokens before the newest."""
         embeds = self.mlm.bert.embeddings.word_embeddings(inputs)
-        m = features.shape[1]
-        extra = torch.zeros_like(embeds)
-        if m:
-            projected = self.projection(features)
-            extra[:, context - 1 - m : context - 1] = projected
-            extra[:, context:] = projected[:, -1:]  # the latest features reach every drafted slot
+        extra = place_features(self.projection(features), inputs.shape[1], context)
         return self.mlm.bert(inputs_embeds=embeds + extra).last_hidden_state
 
 
