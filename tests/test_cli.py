@@ -98,6 +98,24 @@ def test_generate_reads_the_prompt_from_stdin(model_args: list[str], expected: A
     assert code == 2 and "empty" in err and out == ""
 
 
+def test_invalid_utf8_is_replaced_with_a_warning(model_args: list[str],
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python hands the bytes b"abc\xff" of argv over as "abc\udcff" (surrogateescape).
+    options = ["--max-new-tokens", "4", *model_args]
+    code, out, err = run_cli(["generate", "abc\udcff", "--stop", "\udcff", *options], capsys)
+    assert code == 0 and out, err
+    assert err.count("not valid UTF-8; invalid bytes were replaced with U+FFFD") == 2
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff")))
+    code, out, err = run_cli(["generate", "-", *options], capsys)
+    assert code == 0 and out, err
+    assert err.startswith("dg-stream: warning: the prompt is not valid UTF-8")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi \udcff\n"))
+    code, out, err = run_cli(["chat", *options], capsys)
+    assert code == 0 and out, err
+    assert "the input is not valid UTF-8" in err and "error" not in err
+
+
 def test_json_events_and_stats(model_args: list[str], expected: Any,
                                capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["generate", PROMPT, "--max-new-tokens", "24", "--json", "--stats",

@@ -68,6 +68,23 @@ def test_repetition_penalty_rows_see_their_own_prefix(data: st.DataObject, penal
         assert torch.allclose(ours[i], processor(prefix, logits[i : i + 1].clone())[0])
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-5, 1e5, 1e300])
+@pytest.mark.parametrize("penalty", [None, 1e-300, 1e300])
+def test_extreme_temperatures_and_penalties_give_distributions(
+    temperature: float, penalty: float | None
+) -> None:
+    logits = torch.tensor([[3.0, -2.0, 0.0, 9.0, float("-inf")], [1.0, 1.0, -4.0, 0.5, 2.0]])
+    if penalty is not None:
+        logits = apply_repetition_penalty(
+            logits, torch.tensor([0, 1, 3]), torch.tensor([4]), penalty
+        )
+    probs = process_logits(logits, SamplingParams(temperature=temperature)).softmax(dim=-1)
+    assert bool(torch.isfinite(probs).all()) and torch.allclose(probs.sum(-1), torch.ones(2))
+    if temperature < 1e-4 and penalty is None:  # greedy in effect
+        assert probs.argmax(-1).tolist() == logits.argmax(-1).tolist()
+        assert bool((probs.max(-1).values > 0.99).all())
+
+
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_greedy_acceptance_is_longest_matching_prefix(data: st.DataObject) -> None:

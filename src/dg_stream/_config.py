@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import msgspec
@@ -17,6 +18,51 @@ def _check(condition: bool, message: str, param: str) -> None:
         raise InvalidRequestError(message, param=param)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_int(value: Any) -> Any:
+    """A plain int for any integral number (numpy's included); other values pass through."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _as_float(value: Any) -> Any:
+    """A plain float for any real number (numpy's included); other values pass through."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            return math.inf
+    return value
+
+
+def check_text(value: object, what: str, param: str) -> None:
+    """Refuse a non-string, or a string that is not valid Unicode text (lone surrogates).
+
+    Lone surrogates are what Python's ``surrogateescape`` makes of invalid UTF-8 bytes (in
+    ``sys.argv`` or ``sys.stdin``); no tokenizer or JSON encoder accepts them.
+    """
+    _check(isinstance(value, str), f"{what} must be a string, got {type(value).__name__}", param)
+    assert isinstance(value, str)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise InvalidRequestError(
+            f"{what} is not valid UTF-8 text: it holds the lone surrogate {bad!r} at index "
+            f"{exc.start} (decode bytes with errors='replace')",
+            param=param,
+        ) from None
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How the verifier's next-token distribution is shaped; ``temperature=0`` is greedy."""
 
@@ -28,23 +74,30 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def __post_init__(self) -> None:
         _check(
-            math.isfinite(self.temperature) and self.temperature >= 0,
-            f"temperature must be a finite number >= 0, got {self.temperature}",
+            _is_number(self.temperature) and self.temperature >= 0,
+            f"temperature must be a finite number >= 0, got {self.temperature!r}",
             "temperature",
         )
         _check(
-            self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}", "top_k"
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            f"top_k must be an integer >= 1, got {self.top_k!r}",
+            "top_k",
         )
         _check(
-            self.top_p is None or (math.isfinite(self.top_p) and 0 < self.top_p <= 1),
-            f"top_p must be in (0, 1], got {self.top_p}",
+            self.top_p is None or (_is_number(self.top_p) and 0 < self.top_p <= 1),
+            f"top_p must be a number in (0, 1], got {self.top_p!r}",
             "top_p",
         )
         _check(
             self.repetition_penalty is None
-            or (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            or (_is_number(self.repetition_penalty) and self.repetition_penalty > 0),
+            f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}",
             "repetition_penalty",
+        )
+        _check(
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}",
+            "seed",
         )
 
     @property
@@ -69,16 +122,23 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     def __post_init__(self) -> None:
         _check(
-            self.block_size is None or 1 <= self.block_size <= 64,
-            f"block_size must be in [1, 64], got {self.block_size}",
+            self.block_size is None or (_is_int(self.block_size) and 1 <= self.block_size <= 64),
+            f"block_size must be an integer in [1, 64], got {self.block_size!r}",
             "block_size",
         )
         _check(
-            self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}", "steps"
+            self.steps is None or (_is_int(self.steps) and self.steps >= 1),
+            f"steps must be an integer >= 1, got {self.steps!r}",
+            "steps",
         )
         _check(
-            self.confidence is None or 0 < self.confidence <= 1,
-            f"confidence must be in (0, 1], got {self.confidence}",
+            self.adaptive is None or isinstance(self.adaptive, bool),
+            f"adaptive must be True or False, got {self.adaptive!r}",
+            "adaptive",
+        )
+        _check(
+            self.confidence is None or (_is_number(self.confidence) and 0 < self.confidence <= 1),
+            f"confidence must be a number in (0, 1], got {self.confidence!r}",
             "confidence",
         )
 
@@ -88,6 +148,11 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 
     role: str
     content: str
+
+    def __post_init__(self) -> None:
+        check_text(self.role, "a message's role", "messages")
+        _check(self.role != "", "a message's role is empty", "messages")
+        check_text(self.content, "a message's content", "messages")
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -107,26 +172,40 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             "give exactly one of a prompt and a list of messages",
             "prompt",
         )
-        if isinstance(self.prompt, str):
-            _check(self.prompt != "", "the prompt is empty", "prompt")
-        elif isinstance(self.prompt, list):
+        if isinstance(self.prompt, list):
             _check(len(self.prompt) > 0, "the prompt is empty", "prompt")
             _check(
-                all(isinstance(t, int) and t >= 0 for t in self.prompt),
+                all(_is_int(t) and t >= 0 for t in self.prompt),
                 "token ids must be non-negative integers",
                 "prompt",
             )
+        elif self.prompt is not None:
+            check_text(self.prompt, "the prompt", "prompt")
+            _check(self.prompt != "", "the prompt is empty", "prompt")
         if self.messages is not None:
-            _check(len(self.messages) > 0, "the message list is empty", "messages")
+            _check(
+                isinstance(self.messages, list) and len(self.messages) > 0,
+                "the message list is empty",
+                "messages",
+            )
+            _check(
+                all(isinstance(m, Message) for m in self.messages),
+                "messages must be Message values",
+                "messages",
+            )
         _check(
-            self.max_new_tokens >= 1,
-            f"max_new_tokens must be >= 1, got {self.max_new_tokens}",
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
             "max_new_tokens",
         )
+        _check(isinstance(self.stop, tuple), "stop must be a string or a list of strings", "stop")
+        for stop in self.stop:
+            check_text(stop, "a stop string", "stop")
+            _check(stop != "", "stop strings must be non-empty", "stop")
         _check(
-            all(isinstance(s, str) and s for s in self.stop),
-            "stop strings must be non-empty",
-            "stop",
+            isinstance(self.draft_preview, bool),
+            f"draft_preview must be True or False, got {self.draft_preview!r}",
+            "draft_preview",
         )
 
 
@@ -153,6 +232,14 @@ def build_request(
         )
     if isinstance(stop, str):
         stop = (stop,)
+    elif stop is None:
+        stop = ()
+    elif isinstance(stop, (list, tuple)):
+        stop = tuple(stop)
+    else:
+        raise InvalidRequestError(
+            f"stop must be a string or a list of strings, got {type(stop).__name__}", param="stop"
+        )
     messages: list[Message] | None = None
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         try:
@@ -168,20 +255,23 @@ def build_request(
             f"{type(prompt).__name__}",
             param="prompt",
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise InvalidRequestError("max_new_tokens must be an integer", param="max_new_tokens")
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=_as_int(max_new_tokens),
         sampling=SamplingParams(
-            temperature=float(temperature),
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+            temperature=_as_float(temperature),
+            top_k=_as_int(top_k),
+            top_p=_as_float(top_p),
+            repetition_penalty=_as_float(repetition_penalty),
+            seed=_as_int(seed),
         ),
-        speculative=SpeculativeConfig(**speculative_options),
-        stop=tuple(stop or ()),
+        speculative=SpeculativeConfig(
+            **{
+                name: _as_float(value) if name == "confidence" else _as_int(value)
+                for name, value in speculative_options.items()
+            }
+        ),
+        stop=stop,
         draft_preview=draft_preview,
     )

@@ -12,6 +12,11 @@ from ._config import SamplingParams
 
 __all__ = ["apply_repetition_penalty", "logits_to_probs", "process_logits", "sample"]
 
+# Within this range, logits no larger than _LOGIT_LIMIT divide by the temperature without
+# overflowing float32; outside it they are shifted first.
+_TEMPERATURE_PLAIN = (1e-4, 1e4)
+_LOGIT_LIMIT = 1e30
+
 
 def apply_repetition_penalty(
     logits: torch.Tensor, context: torch.Tensor, draft: torch.Tensor, penalty: float
@@ -27,17 +32,27 @@ def apply_repetition_penalty(
     for i in range(1, logits.shape[0]):
         seen_rows[i:, draft[i - 1]] = True
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen_rows, penalised, logits)
+    # An extreme penalty overflows to infinities, which no softmax survives: keep the order.
+    limit = min(torch.finfo(penalised.dtype).max, _LOGIT_LIMIT)
+    return torch.where(seen_rows, penalised.clamp(-limit, limit), logits)
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p on (..., V) logits; filtered entries become ``-inf``.
 
-    Greedy parameters return the logits unchanged: argmax is all that is needed.
+    Greedy parameters return the logits unchanged: argmax is all that is needed. An extreme
+    temperature (``1e-300``: greedy in effect; ``1e300``: uniform) divides logits shifted so
+    that each row's largest is 0 (softmax does not change), with the temperature kept within
+    float32's range, so that no row overflows to NaNs.
     """
     if params.greedy:
         return logits
-    logits = logits.float() / params.temperature
+    temperature = params.temperature
+    if _TEMPERATURE_PLAIN[0] <= temperature <= _TEMPERATURE_PLAIN[1]:
+        logits = logits.float() / temperature
+    else:
+        logits = logits.float()
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

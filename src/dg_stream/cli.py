@@ -255,7 +255,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-        "stop": args.stop,
+        "stop": [_valid_text(s, "--stop") for s in args.stop] if args.stop else None,
     }
     for name in ("block_size", "steps", "adaptive", "confidence"):
         if getattr(args, name, None) is not None:
@@ -421,8 +421,33 @@ def _summary(stream: Any, seconds: float) -> Summary:
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _valid_text(text: str, what: str) -> str:
+    """``text`` with invalid UTF-8 replaced by U+FFFD, and a warning on stderr when it had any.
+
+    Python hands undecodable bytes of the command line and of stdin over as lone surrogates
+    (``surrogateescape``); no tokenizer takes those.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        print(f"{PROG}: warning: {what} is not valid UTF-8; invalid bytes were replaced "
+              "with U+FFFD", file=sys.stderr, flush=True)
+    return text
+
+
+def _read_stdin() -> str:
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (tests, embedding)
+        return sys.stdin.read()
+    return buffer.read().decode("utf-8", "surrogateescape")
+
+
 def _read_prompt(args: argparse.Namespace) -> Any:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
+    prompt = _valid_text(prompt, "the prompt")
+    if args.system is not None:
+        args.system = _valid_text(args.system, "--system")
     if not prompt.strip():
         raise _UsageError("the prompt is empty" + (" (nothing on stdin)"
                                                    if args.prompt == "-" else ""))
@@ -541,11 +566,11 @@ class ChatLoop:
         """One line of input, or None at end of input."""
         if self.interactive:
             try:
-                return input("> ")
+                return _valid_text(input("> "), "the input")
             except EOFError:
                 return None
         line = self.stdin.readline()
-        return None if line == "" else line.rstrip("\n")
+        return None if line == "" else _valid_text(line.rstrip("\n"), "the input")
 
     async def reply(self, text: str, done: threading.Event) -> None:
         try:
@@ -603,7 +628,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
     options = _generation_options(args)
     options.pop("max_new_tokens")
-    session = ChatSession(backend, system=args.system, max_new_tokens=args.max_new_tokens,
+    system = _valid_text(args.system, "--system") if args.system is not None else None
+    session = ChatSession(backend, system=system, max_new_tokens=args.max_new_tokens,
                           max_context_tokens=args.max_context_tokens, **options)
     loop = ChatLoop(session, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr,
                     preview=args.preview, stats=args.stats)
