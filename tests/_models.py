@@ -58,7 +58,12 @@ def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, eos_token_id: int 
             **common,
         )
     else:
-        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+        cls = {
+            "llama": tf.LlamaConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+            "mistral": tf.MistralConfig,
+        }[arch]
         extra: dict[str, Any] = {"sliding_window": 24} if arch == "mistral" else {}
         config = cls(
             hidden_size=32,
@@ -115,3 +120,31 @@ def tiny_feature_drafter(
     return DiffusionDrafter(
         model, mask_token_id=mask_token_id, window=window, feature_projection=projection
     )
+
+
+def tiny_dflash(
+    verifier: Any,
+    mask_token_id: int,
+    target_layers: tuple[int, ...] = (0, 1),
+    block_size: int = 17,
+    layers: int = 2,
+    seed: int = 3,
+    scale: float = 1.0,
+) -> Any:
+    """A random-init DFlash-format drafter network for ``verifier`` (its width and heads)."""
+    from dg_stream._drafters.dflash_model import DFlashModel, dflash_config
+
+    config = dflash_config(
+        verifier.config,
+        layers=layers,
+        mask_token_id=mask_token_id,
+        block_size=block_size,
+        target_layer_ids=list(target_layers),
+    )
+    torch.manual_seed(seed)
+    model = DFlashModel(config)
+    with torch.no_grad():  # Linear's default init; scale it to move drafts more or less
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(scale)
+    return model.eval()

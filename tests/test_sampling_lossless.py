@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from _drafters import MislabelledDrafter
-from _models import tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
+from _models import tiny_causal_lm, tiny_dflash, tiny_feature_drafter, tiny_masked_lm
 from scipy.stats import chisquare
 
 from dg_stream import GenerationRequest, LocalBackend, SamplingParams, SpeculativeConfig
@@ -98,6 +98,8 @@ CASES = {  # sampling options, drafter, denoising steps, adaptive block size
     "causal-q": (dict(temperature=0.7), "causal", 1, False),
     # Drafts that read the verifier's hidden states: q is still exact in one step.
     "feature-conditioned-q": (dict(temperature=1.0, top_k=8), "features", 1, False),
+    # A DFlash drafter: one forward, every slot drawn given the context alone.
+    "dflash-q": (dict(temperature=0.8, top_p=0.95), "dflash", 1, False),
     # Block sizes chosen from past acceptance and timings, 0 included: still exact.
     "diffusion-adaptive": (dict(temperature=0.9), "diffusion", 1, True),
 }
@@ -112,6 +114,7 @@ def test_hybrid_sampling_matches_verifier_distribution(case: str, verifier: Any)
         "ngram": lambda: "ngram",
         "causal": lambda: CausalDrafter(tiny_causal_lm("gpt2", V, seed=9)),
         "features": lambda: tiny_feature_drafter(V, V - 1, verifier),
+        "dflash": lambda: tiny_dflash(verifier, V - 1, scale=3.0),
     }[kind]()
     backend = LocalBackend(verifier, drafter)
     runs = sample_runs(backend, params, block_size=2, steps=steps, adaptive=adaptive)
@@ -125,6 +128,36 @@ def test_a_wrong_q_is_detected(verifier: Any) -> None:
     params = SamplingParams(temperature=1.0)
     backend = LocalBackend(verifier, MislabelledDrafter(V))
     runs = sample_runs(backend, params, block_size=2)
+    assert min(p_values(runs, exact_marginals(verifier, params))) < 1e-6
+
+
+def test_a_wrong_dflash_q_is_detected(verifier: Any) -> None:
+    """A DFlash session that reports a uniform q for the tokens it really drew is caught."""
+    from dg_stream._drafters import DFlashDrafter, DraftProposal
+
+    drafter = DFlashDrafter(tiny_dflash(verifier, V - 1, scale=3.0), verifier)
+
+    class Uniform:
+        def __init__(self) -> None:
+            self.inner = drafter.session()
+
+        def propose(self, *args: Any, **options: Any) -> DraftProposal:
+            tokens, q = self.inner.propose(*args, **options)
+            assert q is not None
+            return DraftProposal(tokens, torch.full_like(q, 1.0 / q.shape[-1]))
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class Lying:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(drafter, name)
+
+        def session(self) -> Uniform:
+            return Uniform()
+
+    params = SamplingParams(temperature=1.0)
+    runs = sample_runs(LocalBackend(verifier, Lying()), params, block_size=2)
     assert min(p_values(runs, exact_marginals(verifier, params))) < 1e-6
 
 

@@ -109,6 +109,10 @@ class GenerationSession:
         self.feature_window = int(getattr(drafter, "feature_window", 0) or 0)
         layers = getattr(drafter, "feature_layers", ()) or ()
         self.feature_layers: tuple[int, ...] = tuple(layers) if self.feature_window > 0 else ()
+        # A drafter that caches what it has read (DFlash) is handed each position's features
+        # once; it reads them raw when its own projection normalises them.
+        self.feature_stream = bool(getattr(drafter, "feature_stream", False))
+        self.raw_features = bool(getattr(drafter, "raw_features", False))
         self.features: torch.Tensor | None = None
         self.proposal: DraftProposal | None = None
         self.finished = False
@@ -125,7 +129,11 @@ class GenerationSession:
         if self.cache.length == 0 and self.ids.shape[0] > 1:
             # Prefill all but the newest token (features only for the rows the drafter reads).
             prefill = verifier.forward(
-                self.ids[:-1], self.cache, self.feature_layers, feature_rows=self.feature_window
+                self.ids[:-1],
+                self.cache,
+                self.feature_layers,
+                feature_rows=self.feature_window,
+                raw_features=self.raw_features,
             )
             self._keep_features(prefill)
         if self.proposal is None:  # first step; later proposals are made at the end of a step
@@ -136,7 +144,9 @@ class GenerationSession:
         k = draft.tokens.shape[0]
         block = torch.cat([self.ids[-1:], draft.tokens])  # newest committed token + draft
         t_verify = time.perf_counter()
-        scores = verifier.forward(block, self.cache, self.feature_layers)
+        scores = verifier.forward(
+            block, self.cache, self.feature_layers, raw_features=self.raw_features
+        )
         logits = scores.logits  # (k+1, V)
         if self.policy is not None:
             if logits.is_cuda:  # time the work, not its launch (acceptance syncs anyway)
@@ -208,6 +218,8 @@ class GenerationSession:
             confidence=self.confidence,
             **extra,
         )
+        if self.feature_stream:
+            self.features = None  # the drafter has them now
         if self.policy is not None:
             self.policy.costs.observe_draft(k, time.perf_counter() - started, self.steps)
         return proposal

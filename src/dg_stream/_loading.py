@@ -11,6 +11,7 @@ from ._errors import MissingDependencyError, ModelLoadError, VocabularyMismatchE
 __all__ = [
     "check_vocabularies",
     "load_causal_lm",
+    "load_dflash_drafter",
     "load_feature_projection",
     "load_masked_lm",
     "load_tokenizer",
@@ -100,6 +101,17 @@ def load_masked_lm(path: str | os.PathLike[str], device: Any, dtype: Any) -> Any
     from transformers import AutoModelForMaskedLM
 
     return _load(AutoModelForMaskedLM, path, "drafter", device, dtype)
+
+
+def load_dflash_drafter(path: str | os.PathLike[str], device: Any, dtype: Any) -> Any:
+    """A DFlash checkpoint's network (see ``_drafters.dflash_model``)."""
+    from ._drafters.dflash_model import load_dflash
+
+    p = _check_path(path, "drafter")
+    try:
+        return load_dflash(p, device, dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the DFlash drafter {p}: {exc}") from exc
 
 
 def save_feature_projection(directory: str | os.PathLike[str], weight: Any) -> None:

@@ -25,13 +25,18 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def verifier_features(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+def verifier_features(
+    hidden_states: Sequence[torch.Tensor], layers: Sequence[int], raw: bool = False
+) -> torch.Tensor:
     """The chosen layers' hidden states (``hidden_states[i]`` is the output of layer i, 0 the
-    embeddings), each scaled to unit RMS and concatenated: (..., T, len(layers) * hidden).
+    embeddings), concatenated: (..., T, len(layers) * hidden).
 
-    The residual stream grows by an order of magnitude through the layers; unit RMS keeps every
-    layer's share of the drafter's input comparable.
+    Each is scaled to unit RMS unless ``raw``: the residual stream grows by an order of
+    magnitude through the layers, and unit RMS keeps every layer's share of a token drafter's
+    input comparable. A DFlash drafter normalises after its own projection and reads them raw.
     """
+    if raw:
+        return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
     parts = []
     for layer in layers:
         h = hidden_states[layer].float()
@@ -117,10 +122,12 @@ class Verifier:
         cache: VerifierCache,
         feature_layers: Sequence[int] = (),
         feature_rows: int | None = None,
+        raw_features: bool = False,
     ) -> Scores:
         """Append ``ids`` ((T,)) to the cache; their next-token logits (T, V), and with
         ``feature_layers`` the hidden-state features of each position, or of the last
-        ``feature_rows`` (a long prompt's prefill needs only those)."""
+        ``feature_rows`` (a long prompt's prefill needs only those); ``raw_features`` as in
+        ``verifier_features``."""
         start = cache.length
         positions = torch.arange(start, start + ids.shape[0], device=self.device)
         out = self.model(
@@ -135,5 +142,5 @@ class Verifier:
         if feature_layers:
             rows = ids.shape[0] if feature_rows is None else min(feature_rows, ids.shape[0])
             hidden = [h[0, ids.shape[0] - rows :] for h in out.hidden_states]
-            features = verifier_features(hidden, feature_layers)
+            features = verifier_features(hidden, feature_layers, raw_features)
         return Scores(out.logits[0].float(), features)

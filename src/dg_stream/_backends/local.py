@@ -19,6 +19,7 @@ from .._loading import (
     check_vocabularies,
     is_causal_checkpoint,
     load_causal_lm,
+    load_dflash_drafter,
     load_feature_projection,
     load_masked_lm,
     load_tokenizer,
@@ -43,7 +44,8 @@ class LocalBackend:
     """Speculative decoding with local models.
 
     ``verifier``: a path to a transformers causal-LM checkpoint or a loaded model.
-    ``drafter``: a masked-LM (diffusion) checkpoint path or model, a small causal-LM path or
+    ``drafter``: a masked-LM (diffusion) checkpoint path or model, a DFlash checkpoint path
+    (``DFlashDraftModel``, drafting from the verifier's hidden states), a small causal-LM path or
     model, ``"ngram"`` for prompt lookup, a ``Drafter`` object, or ``None`` for plain decoding.
     ``block_size``, ``steps``, ``adaptive`` and ``confidence`` are defaults that each request
     may override; ``block_size`` and ``adaptive`` default to what a diffusion checkpoint
@@ -137,6 +139,12 @@ class LocalBackend:
         if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
             self._check_features(drafter)
             return drafter  # already a Drafter
+        from .._drafters.dflash_model import DFlashModel, is_dflash_checkpoint
+
+        if isinstance(drafter, (str, os.PathLike)) and is_dflash_checkpoint(drafter):
+            drafter = load_dflash_drafter(drafter, self.device, self.dtype)
+        if isinstance(drafter, DFlashModel):
+            return self._dflash_drafter(drafter)
         projection = None
         if isinstance(drafter, (str, os.PathLike)):
             path = drafter
@@ -181,6 +189,15 @@ class LocalBackend:
             raise ModelLoadError(f"cannot use this drafter: {exc}") from exc
         self._check_features(diffusion)
         return diffusion
+
+    def _dflash_drafter(self, model: Any) -> Any:
+        """A DFlash network bound to this verifier, refused when it was made for another."""
+        from .._drafters import DFlashDrafter
+
+        try:
+            return DFlashDrafter(model, self.verifier.model)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot use this DFlash drafter: {exc}") from exc
 
     def _check_features(self, drafter: Any) -> None:
         """A feature-conditioned drafter must fit this verifier's layers and width."""

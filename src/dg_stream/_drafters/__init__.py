@@ -1,12 +1,15 @@
-"""Drafters: diffusion (masked LM), n-gram prompt lookup, and a small causal LM."""
+"""Drafters: diffusion (masked LM), DFlash (verifier-conditioned block diffusion), n-gram
+prompt lookup, and a small causal LM."""
 
 from .base import Drafter, DraftProposal, DraftSession
 from .causal import CausalDrafter
+from .dflash import DFlashDrafter
 from .diffusion import DiffusionDrafter
 from .ngram import NgramDrafter
 
 __all__ = [
     "CausalDrafter",
+    "DFlashDrafter",
     "DiffusionDrafter",
     "DraftProposal",
     "DraftSession",

@@ -63,6 +63,10 @@ class Drafter(Protocol):
     feature_layers: tuple[int, ...]
     #: How many positions before the newest token a proposal reads features for.
     feature_window: int
+    # Two optional flags (absent means False): ``feature_stream``, the drafter caches what it
+    # has read, so each committed position's features are handed over once (DFlash) instead
+    # of the latest ``feature_window`` rows every time; ``raw_features``, it reads the
+    # verifier's hidden states as they are rather than at unit RMS.
 
     def session(self) -> DraftSession: ...
 

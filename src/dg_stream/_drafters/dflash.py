@@ -1,0 +1,154 @@
+"""Drafting with a DFlash checkpoint: one forward fills the whole block.
+
+A generation's session keeps the context keys and values of every committed position whose
+verifier features it has read (``ContextCache``); each proposal appends the positions committed
+since the last one, embeds [newest token, mask × k] with the verifier's own embeddings, and
+reads k tokens through the verifier's LM head. Every position is drawn given the context
+alone, never given another drafted token, so the recorded q is exactly what each token was
+drawn from and the speculative-sampling rule applies unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._config import SamplingParams
+from .._sampling import logits_to_probs, sample
+from .base import DraftProposal, empty_proposal
+from .dflash_model import ContextCache, DFlashModel
+
+__all__ = ["DFlashDrafter", "DFlashSession"]
+
+
+class DFlashDrafter:
+    """A ``DFlashModel`` bound to the verifier whose embeddings, head and states it reads.
+
+    Raises ``ValueError`` (naming the mismatch) when the checkpoint was made for a verifier of
+    another width or depth, or its mask id is not in the verifier's embedding table.
+    """
+
+    #: The engine hands each committed position's features once, as the verifier computed them
+    #: (``fc`` was trained on raw hidden states, not unit-RMS ones).
+    feature_stream = True
+    raw_features = True
+    recommended_adaptive: bool | None = None
+
+    def __init__(self, model: DFlashModel, verifier_model: Any) -> None:
+        self.model = model.eval()
+        self.spec = model.spec
+        config = verifier_model.config
+        embed = verifier_model.get_input_embeddings()
+        head = verifier_model.get_output_embeddings()
+        if embed is None or head is None:
+            raise ValueError("the verifier has no input embeddings or LM head to lend")
+        hidden = int(getattr(config, "hidden_size", embed.weight.shape[1]))
+        depth = int(getattr(config, "num_hidden_layers", 0) or 0)
+        if int(model.config.hidden_size) != hidden:
+            raise ValueError(
+                f"the drafter's hidden size is {model.config.hidden_size}, the verifier's "
+                f"{hidden}: it was made for another verifier"
+            )
+        wrong = [i for i in self.spec.target_layer_ids if not 0 <= i < depth]
+        if wrong:
+            raise ValueError(
+                f"the drafter reads verifier layers {list(self.spec.target_layer_ids)}, but "
+                f"the verifier has layers 0 to {depth - 1} (not {wrong})"
+            )
+        if model.feature_size != len(self.spec.target_layer_ids) * hidden:
+            raise ValueError(
+                f"the drafter's fc reads {model.feature_size} features, but "
+                f"{len(self.spec.target_layer_ids)} layers of width {hidden} give "
+                f"{len(self.spec.target_layer_ids) * hidden}"
+            )
+        rows = int(embed.weight.shape[0])
+        if not 0 <= self.spec.mask_token_id < rows:
+            raise ValueError(
+                f"the drafter's mask token id {self.spec.mask_token_id} is not in the "
+                f"verifier's embedding table of {rows} ids"
+            )
+        self.embed, self.head = embed, head
+        self.vocab_size: int | None = int(head.weight.shape[0])
+        self.max_block_size = self.spec.block_size - 1
+        self.recommended_block_size: int | None = self.max_block_size
+        self.feature_layers: tuple[int, ...] = self.spec.feature_layers
+        # Every committed position's features: the drafter attends over the whole context.
+        limit = getattr(config, "max_position_embeddings", None)
+        self.feature_window = int(limit) if isinstance(limit, int) and limit > 0 else 1 << 30
+        self.device = next(model.parameters()).device
+
+    @property
+    def feature_size(self) -> int:
+        return self.model.feature_size
+
+    def session(self) -> DFlashSession:
+        return DFlashSession(self)
+
+
+class DFlashSession:
+    """One generation's drafter state: the context cache."""
+
+    def __init__(self, drafter: DFlashDrafter) -> None:
+        self.drafter = drafter
+        self.cache: ContextCache | None = ContextCache(len(drafter.model.layers))
+
+    def _new_context(
+        self, features: torch.Tensor | None, newest: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The features (1, n, F) and positions (1, n) of committed positions the cache lacks.
+
+        ``features`` cover the positions just before ``newest``; rows the cache already holds
+        are skipped. A gap (positions never handed over) restarts the cache from these rows.
+        """
+        assert self.cache is not None
+        if features is None or features.shape[0] == 0:
+            return None, None
+        first = newest - features.shape[0]
+        if first > self.cache.next_position:  # a gap: what is cached no longer lines up
+            self.cache = ContextCache(len(self.drafter.model.layers))
+        skip = max(0, self.cache.next_position - first)
+        rows = features[skip:]
+        if rows.shape[0] == 0:
+            return None, None
+        device = self.drafter.device
+        positions = torch.arange(first + skip, newest, device=device)[None]
+        return rows.to(device)[None], positions
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
+        features: torch.Tensor | None = None,
+    ) -> DraftProposal:
+        """Draft up to ``k`` tokens after ``context`` ((n,) ids) in one forward; ``features``
+        ((m, F)) are the verifier's raw states of the m positions before the newest token.
+        ``steps`` and ``confidence`` do not apply: one pass fills the block."""
+        drafter = self.drafter
+        k = min(k, drafter.max_block_size)
+        if k <= 0 or self.cache is None:
+            return empty_proposal(context.device)
+        newest = int(context.shape[0]) - 1  # position of the newest committed token
+        new, new_positions = self._new_context(features, newest)
+        device = drafter.device
+        ids = torch.full((k + 1,), drafter.spec.mask_token_id, dtype=torch.long, device=device)
+        ids[0] = context[-1]
+        block = drafter.embed(ids)[None]  # (1, k+1, H)
+        positions = torch.arange(newest, newest + k + 1, device=device)[None]
+        hidden = drafter.model(block, positions, new, new_positions, cache=self.cache)
+        logits = drafter.model.logits(hidden[0, 1:], drafter.head).float()  # (k, V)
+        if drafter.spec.mask_token_id < logits.shape[-1]:
+            logits[:, drafter.spec.mask_token_id] = float("-inf")  # never propose the mask
+        if params.greedy:
+            return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
+        q = logits_to_probs(logits, params)
+        return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
+
+    def close(self) -> None:
+        self.cache = None
