@@ -48,7 +48,9 @@ def test_greedy_output_is_the_verifiers(
 ) -> None:
     verifier, prompt = verifiers[arch], PROMPTS[prompt_name]
     expected = reference(verifier, prompt, 37)  # 37: max_new_tokens ends inside a block
-    backend = LocalBackend(verifier, tiny_dflash(verifier, tiny_tok.mask_token_id), tokenizer=tiny_tok)
+    backend = LocalBackend(
+        verifier, tiny_dflash(verifier, tiny_tok.mask_token_id), tokenizer=tiny_tok
+    )
     assert isinstance(backend.drafter, DFlashDrafter)
     for block_size in (1, 4, 8, 16):
         got, stats = hybrid(backend, prompt, 37, block_size)
@@ -261,7 +263,9 @@ def test_training_pass_equals_one_block_at_a_time(tiny_tok: Any) -> None:
 
 def test_sampled_requests_run_and_stop(tiny_tok: Any) -> None:
     verifier = tiny_causal_lm("llama", len(tiny_tok))
-    backend = LocalBackend(verifier, tiny_dflash(verifier, tiny_tok.mask_token_id), tokenizer=tiny_tok)
+    backend = LocalBackend(
+        verifier, tiny_dflash(verifier, tiny_tok.mask_token_id), tokenizer=tiny_tok
+    )
     request = GenerationRequest(
         prompt=PROMPTS["short"],
         max_new_tokens=20,
