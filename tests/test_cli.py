@@ -164,6 +164,9 @@ def test_errors_are_one_line_with_conventional_codes(model_args: list[str], tmp_
     code, out, err = run_cli(["generate", "x", "--verifier", str(tmp_path / "missing")], capsys)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("dg-stream: error: verifier path")
+    code, out, err = run_cli(["generate", "x", "--device", "cuda:99", *model_args], capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert re.match(r"dg-stream: error: (CUDA is not available|no device cuda:99)", err)
     code, _, err = run_cli(["generate", "x", "--max-new-tokens", "9999", *model_args], capsys)
     assert code == 2 and err.count("\n") == 1 and "invalid request" in err
     code, _, err = run_cli(["generate", "x", "--temperature", "-1", *model_args], capsys)

@@ -242,6 +242,26 @@ def test_unknown_paths_and_vocabulary_mismatch(
         LocalBackend(tiny_verifier, tiny_masked_lm(len(tiny_tok) + 50, 2), tokenizer=tiny_tok)
 
 
+def test_an_unavailable_device_is_a_model_load_error(tiny_verifier: Any, tiny_tok: Any) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        missing = (
+            "CUDA is not available in this torch build"
+            if not torch.backends.cuda.is_built()
+            else "CUDA is not available: torch finds no GPU"
+        )
+        with pytest.raises(ModelLoadError, match=missing):
+            LocalBackend(tiny_verifier, None, tokenizer=tiny_tok, device="cuda")
+    with pytest.raises(
+        ModelLoadError,
+        match="no device cuda:99" if torch.cuda.is_available() else "CUDA is not available",
+    ):
+        LocalBackend(tiny_verifier, None, tokenizer=tiny_tok, device="cuda:99")
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu'"):
+        LocalBackend(tiny_verifier, None, tokenizer=tiny_tok, device="gpu")
+
+
 def test_import_without_torch_and_a_clear_hint() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"

@@ -38,11 +38,24 @@ def require_local_extra() -> None:
 def resolve_device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
     import torch
 
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    try:
+        dev = (
+            torch.device(device)
+            if device is not None
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "CUDA is not available in this torch build"
+            if not torch.backends.cuda.is_built()
+            else "CUDA is not available: torch finds no GPU"
+        )
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(f"no device {dev}: torch finds {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("MPS is not available on this machine")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
