@@ -103,13 +103,16 @@ def _merge_steps(steps: list[StepStats]) -> StepStats | None:
 # -- re-chunking -----------------------------------------------------------------------------
 
 # Each pattern matches one complete unit at the start of the buffer; what does not match yet
-# waits for more text (or for the end of the stream).
-_WORD = re.compile(r"\s*\S+\s+")
+# waits for more text (or for the end of the stream). A unit that ends in whitespace is
+# complete only once the next non-whitespace character has arrived, so that whitespace split
+# across upstream chunks still ends the unit before it and never starts the next one; the
+# text's leading whitespace, before any unit, is a unit of its own.
+_WORD = re.compile(r"\s+(?=\S)|\S+\s+(?=\S)")
 _LINE = re.compile(r"[^\n]*\n")
 # A sentence ends after . ! ? … (and closing quotes or brackets) followed by whitespace, after
 # a CJK full stop, or at a line break.
 _SENTENCE = re.compile(
-    r"[\s\S]*?(?:[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’)]*\s*|\n+)")
+    r"\s+(?=\S)|[\s\S]*?(?:[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’)]*\s*|\n\s*)(?=\S)")
 
 
 def _rechunk(pattern: re.Pattern[str]) -> Operator:
@@ -158,8 +161,10 @@ def _rechunk(pattern: re.Pattern[str]) -> Operator:
 def by_words() -> Operator:
     """Re-chunk so that each chunk is one whole word with the whitespace after it.
 
-    A word is emitted once the whitespace that ends it arrives; the rest is flushed with the
-    final chunk. Concatenated text, token ids and step statistics are unchanged.
+    A word is emitted once the whitespace that ends it and the start of the next word have
+    arrived; the rest is flushed with the final chunk. No chunk starts with whitespace, except
+    a first chunk that holds only the whitespace the text starts with. Concatenated text, token
+    ids and step statistics are unchanged.
     """
     return _rechunk(_WORD)
 
@@ -173,8 +178,9 @@ def by_sentences() -> Operator:
     """Re-chunk so that each chunk is one sentence with the whitespace after it.
 
     A sentence ends at ``.``, ``!``, ``?`` or ``…`` (optionally followed by closing quotes or
-    brackets) once whitespace follows, at ``。！？``, or at a line break. No abbreviation list is
-    used: "e.g. this" splits after "e.g. ".
+    brackets) once whitespace follows, at ``。！？``, or at a line break; it is emitted with the
+    whitespace after it once the next sentence has started (the rest is flushed with the final
+    chunk). No abbreviation list is used: "e.g. this" splits after "e.g. ".
     """
     return _rechunk(_SENTENCE)
 
