@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from _models import TEXT, tiny_causal_lm
 
 from dg_stream import LocalBackend, generate
@@ -223,9 +224,20 @@ def test_time_budget_ends_the_schedule_fully_decayed(tmp_path: Path) -> None:
     # The last step ran near the end of the cosine: close to the floor of a tenth of the peak.
     assert optimizer.param_groups[0]["lr"] < 0.2
     with pytest.raises(ValueError, match="time_budget"):
-        optimize(model, optimizer, start_step=0, steps=5, peak_lr=1.0, warmup=1,
-                 batch_loss=batch_loss, checkpoints=Checkpointer(tmp_path / "x"),
-                 generator=torch.Generator(), checkpoint_every=10, desc="x", time_budget=0)
+        optimize(
+            model,
+            optimizer,
+            start_step=0,
+            steps=5,
+            peak_lr=1.0,
+            warmup=1,
+            batch_loss=batch_loss,
+            checkpoints=Checkpointer(tmp_path / "x"),
+            generator=torch.Generator(),
+            checkpoint_every=10,
+            desc="x",
+            time_budget=0,
+        )
     # The checkpoint records the time spent, so a resumed run continues the same schedule.
     checkpoints = Checkpointer(tmp_path)
     assert checkpoints.load(model, optimizer, torch.Generator()) == steps
@@ -460,3 +472,59 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
     assert (tmp_path / "drafter" / "feature_projection.safetensors").exists()
     # The causal assistant learnt from the same continuations, without their features.
     assert (tmp_path / "assistant" / "model.safetensors").exists()
+
+
+def test_train_a_dflash_drafter_end_to_end(
+    tmp_path: Path, verifier_dir: Path, corpus_file: Path
+) -> None:
+    """The published layout comes out, loads as a DFlash drafter and stays lossless."""
+    out = tmp_path / "dflash"
+    options = (
+        *("--architecture", "dflash", "--layers", "1", "--block-size", "6"),
+        *("--context-tokens", "8", "--continuation-tokens", "16", "--blocks-per-row", "3"),
+        *("--eval-prompts", "0", "--keep-data", "--cpu-bf16"),
+    )
+    assert train_drafter_command(verifier_dir, corpus_file, out, "--steps", "4", *options) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"]
+    assert config["block_size"] == 6 and config["dflash_config"]["block_size"] == 6
+    # A 2-layer verifier: layer outputs 1..2 are hidden-state indices, ids 0..1 in the file.
+    assert all(0 <= i < 2 for i in config["dflash_config"]["target_layer_ids"])
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["architecture"] == "dflash" and metrics["steps"] == 4
+    backend = LocalBackend(str(verifier_dir), str(out))
+    assert type(backend.drafter).__name__ == "DFlashDrafter"
+    assert backend.defaults.block_size == 5
+    plain = LocalBackend(str(verifier_dir), None)
+    import anyio
+
+    async def both() -> tuple[str, str]:
+        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
+        b = await generate("def add", backend=plain, max_new_tokens=20).collect()
+        return a.text, b.text
+
+    hybrid_text, plain_text = anyio.run(both)
+    assert hybrid_text == plain_text
+    # Kept continuations hold raw features: a token drafter must not read them as its own.
+    layers = tuple(i + 1 for i in config["dflash_config"]["target_layer_ids"])
+    token_drafter = dataclasses.replace(
+        TINY_CONFIG, feature_layers=layers, context_tokens=8, continuation_tokens=16, max_block=5
+    )
+    with pytest.raises(ValueError, match="another drafter architecture"):
+        train_drafter(file_corpus([corpus_file]), verifier_dir, out, token_drafter)
+
+
+def test_dflash_batches_target_the_verifiers_tokens() -> None:
+    """Anchors lie where every drafted slot is verifier-written, distinct within a row."""
+    from dg_stream.train.dflash import dflash_batch, slot_weights
+    from dg_stream.train.drafter import Distillation
+
+    ids = torch.arange(40).repeat(5, 1)  # context 10, continuation 30
+    data = Distillation(ids, torch.zeros(5, 39, 4))
+    batch = dflash_batch(data, 7, 6, 5, 30, torch.Generator().manual_seed(0))
+    assert batch.anchors.shape == (7, 6)
+    assert int(batch.anchors.min()) >= 9 and int(batch.anchors.max()) <= 35
+    assert all(len(set(row.tolist())) == 6 for row in batch.anchors)
+    assert torch.equal(batch.targets(), batch.slots()[:, :, 1:])  # ids equal positions here
+    w = slot_weights(15, 7.0)
+    assert abs(float(w.sum()) - 1.0) < 1e-6 and bool((w[1:] < w[:-1]).all())

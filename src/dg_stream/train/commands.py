@@ -90,6 +90,9 @@ def _drafter(args: argparse.Namespace) -> int:
         cpu_bf16=args.cpu_bf16,
         feature_window=args.feature_window,
         init_from=args.init_from,
+        context_tokens=args.context_tokens,
+        blocks_per_row=args.blocks_per_row,
+        max_block=(args.block_size or (16 if args.architecture == "dflash" else 17)) - 1,
     )
     corpus: Corpus = _corpus(args)
     metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
@@ -174,10 +177,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     dra.add_argument("--out", default=str(RUNS / "drafter"))
     dra.add_argument(
         "--architecture",
-        choices=["diffusion", "causal"],
+        choices=["diffusion", "causal", "dflash"],
         default="diffusion",
         help="diffusion: a BERT masked-LM drafter (default); causal: a small Llama of the same "
-        "size distilled from the same continuations, e.g. an assistant for benchmarks",
+        "size distilled from the same continuations, e.g. an assistant for benchmarks; "
+        "dflash: DFlash-format layers of the verifier's width that read its hidden states "
+        "(--feature-layers, default spread over its depth) through its own embeddings and head",
+    )
+    dra.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="dflash: the block written to the checkpoint, the newest token included "
+        "(default 16, i.e. 15 drafted); diffusion: one more than the largest block trained",
+    )
+    dra.add_argument(
+        "--blocks-per-row",
+        type=int,
+        default=8,
+        help="dflash: blocks (random anchors) read from each sequence in one pass",
+    )
+    dra.add_argument(
+        "--context-tokens",
+        type=int,
+        default=48,
+        help="corpus tokens before each verifier continuation",
     )
     dra.add_argument("--hidden-size", type=int, default=128)
     dra.add_argument("--layers", type=int, default=2)

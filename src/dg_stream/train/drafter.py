@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-ARCHITECTURES = ("diffusion", "causal")
+ARCHITECTURES = ("diffusion", "causal", "dflash")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class DrafterTrainingConfig:
     # A diffusion drafter to start from (same tokenizer), e.g. a token-only drafter that
     # learns to read verifier features; its window and block size are kept.
     init_from: str | None = None
+    # DFlash: blocks read from each sequence in one pass.
+    blocks_per_row: int = 8
 
     @property
     def context_length(self) -> int:
@@ -115,10 +117,11 @@ def greedy_continuations(
     new_tokens: int,
     feature_layers: Sequence[int] = (),
     feature_positions: int = 0,
+    raw_features: bool = False,
 ) -> Distillation:
     """(N, C) contexts continued greedily by ``new_tokens``; with ``feature_layers``, the
     features of the last ``feature_positions`` positions that have them (all but the final
-    token)."""
+    token), raw or at unit RMS as ``verifier_features`` says."""
     from transformers import DynamicCache
 
     kw = {
@@ -131,7 +134,7 @@ def greedy_continuations(
     for i in range(new_tokens):
         if feature_layers:  # only the positions that are kept
             states = [h[:, max(0, h.shape[1] - feature_positions) :] for h in out.hidden_states]
-            features.append(verifier_features(states, feature_layers).half())
+            features.append(verifier_features(states, feature_layers, raw_features).half())
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (N, 1)
         ids.append(token)
         if i < new_tokens - 1:  # the final token's own forward would be wasted
@@ -162,6 +165,7 @@ def distillation_data(
             config.continuation_tokens,
             config.feature_layers,
             config.feature_positions,
+            raw_features=config.architecture == "dflash",
         )
         ids.append(batch.ids.cpu())
         if batch.features is not None:
@@ -179,6 +183,7 @@ def save_distillation(path: Path, data: Distillation, config: DrafterTrainingCon
             "continuation_tokens": config.continuation_tokens,
             "features": data.features,
             "feature_layers": list(config.feature_layers),
+            "raw_features": config.architecture == "dflash",
         },
         path,
     )
@@ -209,6 +214,10 @@ def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation
             f"holds features of verifier layers {saved.get('feature_layers') or []}, "
             f"not {list(config.feature_layers)}"
         )
+    elif data.features is not None and bool(saved.get("raw_features")) != (
+        config.architecture == "dflash"
+    ):
+        problem = "holds features scaled for another drafter architecture"
     elif data.features is not None and data.features.shape[1] < config.feature_positions:
         problem = f"holds features for fewer than {config.features_read} context positions"
     elif config.feature_layers and data.features is None:
@@ -415,6 +424,10 @@ def train_drafter(
         raise ValueError(
             f"architecture must be one of {ARCHITECTURES}, not {config.architecture!r}"
         )
+    if config.architecture == "dflash":
+        from .dflash import train_dflash
+
+        return train_dflash(corpus, verifier_dir, out_dir, config, device, log)
     causal = config.architecture == "causal"
     if causal and (config.feature_layers or config.init_from):
         raise ValueError("verifier features and warm starts are for diffusion drafters only")
