@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _models import tiny_causal_lm
+from _models import tiny_causal_lm, tiny_dflash
 from _saved_models import save_tiny_pair
 
+from dg_stream._drafters.dflash_model import save_dflash
 from dg_stream.bench import main
 from dg_stream.bench._prompts import load_prompts, make_prompts
 from dg_stream.train.corpus import _is_test_file
@@ -36,6 +37,7 @@ def tiny_models(
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench-models")
     verifier, drafter = save_tiny_pair(root, tiny_tok, tiny_verifier, tiny_drafter)
+    save_dflash(tiny_dflash(tiny_verifier, tiny_tok.mask_token_id), root / "dflash", 2)
     assistant = root / "assistant"
     tiny_causal_lm("llama", len(tiny_tok), seed=7).save_pretrained(assistant)
     tiny_tok.save_pretrained(assistant)
@@ -46,13 +48,20 @@ def tiny_models(
             for i, t in enumerate(PROMPTS)
         )
     )
-    return {"verifier": verifier, "drafter": drafter, "assistant": assistant, "prompts": prompts}
+    return {
+        "verifier": verifier,
+        "drafter": drafter,
+        "dflash": root / "dflash",
+        "assistant": assistant,
+        "prompts": prompts,
+    }
 
 
 def _args(models: dict[str, Path], out: Path) -> list[str]:
     return [
         "--verifier", str(models["verifier"]),
         "--drafter", str(models["drafter"]),
+        "--dflash", str(models["dflash"]),
         "--assistant", str(models["assistant"]),
         "--prompts", str(models["prompts"]),
         "--out", str(out),
@@ -85,7 +94,13 @@ def test_quick_bench_writes_json_plots_and_table(
 
     greedy = {row["method"]: row for row in result["results"]["greedy"]}
     families = {row["family"] for row in greedy.values()}
-    assert families == {"baseline", "hybrid", "ngram", "causal", "transformers"}
+    assert families == {"baseline", "hybrid", "dflash", "ngram", "causal", "transformers"}
+    dflash = sorted(r["method"] for r in greedy.values() if r["family"] == "dflash")
+    assert dflash == [
+        "dg_stream dflash k=2",
+        "dg_stream dflash k=4",
+        "dg_stream dflash k=8 adaptive",
+    ]
     # The grid: block sizes 2 and 4 at 1 and 2 steps, plus the adaptive setting.
     hybrids = sorted(
         (r["block_size"], r["steps"]) for r in greedy.values() if r["family"] == "hybrid"

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default drafter; 'none' to skip the hybrid methods)",
     )
     models.add_argument(
+        "--dflash",
+        type=Path,
+        help="also benchmark this DFlash drafter checkpoint (its methods: 'dg_stream dflash')",
+    )
+    models.add_argument(
         "--assistant",
         type=Path,
         default=DEFAULT_ASSISTANT,
@@ -151,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         verifier=Path(verifier),
         drafter=drafter,
+        dflash=args.dflash,
         assistant=args.assistant,
         prompts=args.prompts,
         out=args.out,

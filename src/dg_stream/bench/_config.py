@@ -15,6 +15,7 @@ class BenchConfig:
     assistant: Path | None
     prompts: Path
     out: Path
+    dflash: Path | None = None  # a DFlash drafter checkpoint, benchmarked beside the drafter
     name: str = "bench"
     num_prompts: int = 32
     max_new_tokens: int = 128

@@ -107,6 +107,10 @@ def _rss(row: dict[str, Any]) -> str:
     return text
 
 
+#: Families that draft with dg_stream's own drafters (the targets are theirs).
+DRAFTING = ("hybrid", "dflash")
+
+
 def _row(rows: list[dict[str, Any]], predicate: Any) -> dict[str, Any] | None:
     found = [r for r in rows if predicate(r)]
     return max(found, key=lambda r: r["speedup"]) if found else None
@@ -116,7 +120,7 @@ def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 6's targets, each with the measured figure (only those that were measured)."""
     out: list[dict[str, Any]] = []
     greedy = result["results"].get("greedy", [])
-    best = _row(greedy, lambda r: r["family"] == "hybrid")
+    best = _row(greedy, lambda r: r["family"] in DRAFTING)
     if best is None:
         return out
     out.append(
@@ -142,7 +146,7 @@ def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     most = max(
-        (r for r in greedy if r["family"] == "hybrid"), key=lambda r: r["mean_accepted_per_call"]
+        (r for r in greedy if r["family"] in DRAFTING), key=lambda r: r["mean_accepted_per_call"]
     )
     out.append(
         {
@@ -152,7 +156,7 @@ def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             "met": most["mean_accepted_per_call"] >= 4.0,
         }
     )
-    sampled = _row(result["results"].get("sampling", []), lambda r: r["family"] == "hybrid")
+    sampled = _row(result["results"].get("sampling", []), lambda r: r["family"] in DRAFTING)
     if sampled is not None:
         out.append(
             {
@@ -189,6 +193,7 @@ def write_json(result: dict[str, Any], path: Path) -> Path:
 _COLORS = {
     "baseline": "#7f7f7f",
     "hybrid": "#1f77b4",
+    "dflash": "#9467bd",
     "ngram": "#2ca02c",
     "causal": "#d62728",
     "transformers": "#ff7f0e",
@@ -248,18 +253,18 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
     plt.close(fig)
     paths.append(path)
 
-    hybrids = [r for r in greedy if r["family"] == "hybrid" and not r["adaptive"]]
+    hybrids = [r for r in greedy if r["family"] in DRAFTING and not r["adaptive"]]
     if hybrids:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for steps in sorted({r["steps"] for r in hybrids}):
+        for family, steps in sorted({(r["family"], r["steps"]) for r in hybrids}):
             rows = sorted(
-                (r for r in hybrids if r["steps"] == steps), key=lambda r: r["block_size"]
+                (r for r in hybrids if r["family"] == family and r["steps"] == steps),
+                key=lambda r: r["block_size"],
             )
             xs = [r["block_size"] for r in rows]
-            left.plot(
-                xs, [r["mean_accepted_per_call"] for r in rows], "o-", label=f"{steps} step(s)"
-            )
-            right.plot(xs, [r["speedup"] for r in rows], "o-", label=f"hybrid, {steps} step(s)")
+            label = "DFlash" if family == "dflash" else f"diffusion, {steps} step(s)"
+            left.plot(xs, [r["mean_accepted_per_call"] for r in rows], "o-", label=label)
+            right.plot(xs, [r["speedup"] for r in rows], "o-", label=label)
         for row in greedy:
             if (
                 row["family"] in ("ngram", "causal", "transformers")
@@ -283,7 +288,7 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
         for axis in (left, right):
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
-        fig.suptitle(f"{result['name']}: diffusion drafter, greedy", fontsize=10)
+        fig.suptitle(f"{result['name']}: dg_stream drafters, greedy", fontsize=10)
         fig.tight_layout()
         path = stem.with_name(stem.name + "-blocks.png")
         fig.savefig(path, dpi=110)

@@ -22,6 +22,7 @@ from ._config import BenchConfig
 from ._machine import current_rss_mib, describe_machine, peak_rss_mib, reset_peak_rss
 from ._methods import DgMethod, Generation, HFMethod, Method, Sampling
 from ._prompts import Prompt, load_prompts
+from ._report import DRAFTING
 
 __all__ = ["BASELINE", "run_benchmark"]
 
@@ -104,6 +105,15 @@ class _Setup:
                     )
             if config.adaptive:  # block sizes chosen from measured acceptance and costs
                 self.methods.append(self._hybrid(8, 1, True, verifier_bytes + drafter_bytes))
+        self.dflash: Any = None
+        if config.dflash is not None:
+            self.dflash = backend(config.dflash)
+            total = verifier_bytes + _model_bytes(self.dflash.drafter.model)
+            largest = self.dflash.drafter.max_block_size
+            for k in sorted({min(k, largest) for k in config.block_sizes}):
+                self.methods.append(self._dflash(k, False, total))
+            if config.adaptive:
+                self.methods.append(self._dflash(min(8, largest), True, total))
         self.ngram = backend("ngram")
         self.methods.append(
             DgMethod(
@@ -152,6 +162,19 @@ class _Setup:
             steps=steps,
             adaptive=adaptive,
             description="diffusion drafter, lossless verification",
+            model_bytes=model_bytes,
+        )
+
+    def _dflash(self, k: int, adaptive: bool, model_bytes: int) -> DgMethod:
+        return DgMethod(
+            self.dflash,
+            SpeculativeConfig(block_size=k, adaptive=adaptive),
+            name=f"dg_stream dflash k={k}" + (" adaptive" if adaptive else ""),
+            family="dflash",
+            block_size=k,
+            steps=1,
+            adaptive=adaptive,
+            description="DFlash drafter reading the verifier's hidden states, lossless",
             model_bytes=model_bytes,
         )
 
@@ -409,7 +432,7 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
     greedy = Sampling()
     records = _timed_phase(methods, prompts, prompt_ids, config, greedy, budget, log)
     greedy_rows = _aggregate(records, methods)
-    hybrids = [r for r in greedy_rows if r["family"] == "hybrid"]
+    hybrids = [r for r in greedy_rows if r["family"] in DRAFTING]
     best = max(hybrids, key=lambda r: r["speedup"]) if hybrids else None
     results: dict[str, Any] = {"greedy": greedy_rows}
     if config.temperature:
@@ -418,7 +441,7 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
         keep |= {
             m.name
             for m in methods
-            if m.family == "hybrid" and (m.adaptive or (m.block_size == 8 and m.steps == 1))
+            if m.family in DRAFTING and (m.adaptive or (m.block_size == 8 and m.steps == 1))
         }
         if best is not None:
             keep.add(best["method"])
@@ -467,6 +490,7 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
         "config": {
             "verifier": str(config.verifier),
             "drafter": str(config.drafter) if config.drafter else None,
+            "dflash": str(config.dflash) if config.dflash else None,
             "assistant": str(config.assistant) if config.assistant else None,
             "prompts_file": str(config.prompts),
             "prompts": [p.id for p in prompts],

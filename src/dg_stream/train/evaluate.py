@@ -26,11 +26,14 @@ def held_out_prompts(docs: Sequence[str], count: int = 16, max_chars: int = 400)
 
 def acceptance(
     backend: Any, prompts: Sequence[str], block_size: int, steps: int = 1, max_new_tokens: int = 96
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Greedy generations on ``backend``; totals over all prompts (synchronous, no async)."""
     from .._config import GenerationRequest, SpeculativeConfig
 
     calls = accepted = committed = 0
+    # reached[i]: calls whose block had slot i+1; kept[i]: of those, calls that kept it.
+    reached = [0] * block_size
+    kept = [0] * block_size
     for prompt in prompts:
         request = GenerationRequest(
             prompt=prompt,
@@ -39,8 +42,12 @@ def acceptance(
             speculative=SpeculativeConfig(block_size=block_size, steps=steps, adaptive=False),
         )
         session = backend.engine.session(request)
-        while session.step() is not None:
-            pass
+        while (chunk := session.step()) is not None:
+            if chunk.step is None:
+                continue
+            for i in range(min(chunk.step.drafted, block_size)):
+                reached[i] += 1
+                kept[i] += int(chunk.step.accepted > i)
         calls += session.stats.verifier_calls
         accepted += session.stats.accepted_tokens
         committed += session.stats.committed_tokens
@@ -49,6 +56,9 @@ def acceptance(
         "steps": steps,
         "mean_accepted_per_call": round(accepted / max(1, calls), 3),
         "tokens_per_call": round(committed / max(1, calls), 3),
+        # Share of calls that kept slot i given they drafted it: slot 1 is the drafter's
+        # agreement with the verifier's next token.
+        "accepted_by_position": [round(k / r, 3) if r else 0.0 for k, r in zip(kept, reached)],
     }
 
 
@@ -58,7 +68,7 @@ def evaluate_pair(
     prompts: Sequence[str],
     block_sizes: Sequence[int] = (4, 8, 16),
     max_new_tokens: int = 96,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     from .._backends.local import LocalBackend
 
     backend = LocalBackend(verifier_dir, drafter_dir, device="cpu")
