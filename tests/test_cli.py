@@ -181,8 +181,51 @@ def test_errors_are_one_line_with_conventional_codes(model_args: list[str], tmp_
     code, _, err = run_cli(["generate", "x", "--remote", "http://127.0.0.1:9", "--timeout", "2"],
                            capsys)
     assert code == 1 and err.count("\n") == 1 and err.startswith("dg-stream: error:")
+    assert "(http://127.0.0.1:9/" in err  # the URL that failed
     code, _, err = run_cli(["nonsense"], capsys)
     assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["generate", "x", "--temperature", "-1"], "temperature must be"),
+        (["generate", "x", "--top-p", "2"], "top_p must be"),
+        (["generate", "x", "--block-size", "100000"], "block_size must be"),
+        (["generate", "x", "--repetition-penalty", "0"], "repetition_penalty must be"),
+        (["generate", "x", "--confidence", "1.5", "--system", "s"], "confidence must be"),
+        (["chat", "--top-p", "0"], "top_p must be"),
+        (["serve", "--block-size", "65"], "block_size must be"),
+    ],
+)
+def test_options_are_checked_before_any_model_loads(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The verifier does not exist: had it been loaded first, that would be the error (exit 1).
+    code, out, err = run_cli([*argv, "--verifier", str(tmp_path / "missing")], capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("dg-stream: error: invalid request: " + says)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["generate"], "dg-stream generate: error: the following arguments are required: PROMPT"),
+        (["generate", "x", "--max-new-tokens", "many"],
+         "dg-stream generate: error: argument --max-new-tokens: expected an integer >= 1, not "
+         "'many'"),
+        (["chat", "--top-k", "0"], "dg-stream chat: error: argument --top-k: must be >= 1, got 0"),
+        (["nonsense"], "dg-stream: error: argument COMMAND: invalid choice: 'nonsense'"),
+        (["bench", "--no-such-option"], "dg-stream bench: error: unrecognized arguments"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(argv, capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(says), err
+    assert err.rstrip().endswith("--help')") and "usage:" not in err and "_positive" not in err
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["serve"], ["train"]])

@@ -422,11 +422,12 @@ def free_port() -> int:
 
 
 async def test_connection_refused_is_a_typed_error_after_retries() -> None:
-    b = RemoteBackend(f"http://127.0.0.1:{free_port()}", api="openai", model="m",
-                      max_retries=2, retry_backoff=0.01)
+    url = f"http://127.0.0.1:{free_port()}"
+    b = RemoteBackend(url, api="openai", model="m", max_retries=2, retry_backoff=0.01)
     async with b:
         with pytest.raises(APIConnectionError) as info:
             await chunks_of(b)
+    assert f"({url}/v1/completions)" in str(info.value)  # the URL that failed
     assert not isinstance(info.value.__cause__, type(None))
     assert isinstance(info.value.__cause__, httpx.ConnectError)  # kept as the cause only
 

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import msgspec
 
+from ._argtypes import OneLineErrorParser, positive_int
 from ._chunks import Chunk
 from ._errors import DGStreamError, InvalidRequestError
 
@@ -52,13 +53,6 @@ examples:
 # -- argument parsing ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _backend_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: the embedded model pair, in process)")
     group.add_argument("--remote", metavar="URL",
@@ -84,11 +78,11 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
 
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+    group.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                        help="most tokens to generate (default %(default)s)")
     group.add_argument("--temperature", type=float, default=0.0,
                        help="0 is greedy (default %(default)s)")
-    group.add_argument("--top-k", type=_positive_int)
+    group.add_argument("--top-k", type=positive_int)
     group.add_argument("--top-p", type=float)
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
@@ -101,9 +95,9 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
 
 def _speculative_options(parser: argparse.ArgumentParser, title: str) -> Any:
     spec = parser.add_argument_group(title)
-    spec.add_argument("--block-size", type=_positive_int, metavar="K",
+    spec.add_argument("--block-size", type=positive_int, metavar="K",
                       help="tokens drafted per verifier call (default: the backend's)")
-    spec.add_argument("--steps", type=_positive_int,
+    spec.add_argument("--steps", type=positive_int,
                       help="denoising steps of a diffusion drafter")
     spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
                       help="choose each call's block size from measured acceptance and costs")
@@ -124,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for documentation and tests)."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=PROG,
         description="Lossless speculative decoding with a diffusion drafter, streamed. "
                     "Every command runs the embedded model pair unless given --verifier or "
@@ -157,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="An interactive chat: type a message, watch the reply stream in.",
         epilog=EPILOG_CHAT, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat.add_argument("--system", metavar="TEXT", help="system message")
-    chat.add_argument("--max-context-tokens", type=_positive_int, metavar="N",
+    chat.add_argument("--max-context-tokens", type=positive_int, metavar="N",
                       help="drop the oldest turns to keep the prompt plus reply under N tokens "
                            "(default: the model's context)")
     _sampling_options(chat)
@@ -174,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("DG_STREAM_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* "
                             "(default: $DG_STREAM_API_KEY; none: open)")
-    serve.add_argument("--max-concurrent", type=_positive_int, default=64, metavar="N",
+    serve.add_argument("--max-concurrent", type=positive_int, default=64, metavar="N",
                        help="generations at once; more are answered 503 with Retry-After "
                             "(default %(default)s)")
     serve.add_argument("--served-model-name", metavar="NAME",
@@ -255,12 +249,27 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_k": args.top_k, "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-        "stop": [_valid_text(s, "--stop") for s in args.stop] if args.stop else None,
+        "stop": args.stop,
     }
     for name in ("block_size", "steps", "adaptive", "confidence"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
+
+
+def _check_options(args: argparse.Namespace, prompt: Any = "x") -> None:
+    """Validate the request options before any model loads (raises InvalidRequestError)."""
+    from ._config import SpeculativeConfig, build_request
+
+    if not hasattr(args, "temperature"):  # serve: the speculative defaults only
+        SpeculativeConfig(block_size=args.block_size, steps=args.steps, adaptive=args.adaptive)
+        return
+    options = _generation_options(args)
+    speculative = {name: options.pop(name) for name in SpeculativeConfig.__struct_fields__
+                   if name in options}
+    if getattr(args, "system", None) is not None and isinstance(prompt, str):
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
+    build_request(prompt, **options, draft_preview=False, speculative_options=speculative)
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -436,6 +445,14 @@ def _valid_text(text: str, what: str) -> str:
     return text
 
 
+def _repair_text_options(args: argparse.Namespace) -> None:
+    """``--system`` and ``--stop`` texts with invalid UTF-8 replaced (see ``_valid_text``)."""
+    if args.system is not None:
+        args.system = _valid_text(args.system, "--system")
+    if args.stop:
+        args.stop = [_valid_text(text, "--stop") for text in args.stop]
+
+
 def _read_stdin() -> str:
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream without bytes underneath (tests, embedding)
@@ -446,8 +463,6 @@ def _read_stdin() -> str:
 def _read_prompt(args: argparse.Namespace) -> Any:
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     prompt = _valid_text(prompt, "the prompt")
-    if args.system is not None:
-        args.system = _valid_text(args.system, "--system")
     if not prompt.strip():
         raise _UsageError("the prompt is empty" + (" (nothing on stdin)"
                                                    if args.prompt == "-" else ""))
@@ -460,9 +475,11 @@ def _read_prompt(args: argparse.Namespace) -> Any:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import anyio
 
+    _repair_text_options(args)
     prompt = _read_prompt(args)
     if args.compare and args.remote:
         raise _UsageError("--compare needs local models (it decodes again without a drafter)")
+    _check_options(args, prompt)
     backend = _make_backend(args)
     out = sys.stdout
     renderer: TextRenderer | JsonRenderer = (
@@ -522,6 +539,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _UsageError(f"the server needs its extra: pip install 'dg-stream[server]' ({exc})",
                           code=1) from None
+    _check_options(args)
     backend = _make_backend(args)
     print(f"dg-stream: serving on http://{args.host}:{args.port} (chat page at /)",
           file=sys.stderr, flush=True)
@@ -625,11 +643,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     from ._chat import ChatSession
 
+    _repair_text_options(args)
+    _check_options(args)
     backend = _make_backend(args)
     options = _generation_options(args)
     options.pop("max_new_tokens")
-    system = _valid_text(args.system, "--system") if args.system is not None else None
-    session = ChatSession(backend, system=system, max_new_tokens=args.max_new_tokens,
+    session = ChatSession(backend, system=args.system, max_new_tokens=args.max_new_tokens,
                           max_context_tokens=args.max_context_tokens, **options)
     loop = ChatLoop(session, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr,
                     preview=args.preview, stats=args.stats)
@@ -653,11 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("DG_STREAM_DEBUG"))
     try:
-        if args_list[:1] == ["bench"]:  # bench parses its own options
-            return _cmd_bench(args_list[1:])
-        parser = build_parser()
         try:
-            args = parser.parse_args(args_list)
+            if args_list[:1] == ["bench"]:  # bench parses its own options
+                return _cmd_bench(args_list[1:])
+            args = build_parser().parse_args(args_list)
         except SystemExit as exc:  # --help, --version, or a usage error (already printed)
             return int(exc.code or 0) if isinstance(exc.code, int) else 2
         return int(args.func(args) or 0)

@@ -109,15 +109,20 @@ class _ProtocolViolation(Exception):
 
 
 def _transport_failure(exc: BaseException) -> _Failure:
+    """The error for a failed request; its message names the URL that failed."""
+    try:
+        url = f" ({exc.request.url})" if isinstance(exc, httpx.RequestError) else ""
+    except RuntimeError:  # no request attached
+        url = ""
     if isinstance(exc, httpx.ConnectTimeout):
-        return _Failure(APITimeoutError(f"connect timeout: {exc}"), retryable=True)
+        return _Failure(APITimeoutError(f"connect timeout{url}: {exc}"), retryable=True)
     if isinstance(exc, httpx.TimeoutException):
-        return _Failure(APITimeoutError(f"timeout: {exc!r}"), retryable=True)
+        return _Failure(APITimeoutError(f"timeout{url}: {exc!r}"), retryable=True)
     if isinstance(exc, httpx.UnsupportedProtocol):
-        return _Failure(APIConnectionError(f"unsupported URL: {exc}"), retryable=False)
+        return _Failure(APIConnectionError(f"unsupported URL{url}: {exc}"), retryable=False)
     if isinstance(exc, httpx.TransportError):
-        return _Failure(APIConnectionError(f"connection failed: {exc!r}"), retryable=True)
-    return _Failure(APIConnectionError(f"HTTP error: {exc!r}"), retryable=False)
+        return _Failure(APIConnectionError(f"connection failed{url}: {exc!r}"), retryable=True)
+    return _Failure(APIConnectionError(f"HTTP error{url}: {exc!r}"), retryable=False)
 
 
 def _parse_retry_after(headers: httpx.Headers) -> float | None:

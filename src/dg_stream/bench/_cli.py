@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._argtypes import int_list
+from .._argtypes import OneLineErrorParser, int_list
 from ._config import FULL, QUICK, BenchConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -19,7 +19,7 @@ DEFAULT_OUT = Path("benchmarks/results")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="dg-stream bench",
         description="Speed-up of dg_stream's hybrid decoding over plain decoding and over "
         "transformers' generate, assisted generation and prompt lookup, on one verifier, "
