@@ -91,3 +91,9 @@ def test_default_verifier_writes_python(default: LocalBackend) -> None:
     text = session.text
     assert "\n    " in text  # an indented body
     assert any(word in text for word in ("return", "if ", "def ", "for "))
+
+
+def test_a_server_calls_the_embedded_pair_dg_stream_default(default: LocalBackend) -> None:
+    from dg_stream.server.app import public_model_name
+
+    assert public_model_name(default) == "dg-stream-default"

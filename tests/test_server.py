@@ -29,7 +29,7 @@ from dg_stream import (
     StreamInterruptedError,
 )
 from dg_stream.server import create_app
-from dg_stream.server.app import STATIC_DIR
+from dg_stream.server.app import STATIC_DIR, public_model_name
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _servers import ServerThread
@@ -577,3 +577,27 @@ async def test_health_models_metrics_and_index(server: Any) -> None:
         assert index.headers["content-type"].startswith("text/html")
     else:
         assert "/v1/chat/completions" in index.json()["endpoints"]
+
+
+async def test_the_model_id_is_the_folder_name_not_the_servers_path(
+    tmp_path: Path, tiny_verifier: Any, tiny_tok: Any
+) -> None:
+    folder = tmp_path / "models" / "my-coder"
+    tiny_verifier.save_pretrained(folder)
+    tiny_tok.save_pretrained(folder)
+    backend = LocalBackend(str(folder), None)
+    assert public_model_name(backend) == "my-coder"
+    with ServerThread(create_app(backend)) as s:
+        async with httpx.AsyncClient(base_url=s.url) as client:
+            answers = [
+                await client.get("/v1/models"),
+                await client.get("/health"),
+                await client.get("/v1/dg/info"),
+                await client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}),
+                await client.get("/"),
+            ]
+    assert answers[0].json()["data"][0]["id"] == "my-coder"
+    assert answers[1].json()["model"] == "my-coder"
+    assert "'my-coder'" in answers[3].json()["error"]["message"]
+    for answer in answers:
+        assert str(tmp_path) not in answer.text and "/models/" not in answer.text

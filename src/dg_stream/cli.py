@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generations at once; more are answered 503 with Retry-After "
                             "(default %(default)s)")
     serve.add_argument("--served-model-name", metavar="NAME",
-                       help="the model id clients see (default: the verifier's path)")
+                       help="the model id clients see (default: the verifier folder's name; "
+                            "dg-stream-default for the embedded pair)")
     _speculative_options(serve, "speculative decoding defaults")
     _backend_options(serve)
     serve.set_defaults(func=_cmd_serve)

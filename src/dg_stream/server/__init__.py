@@ -37,8 +37,9 @@ def serve(backend: Backend, host: str = "127.0.0.1", port: int = 8000, *,
     """Serve ``backend`` over HTTP until interrupted (Ctrl-C or SIGTERM); blocks.
 
     ``host``/``port``: where to listen (``port=0`` picks a free port). ``model_name``: the
-    model id clients see (default: the backend's). ``max_concurrent``: generations at once;
-    more get 503 with ``Retry-After``. ``keepalive_seconds``: SSE keep-alive interval.
+    model id clients see (default: the checkpoint folder's name). ``max_concurrent``:
+    generations at once; more get 503 with ``Retry-After``. ``keepalive_seconds``: SSE
+    keep-alive interval.
     ``api_key``: require ``Authorization: Bearer <key>`` on ``/v1/*``. ``log_level``: uvicorn's.
     Other keyword arguments go to ``uvicorn.Config`` (e.g. ``ssl_certfile``). The backend is
     closed when the server stops.

@@ -97,6 +97,27 @@ def _validation_rejection(exc: msgspec.ValidationError) -> RequestRejected:
     return RequestRejected(400, text, param=path or None, code="invalid_type")
 
 
+#: The model id of the embedded model pair.
+DEFAULT_MODEL_NAME = "dg-stream-default"
+
+
+def public_model_name(backend: Backend) -> str:
+    """The model id a server shows for ``backend``: never a path of the server's filesystem.
+
+    A checkpoint path becomes its folder's name (``/srv/models/my-coder`` -> ``my-coder``),
+    the embedded pair is ``dg-stream-default``; other names are kept.
+    """
+    name = str(getattr(backend, "model_name", None) or "dg-stream")
+    if "/" not in name and "\\" not in name:
+        return name
+    from .._backends.local import default_model_dir
+
+    path = Path(name).expanduser()
+    if path.resolve() == (default_model_dir() / "verifier").resolve():
+        return DEFAULT_MODEL_NAME
+    return path.resolve().name or "dg-stream"
+
+
 class _Server:
     """State and handlers of one app."""
 
@@ -104,7 +125,7 @@ class _Server:
                  keepalive_seconds: float, retry_after_seconds: int, api_key: str | None,
                  default_max_tokens: int, max_body_bytes: int) -> None:
         self.backend = backend
-        self.model_name = model_name or str(getattr(backend, "model_name", None) or "dg-stream")
+        self.model_name = model_name or public_model_name(backend)
         self.max_concurrent = max_concurrent
         self.keepalive_seconds = keepalive_seconds
         self.retry_after_seconds = retry_after_seconds
@@ -411,9 +432,10 @@ def create_app(backend: Backend, *, model_name: str | None = None, max_concurren
                max_body_bytes: int = 4 << 20, close_backend: bool = False) -> Starlette:
     """An ASGI app serving ``backend``.
 
-    ``model_name``: the id in ``/v1/models`` and responses (default: the backend's
-    ``model_name``); requests naming another model get 404. ``max_concurrent``: generations
-    running at once; past it requests get 503 with ``Retry-After: retry_after_seconds``.
+    ``model_name``: the id in ``/v1/models`` and responses (default: ``public_model_name``:
+    the checkpoint folder's name, ``dg-stream-default`` for the embedded pair); requests
+    naming another model get 404. ``max_concurrent``: generations running at once; past it
+    requests get 503 with ``Retry-After: retry_after_seconds``.
     ``keepalive_seconds``: the longest silence on an event stream before a ``: keep-alive``
     comment. ``api_key``: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     ``default_max_tokens``: the chat limit when a request names none (clamped to the context).
