@@ -224,6 +224,10 @@ async def test_too_long_and_out_of_vocabulary_prompts(
     backend, drafter = counting
     with pytest.raises(InvalidRequestError, match="context"):
         await generate("x", backend=backend, max_new_tokens=10_000).collect()
+    with pytest.raises(InvalidRequestError, match=r"the prompt \(1 token\) plus"):
+        await generate([5], backend=backend, max_new_tokens=10_000).collect()
+    with pytest.raises(InvalidRequestError, match=r"the prompt \(2 tokens\) plus"):
+        await generate([5, 6], backend=backend, max_new_tokens=10_000).collect()
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         await generate([1, 10_000], backend=backend, max_new_tokens=3).collect()
     assert drafter.calls == 0

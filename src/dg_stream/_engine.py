@@ -64,8 +64,9 @@ class GenerationSession:
         self.prompt_ids = encode_prompt(engine.tokenizer, request, verifier.vocab_size)
         limit = verifier.max_length
         if limit is not None and len(self.prompt_ids) + request.max_new_tokens > limit:
+            n = len(self.prompt_ids)
             raise InvalidRequestError(
-                f"the prompt ({len(self.prompt_ids)} tokens) plus max_new_tokens "
+                f"the prompt ({n} token{'' if n == 1 else 's'}) plus max_new_tokens "
                 f"({request.max_new_tokens}) exceeds the verifier's context of {limit} tokens",
                 param="max_new_tokens",
             )
