@@ -499,6 +499,12 @@ BAD_REQUESTS = [
         "max_completion_tokens",
         "invalid_value",
     ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}',
+        "max_tokens",
+        "context_length_exceeded",
+    ),
 ]
 
 
@@ -520,6 +526,10 @@ async def test_bad_requests_are_400_with_an_error_body(
             assert error["type"] == "invalid_request_error"
             assert (error["param"], error["code"]) == (param, code), error
             assert error["message"] and "Traceback" not in error["message"]
+            if param and param.startswith("max_"):  # the endpoint's own name in the message
+                assert re.search(rf"\b{param}\b", error["message"]), error
+            if path != "/v1/dg/generate":
+                assert "max_new_tokens" not in error["message"], error
 
 
 async def test_other_http_errors_are_json_too(server: Any) -> None:
@@ -559,6 +569,8 @@ async def test_health_models_metrics_and_index(server: Any) -> None:
         await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
         metrics = await client.get("/metrics")
         index = await client.get("/")
+        favicon = await client.get("/favicon.ico")
+    assert favicon.status_code == 204  # not a 404 in the browser's console
     assert health["status"] == "ok" and health["model"] == MODEL
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 512
     assert one.json()["id"] == MODEL
@@ -572,6 +584,13 @@ async def test_health_models_metrics_and_index(server: Any) -> None:
     assert metric(text, "dg_stream_mean_accepted_per_call") == pytest.approx(accepted / calls)
     assert metric(text, "dg_stream_completion_tokens_total") >= 4
     assert 'dg_stream_http_requests_total{endpoint="/v1/completions",status="200"}' in text
+    # Every outcome counted is one the HELP line explains.
+    help_line = next(line for line in text.splitlines()
+                     if line.startswith("# HELP dg_stream_generations_total"))
+    for outcome in re.findall(r'dg_stream_generations_total\{[^}]*outcome="(\w+)"', text):
+        assert re.search(rf"\b{outcome}\b", help_line), outcome
+    for outcome in ("stop", "length", "cancelled", "error", "rejected", "disconnected"):
+        assert re.search(rf"\b{outcome}\b", help_line), outcome
     assert index.status_code == 200
     if (STATIC_DIR / "index.html").is_file():
         assert index.headers["content-type"].startswith("text/html")

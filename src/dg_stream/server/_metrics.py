@@ -84,8 +84,8 @@ class Metrics:
         metric("dg_stream_http_requests_total", "counter", "HTTP requests by endpoint and status.",
                sorted(self.requests.items()))
         metric("dg_stream_generations_total", "counter",
-               "Generations by endpoint and outcome "
-               "(stop, length, cancelled, error, disconnected).",
+               "Generations by endpoint and outcome (stop, length, cancelled, error, "
+               "rejected: refused before any output, disconnected).",
                sorted(self.generations.items()))
         metric("dg_stream_generations_active", "gauge", "Generations running now.",
                [((), self.active)])

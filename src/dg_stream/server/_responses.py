@@ -12,6 +12,7 @@ anyway and ``: keep-alive`` comments flow until it arrives.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -74,13 +75,22 @@ def error_response(status: int, body: ErrorBody, headers: dict[str, str] | None 
                     media_type="application/json", headers=headers)
 
 
+def renamed_message(message: str, param: str | None, renamed: str | None) -> str:
+    """``message`` with the library's parameter name replaced by the endpoint's (for example
+    ``max_new_tokens`` by OpenAI's ``max_tokens``)."""
+    if not param or not renamed or renamed == param:
+        return message
+    return re.sub(rf"\b{re.escape(param)}\b", renamed, message)
+
+
 def error_body_for(exc: BaseException, *, rename: Callable[[str | None], str | None] = lambda p: p,
                    retry_after: int = 1) -> tuple[int, ErrorBody, dict[str, str] | None]:
     """(status, body, headers) for an exception raised by a backend."""
     if isinstance(exc, InvalidRequestError):
         code = "context_length_exceeded" if "context" in exc.message else "invalid_value"
-        return 400, ErrorBody(message=exc.message, type="invalid_request_error",
-                              param=rename(exc.param), code=code), None
+        param = rename(exc.param)
+        return 400, ErrorBody(message=renamed_message(exc.message, exc.param, param),
+                              type="invalid_request_error", param=param, code=code), None
     if _is_template_error(exc):
         return 400, ErrorBody(message=f"the chat template rejected the messages: {exc}",
                               type="invalid_request_error", param="messages",

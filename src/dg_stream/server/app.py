@@ -53,6 +53,7 @@ from ._responses import (
     NativeRenderer,
     Renderer,
     error_response,
+    renamed_message,
 )
 
 __all__ = ["create_app"]
@@ -251,7 +252,8 @@ class _Server:
                     request, max_new_tokens=default if room is None else min(default, room))
         except InvalidRequestError as exc:
             param = renames.get(exc.param or "", exc.param)
-            raise RequestRejected(400, exc.message, param=param, code="invalid_value") from None
+            raise RequestRejected(400, renamed_message(exc.message, exc.param, param),
+                                  param=param, code="invalid_value") from None
         return request
 
     async def completions(self, http: Request) -> Any:
@@ -354,6 +356,10 @@ class _Server:
     async def metrics_endpoint(self, http: Request) -> Response:
         return PlainTextResponse(self.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def favicon(self, http: Request) -> Response:
+        # Browsers ask for it on every page; an empty answer keeps their consoles free of 404s.
+        return Response(status_code=204, headers={"cache-control": "max-age=86400"})
 
     async def index(self, http: Request) -> Response:
         page = STATIC_DIR / "index.html"
@@ -458,6 +464,7 @@ def create_app(backend: Backend, *, model_name: str | None = None, max_concurren
         Route("/v1/dg/info", server.dg_info, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_endpoint, methods=["GET"]),
+        Route("/favicon.ico", server.favicon, methods=["GET"]),
         Route("/", server.index, methods=["GET"]),
     ]
     if STATIC_DIR.is_dir():
