@@ -32,8 +32,9 @@ async def main() -> None:
         print(f"\n[{len(stream.token_ids)} tokens; {drafts} chunks carried a draft; "
               f"{stats.mean_accepted if stats else 0:.2f} accepted per verifier call]")
 
-        # Operators and chat sessions work the same on remote streams.
-        first_line = await dg_stream.generate("class Stack:", backend=backend,
+        # Operators and chat sessions work the same on remote streams. (A prompt that ends
+        # mid-line: after "class Stack:" the model's first line would be the empty rest of it.)
+        first_line = await dg_stream.generate("class Stack:\n    def", backend=backend,
                                               max_new_tokens=n).pipe(
             dg_stream.stop_at("\n"), dg_stream.collect())
         print(f"first line: {first_line.text!r} ({first_line.finish_reason})")

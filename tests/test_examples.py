@@ -156,6 +156,23 @@ def test_client_examples_against_serve(name: str, served: str) -> None:
         assert count is not None and 1 <= int(count.group(1)) <= int(LIMIT)
 
 
+def test_client_serve_shows_a_first_line_with_the_embedded_pair() -> None:
+    """The example's output, as a new user sees it: the embedded pair behind the server."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port)],
+                  _env({}), url + "/health")
+    try:
+        result = subprocess.run([sys.executable, str(EXAMPLES / "client_serve.py")],
+                                capture_output=True, text=True, timeout=120,
+                                env=_env({"DG_STREAM_URL": url, "DG_STREAM_MAX_NEW_TOKENS": "24"}))
+    finally:
+        _stop(proc)
+    assert result.returncode == 0, result.stderr
+    first = re.search(r"^first line: '(.*)' \((\w+)\)$", result.stdout, re.MULTILINE)
+    assert first is not None and first.group(1).strip() and first.group(2) == "stop", result.stdout
+
+
 def test_asgi_app(model_env: dict[str, str], tiny_backend: Any) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
