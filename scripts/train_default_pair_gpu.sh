@@ -11,7 +11,9 @@
 # schedule decays fully), so the run ends on time on a slower card. Sizes and budgets come
 # from the variables below; SMOKE=1 shrinks everything to check the script on a CPU in a
 # minute. FEATURES=2,5,8 trains a drafter that also reads the verifier's hidden states at
-# those layers (DFlash-style; FEATURE_WINDOW positions of them, default 16). After each
+# those layers (FEATURE_WINDOW positions of them, default 16). The dflash phase trains a
+# DFlash-format drafter (verifier hidden states at its default layers, block 16) on its own
+# continuations, into RUNS_DIR/dflash; DFLASH_SECONDS is its budget. After each
 # phase the result is packed into $PACKED (default RUNS_DIR/packed/, 16 MB
 # parts, small enough for most transfer limits), so a run stopped early keeps what it finished.
 set -euo pipefail
@@ -29,6 +31,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     D=(--hidden-size 32 --layers 1 --heads 2 --window 56 --steps 30 --sequences 64 --generation-batch 32
        --batch-size 16 --time-budget 10)
     A=(--hidden-size 32 --layers 1 --heads 2 --steps 30 --time-budget 10)
+    DF=(--layers 1 --block-size 6 --context-tokens 8 --continuation-tokens 16 --sequences 32
+        --generation-batch 32 --batch-size 4 --blocks-per-row 2 --steps 10 --time-budget 10)
 else
     V=(--hidden-size 512 --layers 8 --heads 8 --kv-heads 4 --intermediate-size 1408
        --steps 2000 --batch-size 16 --seq-len 1024 --lr 1.5e-3 --time-budget 130)
@@ -36,6 +40,9 @@ else
        --generation-batch 2048 --batch-size 2048 --lr 3e-3 --time-budget "${DRAFTER_SECONDS:-200}")
     A=(--hidden-size 192 --layers 3 --heads 4 --steps 8000 --batch-size 1024 --lr 2e-3
        --time-budget 45)
+    DF=(--layers 2 --block-size 16 --context-tokens 32 --continuation-tokens 96 --sequences 32768
+        --generation-batch 2048 --batch-size 128 --blocks-per-row 16 --steps 100000 --lr 8e-4
+        --time-budget "${DFLASH_SECONDS:-300}")
 fi
 
 train() { "$PYTHON" -m dg_stream.cli train "$@"; }
@@ -47,13 +54,13 @@ pack() {  # pack RUNS/$1 (weights, configs, tokenizer, metrics) into 16 MB parts
     echo "packed $1 after ${SECONDS}s"
 }
 
-# PHASES picks what to (re)train, e.g. "drafter assistant" against an existing VERIFIER.
-PHASES="${PHASES:-verifier drafter assistant}"
+# PHASES picks what to (re)train, e.g. "dflash" against an existing VERIFIER.
+PHASES="${PHASES:-verifier drafter assistant dflash}"
 VERIFIER="${VERIFIER:-$RUNS/verifier}"
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 
 # Continuations kept from an earlier run belong to the verifier that wrote them.
-has verifier && rm -f "$RUNS/drafter/distillation.pt" "$RUNS/assistant/distillation.pt"
+has verifier && rm -f "$RUNS"/{drafter,assistant,dflash}/distillation.pt
 has verifier && train verifier "${LIB[@]}" --tokenizer "$TOKENIZER" --out "$RUNS/verifier" "${V[@]}"
 has verifier && pack verifier
 F=()
@@ -71,5 +78,10 @@ if has assistant; then
     train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/assistant" \
         --architecture causal --eval-prompts 0 "${A[@]}"
     pack assistant
+fi
+if has dflash; then
+    train drafter "${LIB[@]}" --verifier "$VERIFIER" --out "$RUNS/dflash" \
+        --architecture dflash --eval-prompts 0 "${DF[@]}"
+    pack dflash
 fi
 echo "done in ${SECONDS}s"

@@ -465,8 +465,10 @@ def test_gpu_training_script_runs_end_to_end_on_a_cpu(tmp_path: Path) -> None:
     subprocess.run(
         ["bash", str(script), str(tmp_path)], env=env, check=True, timeout=900, capture_output=True
     )
-    for part in ("verifier", "drafter", "assistant"):
+    for part in ("verifier", "drafter", "assistant", "dflash"):
         assert list((tmp_path / "packed").glob(f"{part}.tar.part-*")), part
+    dflash = json.loads((tmp_path / "dflash" / "config.json").read_text())
+    assert dflash["architectures"] == ["DFlashDraftModel"] and dflash["block_size"] == 6
     drafter = json.loads((tmp_path / "drafter" / "config.json").read_text())
     assert drafter["dg_stream_feature_layers"] == [1, 2]
     assert (tmp_path / "drafter" / "feature_projection.safetensors").exists()
