@@ -278,3 +278,28 @@ def test_sampled_requests_run_and_stop(tiny_tok: Any) -> None:
         ids.extend(chunk.token_ids)
     assert len(ids) == 20
     assert session.draft_session is None  # closed with the generation
+
+
+def test_end_of_sequence_inside_an_accepted_block(tiny_tok: Any) -> None:
+    """Drafts that run past the verifier's end-of-sequence: output stops right after it."""
+    verifier = tiny_causal_lm("qwen3", len(tiny_tok), seed=2)
+    prompt = PROMPTS["short"]
+    free = reference(verifier, prompt, 30)
+    eos = free[9]  # the verifier's 10th token becomes its end-of-sequence
+    verifier.generation_config.eos_token_id = eos
+    verifier.config.eos_token_id = eos
+    expected = reference(verifier, prompt, 30)
+    assert expected[-1] == eos and len(expected) <= 10
+    drafter = DFlashDrafter(tiny_dflash(verifier, tiny_tok.mask_token_id), verifier)
+
+    class Truthful:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(drafter, name)
+
+        def session(self) -> TruthfulSession:
+            return TruthfulSession(drafter, prompt + free, verifier, [])
+
+    backend = LocalBackend(verifier, Truthful(), tokenizer=tiny_tok)
+    got, stats = hybrid(backend, prompt, 30, 16)
+    assert got == expected
+    assert stats.verifier_calls <= 2  # the whole run fits in one or two blocks
