@@ -25,7 +25,8 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark harness: ``nox -s bench -- --quick`` (under 3 minutes on 2 cores), or
     ``nox -s bench`` for the full grid; any ``dg-stream bench`` option passes through.
-    Results go to benchmarks/results/ (JSON, PNG) and a Markdown table to stdout."""
+    Results go to a fresh folder under runs/bench/ (JSON, PNG; ``-- --out benchmarks/results``
+    updates the results kept in the repository) and a Markdown table to stdout."""
     session.run("python", "-m", "benchmarks.run", *session.posargs)
 
 

@@ -28,4 +28,5 @@ exec timeout --signal=INT 590 "$PYTHON" -m benchmarks.run \
     --block-sizes 2,4,8,12,16 \
     --steps 1,2 \
     --max-seconds 360 \
+    --out benchmarks/results \
     "$@"

@@ -248,3 +248,53 @@ def test_causal_assistant_distils_from_the_same_continuations(
         train_drafter(
             corpus, verifier_dir, tmp_path / "x", DrafterTrainingConfig(architecture="rnn")
         )
+
+
+def test_runs_write_a_fresh_folder_and_report_the_repeats_that_ran(
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dg_stream.bench._report import speedup_figure
+
+    monkeypatch.chdir(tmp_path)  # as from a checkout: benchmarks/results is right here
+    kept = tmp_path / "benchmarks" / "results" / "quick-cpu.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    argv = [
+        "--quick",
+        *_args(tiny_models, tmp_path)[:10],  # models and prompts, no --out
+        "--num-prompts", "2",
+        "--max-new-tokens", "6",
+        "--threads", "1",
+        "--repeats", "2",
+        "--max-seconds", "0.001",  # the budget is spent after one repeat of each phase
+        "--block-sizes", "2",
+        "--no-adaptive",
+        "--no-profile",
+        "--no-transformers",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert kept.read_text() == "{}"  # the results kept in the repository are left alone
+    (run,) = (tmp_path / "runs" / "bench").iterdir()
+    assert f"files: {Path('runs/bench') / run.name / 'quick-cpu.json'}" in out
+    result = json.loads((run / "quick-cpu.json").read_text())
+    assert result["config"]["repeats_run"] == {"greedy": 1, "sampling": 1}
+    assert "greedy 1 of 2 repeats, sampling 1 of 2 (time budget; medians)" in out
+    assert "2 repeats (medians)" not in out
+
+    # The speed-up plot: its legend beside the bars, every bar label inside the figure.
+    fig = speedup_figure(result)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(ax.get_window_extent(renderer))
+    labels = [t for t in ax.texts if t.get_text().endswith("×")]
+    assert labels
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        assert not box.overlaps(legend)
+        assert ax.get_window_extent(renderer).contains(box.x1 - 1, box.y0 + 1), label.get_text()

@@ -11,11 +11,13 @@ from pathlib import Path
 from .._argtypes import OneLineErrorParser, int_list
 from ._config import FULL, QUICK, BenchConfig
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "fresh_out_dir", "main"]
 
 DEFAULT_PROMPTS = Path("benchmarks/prompts/prompts.jsonl")
 DEFAULT_ASSISTANT = Path("benchmarks/assistant")
-DEFAULT_OUT = Path("benchmarks/results")
+#: Runs write to a fresh folder under here unless ``--out`` names one; the results kept in the
+#: repository (``benchmarks/results``) change only when a run is pointed there on purpose.
+RUNS_DIR = Path("runs/bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=DEFAULT_OUT, help="default: %(default)s")
+    out.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default: a fresh one, {RUNS_DIR}/<date>-<time>; pass "
+        "--out benchmarks/results to update the results kept in the repository)",
+    )
     out.add_argument("--name", help="file name stem (default: quick or full)")
     out.add_argument("--no-profile", action="store_true")
     out.add_argument("--profile-repeats", type=int, help="repeats of the profiled generation")
@@ -159,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         dflash=args.dflash,
         assistant=args.assistant,
         prompts=args.prompts,
-        out=args.out,
+        out=args.out if args.out is not None else fresh_out_dir(),
         device=device,
         adaptive=not args.no_adaptive,
         transformers=not args.no_transformers,
@@ -167,6 +174,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         plots=not args.no_plots,
         **preset,  # type: ignore[arg-type]
     )
+
+
+def fresh_out_dir(root: Path = RUNS_DIR) -> Path:
+    """A folder under ``root`` named for the time now, that does not exist yet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
 
 
 def _log(message: str) -> None:

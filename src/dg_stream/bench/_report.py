@@ -6,7 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "plot", "write_json"]
+__all__ = ["markdown", "plot", "repeats_text", "speedup_figure", "write_json"]
+
+
+def repeats_text(config: dict[str, Any]) -> str:
+    """How many repeats ran, e.g. ``2 repeats (medians)``, or ``greedy 1 of 2 repeats,
+    sampling 1 of 2 (time budget; medians)`` when the budget stopped a phase early."""
+    asked = int(config["repeats"])
+    ran: dict[str, int] = config.get("repeats_run") or {}
+    if all(n == asked for n in ran.values()):
+        return f"{asked} repeat{'' if asked == 1 else 's'} (medians)"
+    parts = [f"{mode} {n} of {asked}" for mode, n in ran.items()]
+    parts[0] += " repeats"
+    return ", ".join(parts) + " (time budget; medians)"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -15,7 +27,7 @@ def markdown(result: dict[str, Any]) -> str:
     config = result["config"]
     lines = [
         f"dg_stream bench `{result['name']}`: {config['num_prompts']} prompts, "
-        f"{config['max_new_tokens']} new tokens, {config['repeats']} repeats (medians), "
+        f"{config['max_new_tokens']} new tokens, {repeats_text(config)}, "
         f"{machine['device']} {config['dtype'].removeprefix('torch.')}, "
         f"{config['threads']} threads, {machine.get('gpu') or machine['cpu']}, "
         f"torch {machine['torch']}, transformers {machine['transformers']}",
@@ -200,16 +212,13 @@ _COLORS = {
 }
 
 
-def plot(result: dict[str, Any], stem: Path) -> list[Path]:
-    """``<stem>-speedup.png`` (speed-up per method) and ``<stem>-blocks.png`` (accepted per
-    call and speed-up against block size)."""
+def speedup_figure(result: dict[str, Any]) -> Any:
+    """The speed-up per method as horizontal bars, greedy and sampling side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
     modes = list(result["results"])
     greedy = result["results"]["greedy"]
     names = [r["method"] for r in greedy]
@@ -246,8 +255,29 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
         plt.Rectangle((0, 0), 1, 1, color="#444444", alpha=1.0 if m == 0 else 0.5)
         for m in range(len(modes))
     ]
-    ax.legend(handles, modes, fontsize=8, loc="lower right")
+    # Beside the bars, not over them: no bar or label is hidden whatever the speed-ups.
+    ax.legend(
+        handles, modes, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0
+    )
+    # Room on the right for the longest bar's label.
+    longest = max(r["speedup"] for rows in result["results"].values() for r in rows)
+    ax.set_xlim(0, max(longest, 1.0) * 1.18)
     fig.tight_layout()
+    return fig
+
+
+def plot(result: dict[str, Any], stem: Path) -> list[Path]:
+    """``<stem>-speedup.png`` (speed-up per method) and ``<stem>-blocks.png`` (accepted per
+    call and speed-up against block size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    greedy = result["results"]["greedy"]
+    fig = speedup_figure(result)
     path = stem.with_name(stem.name + "-speedup.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -435,6 +435,7 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
     hybrids = [r for r in greedy_rows if r["family"] in DRAFTING]
     best = max(hybrids, key=lambda r: r["speedup"]) if hybrids else None
     results: dict[str, Any] = {"greedy": greedy_rows}
+    repeats_run = {"greedy": len({r["repeat"] for r in records})}
     if config.temperature:
         keep = {BASELINE, "transformers generate"}
         keep |= {m.name for m in methods if m.family in ("ngram", "causal", "transformers")}
@@ -450,6 +451,7 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
         more = _timed_phase(sampled_methods, prompts, prompt_ids, config, sampling, budget, log)
         records += more
         results["sampling"] = _aggregate(more, sampled_methods)
+        repeats_run["sampling"] = len({r["repeat"] for r in more})
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     memory = _memory_pass(methods, prompt_ids[longest], config, setup.device)
     for rows in results.values():
@@ -498,6 +500,8 @@ def _run_benchmark(config: BenchConfig, log: Callable[[str], None]) -> dict[str,
             "num_prompts": len(prompts),
             "max_new_tokens": config.max_new_tokens,
             "repeats": config.repeats,
+            # What ran: the time budget may stop a phase before all the repeats asked for.
+            "repeats_run": repeats_run,
             "block_sizes": list(config.block_sizes),
             "steps": list(config.steps),
             "temperature": config.temperature,
