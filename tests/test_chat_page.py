@@ -217,3 +217,61 @@ def test_stop_button_ends_the_reply_and_the_work(page: Any,
         assert time.monotonic() < deadline, "the generation went on after Stop"
         time.sleep(0.05)
     assert page.is_enabled("#send")
+
+
+# For every text node in the header: the distinct line tops it is laid out on (1: no wrap).
+HEADER_LINES = """
+() => {
+  const out = [];
+  const walker = document.createTreeWalker(document.querySelector('header'),
+                                           NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (!node.textContent.trim()) continue;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    const tops = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+    out.push([node.textContent.trim(), tops.size]);
+  }
+  return out;
+}
+"""
+# The vertical centre of each of the header's items.
+HEADER_ROWS = """
+() => [...document.querySelector('header').children]
+  .filter((el) => el.getBoundingClientRect().width > 0)
+  .map((el) => { const r = el.getBoundingClientRect(); return Math.round(r.top + r.height / 2); })
+"""
+
+
+@pytest.mark.parametrize("width", [1200, 800])
+def test_the_header_stays_on_one_line(
+    width: int, page: Any, server: tuple[str, PacedBackend]
+) -> None:
+    """Screenshots at desktop widths: no word of the header wraps, its items share one row,
+    and a reply that begins with blank lines is shown from its first line of text."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser = page.context.browser
+    context = browser.new_context(viewport={"width": width, "height": 500})
+    try:
+        page = context.new_page()
+        # A long model id, as a server started on a checkpoint folder may show.
+        page.route("**/v1/dg/info", lambda route: route.fulfill(
+            json={"dg_stream": "0.0.0", "model": "a-rather-long-checkpoint-folder-name-v2"}))
+        page.goto(server[0] + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('v2')")
+        page.fill("#max-tokens", "8")
+        page.fill("#input", "def add(a, b):")
+        page.press("#input", "Enter")
+        page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
+                               ".dataset.state === 'done'")
+        page.screenshot(path=str(ARTIFACTS / f"chat_page_{width}.png"))
+        lines = page.evaluate(HEADER_LINES)
+        rows = page.evaluate(HEADER_ROWS)
+        shown = page.evaluate("""() => [
+            '\\n\\n  def f():\\n', ' \\n\\tx', '  ', '\\n', 'abc\\n\\n', '  a'
+        ].map(displayedReply)""")
+    finally:
+        context.close()
+    assert [text for text, n in lines if n != 1] == [], lines
+    assert max(rows) - min(rows) <= 4, rows  # one row
+    assert shown == ["  def f():\n", "\tx", "", "", "abc\n\n", "  a"]
