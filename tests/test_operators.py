@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dg_stream
@@ -105,6 +105,8 @@ OPERATORS = {"words": by_words, "lines": by_lines, "sentences": by_sentences}
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=TEXTS, cuts=CUTS, name=st.sampled_from(sorted(OPERATORS)),
        finish=st.booleans())
+@example(text="a  b c", cuts=[2], name="words", finish=True)  # whitespace across chunks
+@example(text="A.  B. C", cuts=[3], name="sentences", finish=True)
 def test_rechunking_never_loses_or_duplicates_text(text: str, cuts: list[int], name: str,
                                                    finish: bool) -> None:
     pieces = split_at(text, cuts)
