@@ -58,7 +58,9 @@ def acceptance(
         "tokens_per_call": round(committed / max(1, calls), 3),
         # Share of calls that kept slot i given they drafted it: slot 1 is the drafter's
         # agreement with the verifier's next token.
-        "accepted_by_position": [round(k / r, 3) if r else 0.0 for k, r in zip(kept, reached)],
+        "accepted_by_position": [
+            round(k / r, 3) if r else 0.0 for k, r in zip(kept, reached, strict=True)
+        ],
     }
 
 
