@@ -52,7 +52,7 @@ def run_example(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
 
 def test_every_example_is_tested() -> None:
     tested = {"quickstart.py", "operators.py", "chatbot.py", "client_serve.py",
-              "openai_client.py", "asgi_app.py"}
+              "openai_client.py", "asgi_app.py", "langchain_chat.py", "gradio_chat.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -83,6 +83,57 @@ def test_chatbot(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
     out = run_example("chatbot.py", model_env, monkeypatch, capsys)
     assert out.count("bot> ") == 2
     assert out.rstrip().endswith("(2 turns kept in the history, 0 trimmed)")
+
+
+def _reply(backend: Any, messages: list[dict[str, str]]) -> str:
+    async def main() -> str:
+        return (await dg_stream.generate(messages, backend=backend,
+                                         max_new_tokens=int(LIMIT)).collect()).text
+
+    return anyio.run(main)
+
+
+def test_langchain_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str], tiny_backend: Any) -> None:
+    pytest.importorskip("langchain_core")
+    out = run_example("langchain_chat.py", model_env, monkeypatch, capsys, "Reverse a list.")
+    expected = _reply(tiny_backend, [{"role": "system", "content": "You are a helpful assistant."},
+                                     {"role": "user", "content": "Reverse a list."}])
+    assert out.startswith(expected + "\n")
+    assert re.search(rf"\[{LIMIT} tokens, finish=length, \d+\.\d\d drafts accepted per "
+                     r"verifier call, model verifier\]$", out.rstrip()), out
+
+
+def test_gradio_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                     tiny_backend: Any) -> None:
+    """The app is built as ``python examples/gradio_chat.py`` builds it, and its handler (what
+    Gradio calls for each message) is driven directly: no server is launched."""
+    gr = pytest.importorskip("gradio")
+    for key, value in {**model_env, "GRADIO_ANALYTICS_ENABLED": "False"}.items():
+        monkeypatch.setenv(key, value)
+    example = runpy.run_path(str(EXAMPLES / "gradio_chat.py"), run_name="gradio_chat")
+    # History as Gradio 6 passes it: content as a string or as a list of text blocks.
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+
+    async def main() -> list[str]:
+        # Built inside a running loop, as under Gradio's server: outside one, Gradio makes
+        # event loops of its own (for its locks) and leaves them open.
+        demo = example["build"]()
+        assert isinstance(demo, gr.ChatInterface)
+        return [shown async for shown in demo.fn("and again", history)]
+
+    shown = anyio.run(main)
+    expected = _reply(tiny_backend, [{"role": "system", "content": example["SYSTEM"]},
+                                     {"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "hello"},
+                                     {"role": "user", "content": "and again"}])
+    assert shown[-1] == expected  # the final message: committed text only
+    drafts = [s for s in shown if "<em>" in s]
+    assert drafts, "the tiny drafter's previews should show"
+    for s in shown:  # each update: committed text so far, then at most a draft preview
+        committed = s.split('<span style="color: #999">', 1)[0]
+        assert expected.startswith(committed)
 
 
 # -- examples that need a server ----------------------------------------------------------------
