@@ -83,6 +83,7 @@ class DFlashDrafter:
         limit = getattr(config, "max_position_embeddings", None)
         self.feature_window = int(limit) if isinstance(limit, int) and limit > 0 else 1 << 30
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
 
     @property
     def feature_size(self) -> int:
@@ -145,10 +146,11 @@ class DFlashSession:
         device = drafter.device
         ids = torch.full((k + 1,), drafter.spec.mask_token_id, dtype=torch.long, device=device)
         ids[0] = context[-1]
-        block = drafter.embed(ids)[None]  # (1, k+1, H)
+        block = drafter.embed(ids)[None].to(drafter.dtype)  # (1, k+1, H)
         positions = torch.arange(newest, newest + k + 1, device=device)[None]
         hidden = drafter.model(block, positions, new, new_positions, cache=self.cache)
-        logits = drafter.model.logits(hidden[0, 1:], drafter.head).float()  # (k, V)
+        head_dtype = drafter.head.weight.dtype  # the drafter may run in another precision
+        logits = drafter.model.logits(hidden[0, 1:].to(head_dtype), drafter.head).float()
         if drafter.spec.mask_token_id < logits.shape[-1]:
             logits[:, drafter.spec.mask_token_id] = float("-inf")  # never propose the mask
         if params.greedy:
