@@ -303,3 +303,12 @@ def test_end_of_sequence_inside_an_accepted_block(tiny_tok: Any) -> None:
     got, stats = hybrid(backend, prompt, 30, 16)
     assert got == expected
     assert stats.verifier_calls <= 2  # the whole run fits in one or two blocks
+
+
+def test_a_bf16_drafter_beside_an_fp32_verifier(tiny_tok: Any) -> None:
+    """The drafter's precision is its own: drafts change, the output does not."""
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    model = tiny_dflash(verifier, tiny_tok.mask_token_id).to(torch.bfloat16)
+    backend = LocalBackend(verifier, model, tokenizer=tiny_tok)
+    prompt = PROMPTS["long"]
+    assert hybrid(backend, prompt, 24, 8)[0] == reference(verifier, prompt, 24)
