@@ -312,3 +312,34 @@ def test_a_bf16_drafter_beside_an_fp32_verifier(tiny_tok: Any) -> None:
     backend = LocalBackend(verifier, model, tokenizer=tiny_tok)
     prompt = PROMPTS["long"]
     assert hybrid(backend, prompt, 24, 8)[0] == reference(verifier, prompt, 24)
+
+
+def test_sliding_window_layers_see_only_recent_context(tiny_tok: Any) -> None:
+    """``layer_types`` sliding layers ignore context further back than the window."""
+    verifier = tiny_causal_lm("qwen3", len(tiny_tok))
+    from dg_stream._drafters.dflash_model import dflash_config
+
+    config = dflash_config(
+        verifier.config, layers=2, mask_token_id=2, block_size=5, target_layer_ids=[0, 1]
+    )
+    config.layer_types = ["sliding_attention", "sliding_attention"]
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = DFlashModel(config).eval()
+    assert all(layer.self_attn.sliding_window == 4 for layer in model.layers)
+    block, positions = torch.randn(1, 5, 32), torch.arange(20, 25)[None]
+    features = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        everything = model(block, positions, features, torch.arange(20)[None])
+        recent = model(block, positions, features[:, 17:], torch.arange(17, 20)[None])
+        cache = ContextCache(2)
+        cached = model(block, positions, features, torch.arange(20)[None], cache=cache)
+        older = model(block, positions, features[:, 15:], torch.arange(15, 20)[None])
+    torch.testing.assert_close(everything, recent)
+    torch.testing.assert_close(everything, cached)
+    torch.testing.assert_close(everything, older)
+    for layer in model.layers:  # the same layers with full attention do read the old context
+        layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        full = model(block, positions, features, torch.arange(20)[None])
+    assert not torch.allclose(full, everything, atol=1e-4)
