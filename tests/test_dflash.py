@@ -343,3 +343,20 @@ def test_sliding_window_layers_see_only_recent_context(tiny_tok: Any) -> None:
     with torch.no_grad():
         full = model(block, positions, features, torch.arange(20)[None])
     assert not torch.allclose(full, everything, atol=1e-4)
+
+
+def test_a_smaller_block_drafts_the_first_slots_of_the_trained_one(tiny_tok: Any) -> None:
+    """Slots attend to each other: a short block runs the whole trained block and keeps its
+    first k, so every block size drafts what training taught."""
+    verifier = tiny_causal_lm("qwen3", len(tiny_tok))
+    drafter = DFlashDrafter(tiny_dflash(verifier, tiny_tok.mask_token_id, scale=3.0), verifier)
+    context = torch.tensor(PROMPTS["long"])
+    with torch.no_grad():
+        out = verifier(input_ids=context[None, :-1], output_hidden_states=True)
+    features = verifier_features(out.hidden_states, drafter.feature_layers, raw=True)[0]
+    greedy = SamplingParams(temperature=0.0)
+    full = drafter.session().propose(context, 16, greedy, None, features=features).tokens
+    assert full.shape == (16,)
+    for k in (1, 2, 5):
+        short = drafter.session().propose(context, k, greedy, None, features=features).tokens
+        assert torch.equal(short, full[:k])

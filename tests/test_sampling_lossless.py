@@ -91,6 +91,16 @@ def p_values(runs: list[list[int]], marginals: list[torch.Tensor]) -> list[float
     return out
 
 
+def peaked_dflash(verifier: Any) -> Any:
+    """A random DFlash drafter whose q is far from the verifier's p (an output multiplier
+    sharpens it), so that acceptance and rejection both happen often."""
+    import dataclasses
+
+    model = tiny_dflash(verifier, V - 1, scale=3.0)
+    model.spec = dataclasses.replace(model.spec, output_multiplier=6.0)
+    return model
+
+
 CASES = {  # sampling options, drafter, denoising steps, adaptive block size
     "diffusion-one-step-q": (dict(temperature=1.0), "diffusion", 1, False),
     "diffusion-multi-step-point-mass": (dict(temperature=0.8, top_k=6), "diffusion", 2, False),
@@ -114,7 +124,7 @@ def test_hybrid_sampling_matches_verifier_distribution(case: str, verifier: Any)
         "ngram": lambda: "ngram",
         "causal": lambda: CausalDrafter(tiny_causal_lm("gpt2", V, seed=9)),
         "features": lambda: tiny_feature_drafter(V, V - 1, verifier),
-        "dflash": lambda: tiny_dflash(verifier, V - 1, scale=3.0),
+        "dflash": lambda: peaked_dflash(verifier),
     }[kind]()
     backend = LocalBackend(verifier, drafter)
     runs = sample_runs(backend, params, block_size=2, steps=steps, adaptive=adaptive)
@@ -135,9 +145,9 @@ def test_a_wrong_dflash_q_is_detected(verifier: Any) -> None:
     """A DFlash session that reports a uniform q for the tokens it really drew is caught."""
     from dg_stream._drafters import DFlashDrafter, DraftProposal
 
-    drafter = DFlashDrafter(tiny_dflash(verifier, V - 1, scale=3.0), verifier)
+    drafter = DFlashDrafter(peaked_dflash(verifier), verifier)
 
-    class Uniform:
+    class Misreported:
         def __init__(self) -> None:
             self.inner = drafter.session()
 
@@ -153,8 +163,8 @@ def test_a_wrong_dflash_q_is_detected(verifier: Any) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(drafter, name)
 
-        def session(self) -> Uniform:
-            return Uniform()
+        def session(self) -> Misreported:
+            return Misreported()
 
     params = SamplingParams(temperature=1.0)
     runs = sample_runs(LocalBackend(verifier, Lying()), params, block_size=2)

@@ -194,8 +194,8 @@ class LocalBackend:
         """A DFlash network bound to this verifier, refused when it was made for another."""
         from .._drafters import DFlashDrafter
 
-        try:
-            return DFlashDrafter(model, self.verifier.model)
+        try:  # beside the verifier, in the precision it was given
+            return DFlashDrafter(model.to(self.device), self.verifier.model)
         except ValueError as exc:
             raise ModelLoadError(f"cannot use this DFlash drafter: {exc}") from exc
 

@@ -2,10 +2,10 @@
 
 A generation's session keeps the context keys and values of every committed position whose
 verifier features it has read (``ContextCache``); each proposal appends the positions committed
-since the last one, embeds [newest token, mask × k] with the verifier's own embeddings, and
-reads k tokens through the verifier's LM head. Every position is drawn given the context
-alone, never given another drafted token, so the recorded q is exactly what each token was
-drawn from and the speculative-sampling rule applies unchanged.
+since the last one, embeds [newest token, mask × (block − 1)] with the verifier's own
+embeddings, and reads the first k slots through the verifier's LM head. Every position is
+drawn given the context alone, never given another drafted token, so the recorded q is exactly
+what each token was drawn from and the speculative-sampling rule applies unchanged.
 """
 
 from __future__ import annotations
@@ -144,18 +144,19 @@ class DFlashSession:
         newest = int(context.shape[0]) - 1  # position of the newest committed token
         new, new_positions = self._new_context(features, newest)
         device = drafter.device
-        ids = torch.full((k + 1,), drafter.spec.mask_token_id, dtype=torch.long, device=device)
+        # Always the whole trained block: its slots attend to each other, so a shorter block
+        # would draft differently from what training taught; the first k are returned.
+        slots = drafter.max_block_size
+        ids = torch.full((slots + 1,), drafter.spec.mask_token_id, dtype=torch.long, device=device)
         ids[0] = context[-1]
-        block = drafter.embed(ids)[None].to(drafter.dtype)  # (1, k+1, H)
-        positions = torch.arange(newest, newest + k + 1, device=device)[None]
+        block = drafter.embed(ids)[None].to(drafter.dtype)  # (1, slots+1, H)
+        positions = torch.arange(newest, newest + slots + 1, device=device)[None]
         hidden = drafter.model(block, positions, new, new_positions, cache=self.cache)
         head_dtype = drafter.head.weight.dtype  # the drafter may run in another precision
-        logits = drafter.model.logits(hidden[0, 1:].to(head_dtype), drafter.head).float()
-        if drafter.spec.mask_token_id < logits.shape[-1]:
-            logits[:, drafter.spec.mask_token_id] = float("-inf")  # never propose the mask
+        logits = drafter.model.logits(hidden[0, 1 : k + 1].to(head_dtype), drafter.head).float()
         if params.greedy:
             return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
-        q = logits_to_probs(logits, params)
+        q = logits_to_probs(logits, params)  # (k, V)
         return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
 
     def close(self) -> None:

@@ -86,19 +86,27 @@ class DFlashSpec:
             if target is None:
                 raise ValueError("dflash_config has no target_layer_ids and no num_target_layers")
             layers = default_target_layers(int(target), int(config.num_hidden_layers))
-        if "mask_token_id" not in dflash:
+
+        # Each setting from dflash_config, else the top level (older files), as the reference
+        # code reads them.
+        def setting(name: str, default: Any = None) -> Any:
+            value = dflash.get(name)
+            return value if value is not None else getattr(config, name, default)
+
+        mask = setting("mask_token_id")
+        if mask is None:
             raise ValueError("dflash_config has no mask_token_id")
-        block = dflash.get("block_size", getattr(config, "block_size", None))
-        if block is None or int(block) < 2:
+        block = setting("block_size", 16)
+        if int(block) < 2:
             raise ValueError(f"block_size must be 2 or more, got {block!r}")
-        multiplier = dflash.get("output_multiplier")
-        cap = dflash.get("final_logit_softcapping")
+        multiplier = setting("output_multiplier")
+        cap = setting("final_logit_softcapping")
         return cls(
             target_layer_ids=tuple(int(i) for i in layers),
-            mask_token_id=int(dflash["mask_token_id"]),
+            mask_token_id=int(mask),
             block_size=int(block),
             output_multiplier=None if multiplier is None else float(multiplier),
-            final_logit_softcapping=None if cap is None else float(cap),
+            final_logit_softcapping=float(cap) if cap is not None and float(cap) > 0 else None,
         )
 
     def to_config_fields(self, verifier_layers: int) -> dict[str, Any]:
@@ -289,9 +297,7 @@ class DFlashModel(nn.Module):
                 layer_mask = _within_window(
                     mask, block_positions, context_positions, cache, attn.sliding_window
                 )
-            h = attn(
-                layer.input_layernorm(x), block_rope, ctx, ctx_rope, layer_mask, cache, index
-            )
+            h = attn(layer.input_layernorm(x), block_rope, ctx, ctx_rope, layer_mask, cache, index)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
@@ -387,7 +393,6 @@ def dflash_config(
         tie_word_embeddings=False,
         **spec.to_config_fields(depth),
     )
-
 
 
 def is_dflash_checkpoint(path: str | os.PathLike[str]) -> bool:

@@ -90,15 +90,23 @@ def dflash_batch(
 
 
 def _mask_token_id(tokenizer: Any, rows: int, log: Any) -> int:
-    """The verifier's mask token, else its pad token: any id works, its embedding is only
-    the drafter's "unknown" input, but it must be in the verifier's embedding table."""
-    for name in ("mask_token_id", "pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and 0 <= value < rows:
-            if name != "mask_token_id":
-                log(f"the verifier's tokenizer has no mask token: using {name} {value}")
-            return value
-    raise ValueError("the verifier's tokenizer has no mask, pad or eos token to mask with")
+    """The verifier's mask token, else an embedding row no token uses (tables are often
+    padded past the tokenizer), else a pad token that is not also end-of-sequence. Its
+    embedding is only the drafter's "unknown" input; it must never be a token the verifier
+    writes, or a block anchored on it would look masked."""
+    if isinstance(tokenizer.mask_token_id, int) and 0 <= tokenizer.mask_token_id < rows:
+        return int(tokenizer.mask_token_id)
+    if len(tokenizer) < rows:
+        log(f"the verifier's tokenizer has no mask token: using unused embedding row {rows - 1}")
+        return rows - 1
+    pad = tokenizer.pad_token_id
+    if isinstance(pad, int) and pad != tokenizer.eos_token_id and 0 <= pad < rows:
+        log(f"the verifier's tokenizer has no mask token: using its pad token {pad}")
+        return int(pad)
+    raise ValueError(
+        "the verifier's tokenizer has no mask token, no unused embedding row and no pad token "
+        "apart from end-of-sequence: add a mask token to the verifier's tokenizer and embeddings"
+    )
 
 
 def train_dflash(
@@ -164,6 +172,11 @@ def train_dflash(
         data = distillation_data(verifier, stream, config, generator, dev)
         log(f"verifier continuations: {data.ids.shape[0]} in {time.perf_counter() - started:.0f}s")
         save_distillation(data_path, data, config)
+    if data.features is None or data.features.shape[1] != data.ids.shape[1] - 1:
+        raise ValueError(
+            f"{data_path} does not hold features for every position of its rows (kept for "
+            "other --context-tokens?); delete it to generate new continuations"
+        )
     embed = verifier.get_input_embeddings()
     head = verifier.get_output_embeddings()
     mask_id = _mask_token_id(tokenizer, int(embed.weight.shape[0]), log)
