@@ -50,6 +50,21 @@ def train_drafter_command(verifier: Path, corpus: Path, out: Path, *options: str
     )
 
 
+def assert_writes_as_plain(backend: LocalBackend, verifier: Path) -> None:
+    """A trained drafter changes the speed, never the text: greedy output as plain decoding."""
+    import anyio
+
+    plain = LocalBackend(str(verifier), None)
+
+    async def both() -> tuple[str, str]:
+        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
+        b = await generate("def add", backend=plain, max_new_tokens=20).collect()
+        return a.text, b.text
+
+    hybrid_text, plain_text = anyio.run(both)
+    assert hybrid_text == plain_text
+
+
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "code.py"
@@ -108,16 +123,7 @@ def test_drafter_for_a_tokenizer_without_mask_token(
     )
     assert any("no mask token" in m for m in messages)
     backend = LocalBackend(str(verifier), str(tmp_path / "drafter"))
-    plain_backend = LocalBackend(str(verifier), None)
-    import anyio
-
-    async def both() -> tuple[str, str]:
-        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
-        b = await generate("def add", backend=plain_backend, max_new_tokens=20).collect()
-        return a.text, b.text
-
-    hybrid_text, plain_text = anyio.run(both)
-    assert hybrid_text == plain_text
+    assert_writes_as_plain(backend, verifier)
 
 
 def test_drafter_training_resumes(
@@ -359,16 +365,7 @@ def test_train_a_feature_conditioned_drafter_end_to_end(
     backend = LocalBackend(str(verifier_dir), str(out))
     assert backend.drafter.feature_layers == (0, 2)
     assert backend.drafter.feature_size == 2 * 32
-    plain = LocalBackend(str(verifier_dir), None)
-    import anyio
-
-    async def both() -> tuple[str, str]:
-        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
-        b = await generate("def add", backend=plain, max_new_tokens=20).collect()
-        return a.text, b.text
-
-    hybrid_text, plain_text = anyio.run(both)
-    assert hybrid_text == plain_text
+    assert_writes_as_plain(backend, verifier_dir)
 
 
 def test_kept_features_must_be_of_the_same_layers(
@@ -497,16 +494,7 @@ def test_train_a_dflash_drafter_end_to_end(
     backend = LocalBackend(str(verifier_dir), str(out))
     assert type(backend.drafter).__name__ == "DFlashDrafter"
     assert backend.defaults.block_size == 5
-    plain = LocalBackend(str(verifier_dir), None)
-    import anyio
-
-    async def both() -> tuple[str, str]:
-        a = await generate("def add", backend=backend, max_new_tokens=20).collect()
-        b = await generate("def add", backend=plain, max_new_tokens=20).collect()
-        return a.text, b.text
-
-    hybrid_text, plain_text = anyio.run(both)
-    assert hybrid_text == plain_text
+    assert_writes_as_plain(backend, verifier_dir)
     # Kept continuations hold raw features: a token drafter must not read them as its own.
     layers = tuple(i + 1 for i in config["dflash_config"]["target_layer_ids"])
     token_drafter = dataclasses.replace(
