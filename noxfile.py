@@ -16,8 +16,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    """ruff and mypy."""
+    """ruff (lint and formatting) and mypy."""
     session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "scripts")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "scripts")
     session.run("mypy")
 
 
