@@ -17,6 +17,7 @@ from dg_stream import (
     Chunk,
     GenerationRequest,
     GenerationStream,
+    Stats,
     StepStats,
     StreamInterruptedError,
     Usage,
@@ -30,6 +31,7 @@ from dg_stream import (
     until,
     with_timeout,
 )
+from dg_stream._chunks import merge_steps
 
 
 class Source:
@@ -158,6 +160,23 @@ def test_rechunking_keeps_token_ids_and_step_totals(text: str, cuts: list[int],
     assert sum(c.step.committed for c in out if c.step) == 2 * len(pieces)
     assert [c.finish_reason for c in out].count("length") == 1
     assert out[-1].finish_reason == "length"
+
+
+def test_step_statistics_are_summed_alike_everywhere() -> None:
+    steps = [StepStats(drafted=4, accepted=1, committed=2, draft_seconds=0.5, verify_seconds=1.0),
+             StepStats(drafted=3, accepted=3, committed=4, draft_seconds=0.25),
+             StepStats(committed=1, verify_seconds=0.5)]
+    one_by_one = Stats()
+    for step in steps:
+        one_by_one = one_by_one.add(step)  # as the engine adds each step
+    assert Stats().add(*steps) == one_by_one == Stats(
+        verifier_calls=3, drafted_tokens=7, accepted_tokens=4, committed_tokens=7,
+        draft_seconds=0.75, verify_seconds=1.5)
+    assert Stats().add() == Stats()
+    assert merge_steps(steps) == StepStats(drafted=7, accepted=4, committed=7,
+                                           draft_seconds=0.75, verify_seconds=1.5)
+    assert merge_steps(steps[:1]) is steps[0]
+    assert merge_steps([]) is None
 
 
 def test_rechunking_examples() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
@@ -59,16 +60,39 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
-    def add(self, step: StepStats) -> Stats:
-        return msgspec.structs.replace(
-            self,
-            verifier_calls=self.verifier_calls + 1,
-            drafted_tokens=self.drafted_tokens + step.drafted,
-            accepted_tokens=self.accepted_tokens + step.accepted,
-            committed_tokens=self.committed_tokens + step.committed,
-            draft_seconds=self.draft_seconds + step.draft_seconds,
-            verify_seconds=self.verify_seconds + step.verify_seconds,
-        )
+    def add(self, *steps: StepStats) -> Stats:
+        """These totals with ``steps`` added, one verifier call each.
+
+        The one place where step statistics are summed: the engine, the stream operators,
+        the server's metrics and ``merge_steps`` all add through it.
+        """
+        calls = self.verifier_calls
+        totals = {total: getattr(self, total) for total, _ in _SUMMED}
+        for step in steps:
+            calls += 1
+            for total, field in _SUMMED:
+                totals[total] += getattr(step, field)
+        return msgspec.structs.replace(self, verifier_calls=calls, **totals)
+
+
+#: Which ``Stats`` total sums which ``StepStats`` field.
+_SUMMED = (
+    ("drafted_tokens", "drafted"),
+    ("accepted_tokens", "accepted"),
+    ("committed_tokens", "committed"),
+    ("draft_seconds", "draft_seconds"),
+    ("verify_seconds", "verify_seconds"),
+)
+
+
+def merge_steps(steps: Iterable[StepStats]) -> StepStats | None:
+    """One ``StepStats`` for several (``None`` for none), so that sums over a re-chunked
+    stream stay exact."""
+    several = list(steps)
+    if len(several) <= 1:
+        return several[0] if several else None
+    totals = Stats().add(*several)
+    return StepStats(**{field: getattr(totals, total) for total, field in _SUMMED})
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from ._chunks import Chunk, Stats, StepStats
+from ._chunks import Chunk, Stats, StepStats, merge_steps
 from ._errors import APITimeoutError, StreamInterruptedError
 from ._stop import StopMatcher
 from ._stream import Completion, GenerationStream
@@ -85,21 +85,6 @@ class DerivedStream(GenerationStream):
         return f"<{type(self).__name__} {state} text={self.text[-40:]!r} of {self.upstream!r}>"
 
 
-def _merge_steps(steps: list[StepStats]) -> StepStats | None:
-    """One StepStats summing several, so that sums over a re-chunked stream stay exact."""
-    if not steps:
-        return None
-    if len(steps) == 1:
-        return steps[0]
-    return StepStats(
-        drafted=sum(s.drafted for s in steps),
-        accepted=sum(s.accepted for s in steps),
-        committed=sum(s.committed for s in steps),
-        draft_seconds=sum(s.draft_seconds for s in steps),
-        verify_seconds=sum(s.verify_seconds for s in steps),
-    )
-
-
 # -- re-chunking -----------------------------------------------------------------------------
 
 # Each pattern matches one complete unit at the start of the buffer; what does not match yet
@@ -138,7 +123,7 @@ def _rechunk(pattern: re.Pattern[str]) -> Operator:
             if not units:
                 if final:  # nothing left to say, but the ending must still be reported
                     yield msgspec.structs.replace(chunk, text="", token_ids=tuple(ids),
-                                                  draft="", step=_merge_steps(steps))
+                                                  draft="", step=merge_steps(steps))
                 continue
             # The draft after each unit is everything the consumer has not seen as committed.
             rest = buffer
@@ -148,12 +133,12 @@ def _rechunk(pattern: re.Pattern[str]) -> Operator:
                 draft = pending + chunk.draft if previewing and not final else ""
                 if last:
                     yield msgspec.structs.replace(chunk, text=unit, token_ids=tuple(ids),
-                                                  draft=draft, step=_merge_steps(steps))
+                                                  draft=draft, step=merge_steps(steps))
                     ids, steps = [], []
                 else:
                     yield Chunk(text=unit, draft=draft)
         if buffer or ids:  # the upstream ended without a final chunk: flush what is held
-            yield Chunk(text=buffer, token_ids=tuple(ids), step=_merge_steps(steps))
+            yield Chunk(text=buffer, token_ids=tuple(ids), step=merge_steps(steps))
 
     return lambda stream: DerivedStream(stream, transform)
 

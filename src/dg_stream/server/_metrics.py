@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-from .._chunks import Chunk
+from .._chunks import Chunk, Stats
 
 __all__ = ["Metrics"]
 
@@ -38,9 +38,7 @@ class Metrics:
         self.disconnects = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.verifier_calls = 0
-        self.drafted_tokens = 0
-        self.accepted_tokens = 0
+        self.steps = Stats()  # every verifier call's statistics, summed
         self.ttfc_counts = [0] * (len(_TTFC_BUCKETS) + 1)
         self.ttfc_sum = 0.0
 
@@ -55,9 +53,7 @@ class Metrics:
     def chunk(self, chunk: Chunk) -> None:
         step = chunk.step
         if step is not None:
-            self.verifier_calls += 1
-            self.drafted_tokens += step.drafted
-            self.accepted_tokens += step.accepted
+            self.steps = self.steps.add(step)
         # Count committed tokens as they stream: a disconnected client's tokens were still made.
         self.completion_tokens += len(chunk.token_ids) if chunk.token_ids else (
             step.committed if step is not None else 0)
@@ -101,14 +97,14 @@ class Metrics:
         metric("dg_stream_completion_tokens_total", "counter", "Tokens generated.",
                [((), self.completion_tokens)])
         metric("dg_stream_verifier_calls_total", "counter", "Verifier forward passes (steps).",
-               [((), self.verifier_calls)])
+               [((), self.steps.verifier_calls)])
         metric("dg_stream_drafted_tokens_total", "counter", "Draft tokens proposed.",
-               [((), self.drafted_tokens)])
+               [((), self.steps.drafted_tokens)])
         metric("dg_stream_accepted_tokens_total", "counter", "Draft tokens accepted.",
-               [((), self.accepted_tokens)])
-        mean = self.accepted_tokens / self.verifier_calls if self.verifier_calls else 0.0
+               [((), self.steps.accepted_tokens)])
         metric("dg_stream_mean_accepted_per_call", "gauge",
-               "Accepted draft tokens per verifier call since start.", [((), mean)])
+               "Accepted draft tokens per verifier call since start.",
+               [((), self.steps.mean_accepted)])
         lines.append("# HELP dg_stream_time_to_first_chunk_seconds "
                      "From the start of a generation to its first chunk.")
         lines.append("# TYPE dg_stream_time_to_first_chunk_seconds histogram")
