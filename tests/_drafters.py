@@ -84,3 +84,42 @@ class MislabelledDrafter:
     ) -> DraftProposal:
         tokens = torch.multinomial(self.true_q.expand(k, -1), 1, generator=generator).flatten()
         return DraftProposal(tokens, self.claimed_q.expand(k, -1).clone())
+
+
+class NoisyOracleDrafter:
+    """Knows the continuations of several prompts and spoils some draft slots, so that rows
+    of one batch accept different numbers of drafts each round. A context it does not know
+    gets arbitrary tokens."""
+
+    vocab_size: int | None = None
+    max_block_size = 64
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
+
+    def __init__(self, sequences: Sequence[Sequence[int]], vocab: int, spoil_every: int = 3):
+        self.sequences = [torch.tensor(list(s)) for s in sequences]
+        self.vocab = vocab
+        self.spoil_every = spoil_every
+        self.calls = 0
+
+    def session(self) -> NoisyOracleDrafter:
+        return self
+
+    def close(self) -> None: ...
+
+    def propose(
+        self, context: torch.Tensor, k: int, params: Any, generator: Any, **options: Any
+    ) -> DraftProposal:
+        self.calls += 1
+        n = context.shape[0]
+        draft = torch.arange(k) % self.vocab
+        for full in self.sequences:
+            if full.shape[0] > n and torch.equal(full[:n], context):
+                known = full[n : n + k]
+                draft[: known.shape[0]] = known
+                break
+        # Spoil a slot that depends on the context length: acceptance varies round to round.
+        slot = n % (self.spoil_every + 1)
+        if slot < k:
+            draft[slot] = (draft[slot] + 1) % self.vocab
+        return DraftProposal(draft, None)

@@ -277,7 +277,7 @@ def test_sampled_requests_run_and_stop(tiny_tok: Any) -> None:
     while (chunk := session.step()) is not None:
         ids.extend(chunk.token_ids)
     assert len(ids) == 20
-    assert session.draft_session is None  # closed with the generation
+    assert session.state.draft_session is None  # closed with the generation
 
 
 def test_end_of_sequence_inside_an_accepted_block(tiny_tok: Any) -> None:

@@ -3,9 +3,11 @@
 Pure arithmetic, no torch. A verifier call with ``k`` drafted tokens keeps on average
 ``E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i`` tokens, where ``a_i`` is the chance that draft ``i``
 is accepted given that the ones before it were, and costs ``V(k + 1) + D(k)`` seconds (verify
-``k + 1`` tokens, draft ``k``; ``D(0) = 0``). The policy picks the ``k`` with the most tokens per
-second, ``k = 0`` (plain decoding) included, so a drafter that does not pay is switched off
-instead of slowing generation down.
+``k + 1`` tokens, draft ``k``; ``D(0) = 0``). When ``R`` rows share a verifier call (batched
+generations) a row's share is ``V(R (k + 1)) / R + D(k)``: the call's fixed cost is spread
+over the rows, its per-token cost is not, so the busier the batch the fewer drafts pay. The
+policy picks the ``k`` with the most tokens per second, ``k = 0`` (plain decoding) included,
+so a drafter that does not pay is switched off instead of slowing generation down.
 
 ``a_i`` is estimated per generation from what the verifier accepted, starting from what earlier
 generations of the same engine saw; the costs are measured on the running machine and shared by
@@ -75,9 +77,11 @@ class CostTable:
         """Enough measured to compare block sizes: two verify sizes and one drafter call."""
         return len(self.verify.sizes) >= 2 and steps in self.draft
 
-    def call_seconds(self, block: int, steps: int = 1) -> float:
+    def call_seconds(self, block: int, steps: int = 1, rows: int = 1) -> float:
+        """One row's share of a round in which ``rows`` rows each verify ``block + 1``
+        tokens, plus its own drafting."""
         draft = self.draft[steps](block) if block > 0 and steps in self.draft else 0.0
-        return self.verify(block + 1) + draft
+        return self.verify(rows * (block + 1)) / rows + draft
 
 
 class AcceptanceEstimate:
@@ -167,19 +171,20 @@ class BlockSizePolicy:
         if self.shared is not None:
             self.shared.observe(drafted, accepted)
 
-    def best(self) -> int:
-        """The block size with the most expected tokens per second."""
+    def best(self, rows: int = 1) -> int:
+        """The block size with the most expected tokens per second when ``rows`` rows share
+        each verifier call."""
         tokens = self.acceptance.expected_tokens_upto(self.max_block)
         rates = [
-            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps))
+            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps, rows))
             for k in range(self.max_block + 1)
         ]
         return max(range(len(rates)), key=rates.__getitem__)
 
-    def next_block(self) -> int:
+    def next_block(self, rows: int = 1) -> int:
         if not self.costs.ready(self.steps):
             return self._warmup.pop(0) if self._warmup else self.requested
-        k = self.best()
+        k = self.best(rows)
         if k == 0:
             self._plain_calls += 1
             if self._plain_calls % self.probe_every == 0:

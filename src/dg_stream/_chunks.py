@@ -13,13 +13,18 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class StepStats(msgspec.Struct, frozen=True, kw_only=True):
-    """What one verifier call did: tokens drafted, drafts accepted, time spent."""
+    """What one verifier call did: tokens drafted, drafts accepted, time spent.
+
+    ``rows`` is how many generations shared the call (batched decoding; 1 alone), and
+    ``verify_seconds`` the whole call's time, which each of them waited.
+    """
 
     drafted: int = 0
     accepted: int = 0
     committed: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    rows: int = 1
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

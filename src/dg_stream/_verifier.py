@@ -1,8 +1,9 @@
 """The autoregressive verifier: any transformers causal LM, scored a block at a time.
 
-A generation's KV cache holds every committed token except the newest one. Each call feeds
-that newest token followed by the draft block, giving logits for the k draft positions plus
-one bonus position; afterwards the cache is cropped back to exactly what was kept.
+A generation's row of the KV cache (``BatchCache``) holds every committed token except the
+newest one. Each call feeds, for every row of a batch, that newest token followed by the row's
+draft block, giving logits for the k draft positions plus one bonus position; afterwards each
+row's length is set back to exactly what was kept.
 
 A call can also return the verifier's hidden states at chosen layers (``verifier_features``):
 a feature-conditioned drafter reads them, as DFlash and EAGLE drafters read their target's.
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-__all__ = ["Scores", "Verifier", "VerifierCache", "cache_keyword", "verifier_features"]
+from ._batch_cache import BatchCache, attention_masks
+
+__all__ = ["Verifier", "cache_keyword", "verifier_features"]
 
 
 def cache_keyword(model: Any) -> str:
@@ -42,36 +45,6 @@ def verifier_features(
         h = hidden_states[layer].float()
         parts.append(h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-6))
     return torch.cat(parts, dim=-1)
-
-
-class Scores(NamedTuple):
-    """One verifier call: next-token logits (T, V), and features (T, F) when asked for."""
-
-    logits: torch.Tensor
-    features: torch.Tensor | None = None
-
-
-class VerifierCache:
-    """One generation's KV cache and the number of tokens it holds."""
-
-    def __init__(self, model: Any) -> None:
-        from transformers import DynamicCache
-
-        self.kv: Any = DynamicCache(config=model.config)
-        # Sliding-window layers drop old states unless told to keep them for a rollback.
-        self.kv.activate_past_recording()
-        self.length = 0
-
-    def release(self) -> None:
-        """Drop the tensors now rather than when the session is garbage-collected."""
-        self.kv = None
-        self.length = 0
-
-    def rollback(self, length: int) -> None:
-        """Forget everything after the first ``length`` tokens."""
-        if length < self.length:
-            self.kv.crop(length - self.length)  # a negative count removes that many tokens
-            self.length = length
 
 
 class Verifier:
@@ -112,35 +85,41 @@ class Verifier:
                 return value
         return None
 
-    def new_cache(self) -> VerifierCache:
-        return VerifierCache(self.model)
+    def new_cache(self) -> BatchCache:
+        return BatchCache(self.model.config)
 
     @torch.inference_mode()
     def forward(
         self,
         ids: torch.Tensor,
-        cache: VerifierCache,
+        cache: BatchCache,
+        start: int = 0,
         feature_layers: Sequence[int] = (),
-        feature_rows: int | None = None,
         raw_features: bool = False,
-    ) -> Scores:
-        """Append ``ids`` ((T,)) to the cache; their next-token logits (T, V), and with
-        ``feature_layers`` the hidden-state features of each position, or of the last
-        ``feature_rows`` (a long prompt's prefill needs only those); ``raw_features`` as in
-        ``verifier_features``."""
-        start = cache.length
-        positions = torch.arange(start, start + ids.shape[0], device=self.device)
-        out = self.model(
-            input_ids=ids.to(self.device)[None],
-            use_cache=True,
-            position_ids=positions[None],
-            output_hidden_states=bool(feature_layers),
-            **{self._cache_keyword: cache.kv},
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ``ids`` ((B, T)) to cache rows ``[start, start + B)`` at their lengths.
+
+        Returns the next-token logits (B, T, V) in float32 and, with ``feature_layers``, each
+        row's features (B, T, F) (``verifier_features``; the caller picks the rows it needs).
+        Lengths are not advanced: the caller sets what each row keeps.
+        """
+        rows, fed = ids.shape
+        positions = cache.prepare(start, rows, fed, self.device)
+        masks = attention_masks(
+            self.config, positions, cache.span, self.model.dtype, self.device
         )
-        cache.length = start + ids.shape[0]
+        limit = self.max_length
+        if limit is not None:  # padding slots may run past the table; their output is unused
+            positions = positions.clamp_max(limit - 1)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=masks,
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            output_hidden_states=bool(feature_layers),
+            **{self._cache_keyword: cache},
+        )
         features = None
         if feature_layers:
-            rows = ids.shape[0] if feature_rows is None else min(feature_rows, ids.shape[0])
-            hidden = [h[0, ids.shape[0] - rows :] for h in out.hidden_states]
-            features = verifier_features(hidden, feature_layers, raw_features)
-        return Scores(out.logits[0].float(), features)
+            features = verifier_features(out.hidden_states, feature_layers, raw_features)
+        return out.logits.float(), features

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .._loading import (
     require_local_extra,
     resolve_device_dtype,
 )
+from ._scheduler import BatchLimits, RoundScheduler
 
 if TYPE_CHECKING:
     from .._engine import GenerationSession
@@ -53,8 +55,13 @@ class LocalBackend:
     off. An adaptive default applies where it cannot change a reproducible output: greedy
     decoding and unseeded sampling (a request may still ask for it explicitly).
 
-    Steps of all generations on one backend run one at a time (a capacity limiter of one per
-    backend), interleaved, each generation with its own cache.
+    Concurrent generations are batched: each verifier call scores the next block of every
+    running generation (one row each, see ``_batch_cache``), and each drafter call serves one
+    row. ``max_batch`` caps the rows of one call and ``max_cached_tokens`` the tokens they may
+    hold (each generation reserves its prompt plus ``max_new_tokens``); further requests wait,
+    up to ``max_waiting`` of them, then are refused with ``OverloadedError``. A prompt is read
+    ``prefill_chunk`` tokens per call, so running generations keep streaming meanwhile.
+    ``max_batch=1`` turns batching off: generations take turns, one verifier call each.
     """
 
     def __init__(
@@ -71,8 +78,20 @@ class LocalBackend:
         adaptive: bool | None = None,
         confidence: float | None = None,
         window: int | None = None,
+        max_batch: int = 32,
+        max_cached_tokens: int | None = None,
+        max_waiting: int = 256,
+        prefill_chunk: int = 512,
     ) -> None:
         require_local_extra()
+        for name, value in (
+            ("max_batch", max_batch),
+            ("max_waiting", max_waiting),
+            ("prefill_chunk", prefill_chunk),
+            ("max_cached_tokens", 1 if max_cached_tokens is None else max_cached_tokens),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if verifier is None:
             verifier = default_model_dir() / "verifier"
             if drafter is None:
@@ -94,10 +113,11 @@ class LocalBackend:
         self.defaults = SpeculativeConfig(
             block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
         )
-        self.engine = Engine(self.verifier, self.drafter, tok, self.defaults)
-        # One step at a time per backend: a capacity limiter per event loop (limiters belong to
-        # the loop that made them) queues waiters without holding threads, and a lock keeps
-        # loops in different threads from running the model at once.
+        self.engine = Engine(self.verifier, self.drafter, tok, self.defaults, prefill_chunk)
+        self.limits = BatchLimits(max_batch, max_cached_tokens, max_waiting)
+        # Rounds are scheduled per event loop (anyio primitives belong to the loop that made
+        # them); a lock keeps loops in different threads from running the model at once.
+        self._scheduler_var: RunVar[RoundScheduler] = RunVar("dg_stream_round_scheduler")
         self._limiter_var: RunVar[anyio.CapacityLimiter] = RunVar("dg_stream_local_limiter")
         self._model_lock = threading.Lock()
         self.model_name = (
@@ -231,8 +251,13 @@ class LocalBackend:
     # -- running ----------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Chunks of one generation; each step runs on a worker thread."""
+        """Chunks of one generation; rounds run on a worker thread."""
         session = self.engine.session(request)  # validates and tokenizes: no model work
+        if self.limits.max_batch > 1:
+            async with aclosing(self._scheduler().stream(session)) as chunks:
+                async for batched in chunks:
+                    yield batched
+            return
         try:
             while True:
                 try:
@@ -250,6 +275,14 @@ class LocalBackend:
                     return
         finally:
             session.close()
+
+    def _scheduler(self) -> RoundScheduler:
+        try:
+            return self._scheduler_var.get()
+        except LookupError:
+            scheduler = RoundScheduler(self.engine, self.limits, self._model_lock)
+            self._scheduler_var.set(scheduler)
+            return scheduler
 
     def _limiter(self) -> anyio.CapacityLimiter:
         try:

@@ -1,9 +1,10 @@
 """Where one hybrid generation spends its time, and what the async layer adds.
 
-The breakdown instruments one engine session (its own attributes only, so nothing else is
-touched): the drafter's proposals, the verifier's forward passes (prefill apart), the
-acceptance rule, the KV-cache rollback and detokenization (the incremental detokenizer and
-the stop-string matcher); what is left of each step is the engine's own bookkeeping. On CUDA
+The breakdown instruments one engine session and, while it runs, the engine's round core
+(instance attributes, removed afterwards): the prompt's prefill, the drafter's proposals, the
+verifier's forward passes, the acceptance rule, the commit (cache lengths, ids, features) and
+detokenization (the incremental detokenizer and the stop-string matcher); what is left of
+each step is the engine's own bookkeeping. On CUDA
 every timed piece ends with a device synchronisation, so GPU work is charged to the piece
 that launched it.
 
@@ -36,7 +37,7 @@ PARTS = (
     "drafting",
     "verification",
     "acceptance",
-    "cache rollback",
+    "commit",
     "detokenization",
     "engine bookkeeping",
 )
@@ -73,13 +74,25 @@ def _breakdown(backend: Any, request: GenerationRequest) -> tuple[dict[str, floa
 
         return wrapper
 
+    core = backend.engine.core
+    prefilling = [False]
+    prefill = core._prefill
+
+    def timed_prefill(*args: Any, **kwargs: Any) -> Any:
+        prefilling[0] = True
+        try:
+            return timed("prefill", prefill)(*args, **kwargs)
+        finally:
+            prefilling[0] = False
+
     forward = verifier.forward
-    verifier.forward = timed(
-        lambda: "prefill" if session.cache.length == 0 else "verification", forward
-    )
-    session._propose = timed("drafting", session._propose)
-    session._accept = timed("acceptance", session._accept)
-    session.cache.rollback = timed("cache rollback", session.cache.rollback)
+    verifier.forward = lambda *a, **k: forward(*a, **k) if prefilling[0] else timed(
+        "verification", forward
+    )(*a, **k)
+    core._prefill = timed_prefill
+    core._propose = timed("drafting", core._propose)
+    core._judge = timed("acceptance", core._judge)
+    core._commit = timed("commit", core._commit)
     for obj in (session.detok, session.stops):
         obj.feed = timed("detokenization", obj.feed)
         obj.flush = timed("detokenization", obj.flush)
@@ -96,7 +109,8 @@ def _breakdown(backend: Any, request: GenerationRequest) -> tuple[dict[str, floa
             if chunk.finish_reason is not None:
                 break
     finally:
-        del verifier.forward  # the instance attribute shadowed the method; drop it
+        # The instance attributes shadowed the methods; drop them.
+        del verifier.forward, core._prefill, core._propose, core._judge, core._commit
         session.close()
     seconds["engine bookkeeping"] = max(0.0, total - sum(seconds.values()))
     seconds["total"] = total
@@ -153,10 +167,10 @@ def _economics(hybrid: dict[str, float], plain: dict[str, float], tokens: int) -
     step = (plain["total"] - plain["prefill"]) / max(1.0, plain["calls"])
     calls = max(1.0, hybrid["calls"])
     overhead = sum(
-        hybrid[p] for p in ("acceptance", "cache rollback", "detokenization", "engine bookkeeping")
+        hybrid[p] for p in ("acceptance", "commit", "detokenization", "engine bookkeeping")
     )
     plain_overhead = sum(
-        plain[p] for p in ("acceptance", "cache rollback", "detokenization", "engine bookkeeping")
+        plain[p] for p in ("acceptance", "commit", "detokenization", "engine bookkeeping")
     )
     out = {
         "plain_step_ms": 1000 * step,

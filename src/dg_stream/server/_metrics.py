@@ -39,6 +39,10 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.steps = Stats()  # every verifier call's statistics, summed
+        # A round shared by R generations gives each of them a step with rows=R, so the
+        # rounds are the sum of 1/R over steps.
+        self.rounds = 0.0
+        self.last_rows = 0
         self.ttfc_counts = [0] * (len(_TTFC_BUCKETS) + 1)
         self.ttfc_sum = 0.0
 
@@ -54,6 +58,8 @@ class Metrics:
         step = chunk.step
         if step is not None:
             self.steps = self.steps.add(step)
+            self.rounds += 1.0 / max(1, step.rows)
+            self.last_rows = step.rows
         # Count committed tokens as they stream: a disconnected client's tokens were still made.
         self.completion_tokens += len(chunk.token_ids) if chunk.token_ids else (
             step.committed if step is not None else 0)
@@ -96,8 +102,19 @@ class Metrics:
                [((), self.prompt_tokens)])
         metric("dg_stream_completion_tokens_total", "counter", "Tokens generated.",
                [((), self.completion_tokens)])
-        metric("dg_stream_verifier_calls_total", "counter", "Verifier forward passes (steps).",
+        metric("dg_stream_verifier_calls_total", "counter",
+               "Verifier steps, counted per generation (a batched round counts once per row).",
                [((), self.steps.verifier_calls)])
+        rounds = round(self.rounds)
+        metric("dg_stream_rounds_total", "counter",
+               "Verifier forward passes (rounds), each shared by the generations batched in it.",
+               [((), rounds)])
+        metric("dg_stream_rows_per_round", "gauge",
+               "Generations per verifier forward pass, averaged since start.",
+               [((), self.steps.verifier_calls / self.rounds if self.rounds else 0.0)])
+        metric("dg_stream_rows_last_round", "gauge",
+               "Generations that shared the latest verifier forward pass.",
+               [((), self.last_rows)])
         metric("dg_stream_drafted_tokens_total", "counter", "Draft tokens proposed.",
                [((), self.steps.drafted_tokens)])
         metric("dg_stream_accepted_tokens_total", "counter", "Draft tokens accepted.",

@@ -1,0 +1,335 @@
+"""The round core: propose, verify, accept and commit for a batch of generations at once.
+
+A round is one verifier forward over every row of a ``BatchCache``:
+
+```
+SequenceState x B
+  │ prefill        at most ``prefill_chunk`` prompt tokens per round, one row at a time
+  │ propose        each decoding row's draft block (DraftProposal; made at the end of the
+  │                previous round, so a preview can show it)
+  │ score          one forward: rows (B, T) = [newest token, draft...] padded to the widest
+  │ judge          pure, per row: Verdict(accepted, token)
+  │ commit         per row: its cache length, ids, features; end of sequence and length
+  ▼
+RowOutcome per decoding row (new ids, finish, StepStats) ─▶ the output layer (_engine.py)
+```
+
+A batch of one is single-stream decoding: there is no other path. Nothing here knows about
+threads, event loops, text or stop strings. Every row keeps its own generator, drafter
+session and block size, so a row's tokens depend on its own inputs only (up to float rounding
+of differently shaped forwards: in float32 a greedy near-tie is the only way for batching to
+change an output).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._acceptance import Verdict, accept_greedy, accept_sampled
+from ._batch_cache import BatchCache
+from ._block_policy import BlockSizePolicy, CostTable
+from ._chunks import FinishReason, StepStats
+from ._config import SamplingParams
+from ._drafters.base import Drafter, DraftProposal, DraftSession, empty_proposal
+from ._sampling import apply_repetition_penalty, process_logits
+from ._verifier import Verifier
+
+__all__ = ["Batch", "RoundCore", "RowOutcome", "SequenceState"]
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """One generation as the round core sees it: ids, options, randomness, drafter state."""
+
+    ids: torch.Tensor  # (n,) committed ids, the prompt included
+    max_new_tokens: int
+    params: SamplingParams
+    generator: torch.Generator
+    block_size: int
+    steps: int = 1
+    confidence: float | None = None
+    draft_session: DraftSession | None = None
+    policy: BlockSizePolicy | None = None
+    row: int = -1  # its row in the batch's cache; -1 while outside a batch
+    generated: int = 0
+    features: torch.Tensor | None = None  # verifier features of the newest committed positions
+    proposal: DraftProposal | None = None  # the draft the next round verifies
+    finished: bool = False
+
+    @property
+    def prompt_pending(self) -> bool:
+        """Whether part of the prompt is still to be read (everything but the newest id)."""
+        return self.row >= 0 and self._cached < self.ids.shape[0] - 1
+
+    _cached: int = field(default=0, repr=False)  # mirror of the cache row's length
+
+    def close(self) -> None:
+        self.finished = True
+        self.proposal = None
+        self.features = None
+        if self.draft_session is not None:
+            self.draft_session.close()
+            self.draft_session = None
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What one round committed for one row."""
+
+    tokens: list[int]
+    finish: FinishReason | None
+    step: StepStats
+
+
+class RoundCore:
+    """The models and the shared measurements; ``run`` is one round."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        drafter: Drafter | None,
+        costs: CostTable,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.verifier = verifier
+        self.drafter = drafter
+        self.costs = costs
+        self.prefill_chunk = max(1, prefill_chunk)
+        # Verifier features for drafters that read them (older drafters lack the attributes).
+        self.feature_window = int(getattr(drafter, "feature_window", 0) or 0)
+        layers = getattr(drafter, "feature_layers", ()) or ()
+        self.feature_layers: tuple[int, ...] = tuple(layers) if self.feature_window > 0 else ()
+        # A drafter that caches what it has read (DFlash) is handed each position's features
+        # once; it reads them raw when its own projection normalises them.
+        self.feature_stream = bool(getattr(drafter, "feature_stream", False))
+        self.raw_features = bool(getattr(drafter, "raw_features", False))
+        pad = getattr(verifier.config, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
+
+    # -- one round --------------------------------------------------------------------------
+
+    def run(
+        self, cache: BatchCache, states: Sequence[SequenceState], active: Sequence[bool]
+    ) -> list[RowOutcome | None]:
+        """One round over ``states`` (the cache's rows, in order). Rows marked inactive sit
+        out (fed one padding token whose state is never kept). Returns an outcome for each
+        row that decoded; None for rows that sat out or are still reading their prompt."""
+        outcomes: list[RowOutcome | None] = [None] * len(states)
+        budget = self.prefill_chunk
+        for state, on in zip(states, active, strict=True):
+            if on and state.prompt_pending and budget > 0:
+                budget -= self._prefill(cache, state, budget)
+        decoding = [
+            i for i, s in enumerate(states) if active[i] and not s.finished and not s.prompt_pending
+        ]
+        if not decoding:
+            return outcomes
+        rows = len(decoding)
+        draft_seconds = dict.fromkeys(decoding, 0.0)
+        for i in decoding:
+            if states[i].proposal is None:  # a row's first round: later drafts come at the end
+                draft_seconds[i] += self._propose(states[i], rows)
+        width = 1 + max(states[i].proposal.tokens.shape[0] for i in decoding)  # type: ignore[union-attr]
+        fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
+        for i in decoding:
+            state = states[i]
+            assert state.proposal is not None
+            block = torch.cat([state.ids[-1:], state.proposal.tokens.cpu()])
+            fed[i, : block.shape[0]] = block
+        started = time.perf_counter()
+        logits, features = self.verifier.forward(
+            fed, cache, 0, self.feature_layers, self.raw_features
+        )
+        if logits.is_cuda:  # time the work, not its launch
+            torch.cuda.synchronize(logits.device)
+        verify_seconds = time.perf_counter() - started
+        self.costs.observe_verify(len(states) * width, verify_seconds)
+        for i in decoding:
+            state = states[i]
+            proposal = state.proposal
+            assert proposal is not None
+            k = proposal.tokens.shape[0]
+            verdict = self._judge(logits[i, : k + 1], proposal, state)
+            row_features = features[i, : verdict.accepted + 1] if features is not None else None
+            new, finish = self._commit(cache, state, verdict, row_features)
+            if finish is None and not state.finished:
+                if state.policy is not None:
+                    state.policy.observe(k, verdict.accepted)
+                draft_seconds[i] += self._propose(state, rows)
+            step = StepStats(
+                drafted=k,
+                accepted=verdict.accepted,
+                committed=len(new),
+                draft_seconds=draft_seconds[i],
+                verify_seconds=verify_seconds,
+                rows=rows,
+            )
+            outcomes[i] = RowOutcome(new, finish, step)
+        return outcomes
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def _judge(
+        self, logits: torch.Tensor, proposal: DraftProposal, state: SequenceState
+    ) -> Verdict:
+        return judge(logits, proposal, state.params, state.ids, state.generator)
+
+    def _prefill(self, cache: BatchCache, state: SequenceState, budget: int) -> int:
+        """Read up to ``budget`` more prompt tokens into the state's row; returns how many."""
+        begin = state._cached
+        end = min(state.ids.shape[0] - 1, begin + budget)
+        _, features = self.verifier.forward(
+            state.ids[None, begin:end],
+            cache,
+            state.row,
+            self.feature_layers,
+            self.raw_features,
+        )
+        state._cached = cache.lengths[state.row] = end
+        if features is not None:
+            keep(state, features[0], self.feature_window)
+        return end - begin
+
+    def _propose(self, state: SequenceState, rows: int) -> float:
+        """Set the state's next proposal; returns the seconds it took."""
+        started = time.perf_counter()
+        remaining = state.max_new_tokens - state.generated
+        wanted = state.policy.next_block(rows) if state.policy is not None else state.block_size
+        # The verifier always adds one token, so drafting past remaining - 1 is wasted work.
+        k = min(wanted, remaining - 1)
+        if state.draft_session is None or k <= 0:
+            state.proposal = empty_proposal()
+            return 0.0
+        # Features go only to drafters that read them (older drafters lack the keyword).
+        extra = {"features": state.features} if self.feature_layers else {}
+        state.proposal = state.draft_session.propose(
+            state.ids,
+            k,
+            state.params,
+            state.generator,
+            steps=state.steps,
+            confidence=state.confidence,
+            **extra,
+        )
+        if self.feature_stream:
+            state.features = None  # the drafter has them now
+        seconds = time.perf_counter() - started
+        if state.policy is not None:
+            self.costs.observe_draft(k, seconds, state.steps)
+        return seconds
+
+    def _commit(
+        self,
+        cache: BatchCache,
+        state: SequenceState,
+        verdict: Verdict,
+        features: torch.Tensor | None,
+    ) -> tuple[list[int], FinishReason | None]:
+        """Keep the newest token and the accepted drafts in the cache (the verifier's own
+        token is the next round's first input, so it is not cached yet); append the new ids,
+        cut at end of sequence or at max_new_tokens."""
+        assert state.proposal is not None
+        state._cached = cache.lengths[state.row] = state.ids.shape[0] + verdict.accepted
+        if features is not None:
+            keep(state, features, self.feature_window)
+        new = [*state.proposal.tokens[: verdict.accepted].tolist(), verdict.token]
+        state.proposal = None
+        finish = truncate(new, self.verifier.eos_ids, state.max_new_tokens - state.generated)
+        state.ids = torch.cat([state.ids, torch.tensor(new, dtype=torch.long)])
+        state.generated += len(new)
+        if finish is not None:
+            state.finished = True
+        return new, finish
+
+
+class Batch:
+    """Generations sharing one ``BatchCache``: rows join and leave between rounds."""
+
+    def __init__(self, core: RoundCore) -> None:
+        self.core = core
+        self.cache = core.verifier.new_cache()
+        self.states: list[SequenceState] = []
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def add(self, state: SequenceState) -> None:
+        state.row = self.cache.add_row()
+        state._cached = 0
+        self.states.append(state)
+
+    def remove(self, state: SequenceState) -> None:
+        """Free the state's row (and its drafter state); the last row takes its place."""
+        row = state.row
+        if row < 0 or row >= len(self.states) or self.states[row] is not state:
+            return
+        moved = self.cache.remove_row(row)
+        last = self.states.pop()
+        if moved is not None:
+            self.states[row] = last
+            last.row = row
+        state.row = -1
+        state.close()
+
+    def run(self, active: Sequence[bool] | None = None) -> list[RowOutcome | None]:
+        return self.core.run(
+            self.cache, self.states, [True] * len(self.states) if active is None else active
+        )
+
+    def cached_tokens(self) -> int:
+        return self.cache.cached_tokens()
+
+
+# -- pure pieces ----------------------------------------------------------------------------
+
+
+def judge(
+    logits: torch.Tensor,
+    proposal: DraftProposal,
+    params: SamplingParams,
+    context: torch.Tensor,
+    generator: torch.Generator,
+) -> Verdict:
+    """The acceptance rule for one row: logits (k+1, V) of [newest token, draft...]."""
+    tokens = proposal.tokens.to(logits.device)
+    if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(
+            logits, context.to(logits.device), tokens, params.repetition_penalty
+        )
+    if params.greedy:
+        return accept_greedy(logits, tokens)
+    p = process_logits(logits, params).softmax(dim=-1)  # (k+1, V)
+    q = proposal.q
+    if q is not None:
+        q = q.to(p.device, p.dtype)
+        if q.shape[-1] < p.shape[-1]:  # drafter vocabulary without the verifier's padding
+            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
+    return accept_sampled(p, tokens, q, generator)
+
+
+def truncate(new: list[int], eos_ids: Any, room: int) -> FinishReason | None:
+    """Cut ``new`` in place at the first end-of-sequence or at ``room`` tokens."""
+    finish: FinishReason | None = None
+    for i, token in enumerate(new):
+        if token in eos_ids:
+            del new[i + 1 :]
+            finish = "stop"
+            break
+    if len(new) > room:
+        del new[room:]
+        finish = "length"
+    elif len(new) == room and finish is None:
+        finish = "length"
+    return finish
+
+
+def keep(state: SequenceState, features: torch.Tensor, window: int) -> None:
+    """Append (m, F) features of newly cached positions, keeping the newest ``window``."""
+    if state.features is not None:
+        features = torch.cat([state.features, features])
+    state.features = features[-window:].clone()  # not a view of the whole forward

@@ -1,0 +1,525 @@
+"""Batched decoding: concurrent generations share verifier calls and each writes exactly
+what it writes alone."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from _drafters import CountingDrafter, NoisyOracleDrafter
+from _models import tiny_causal_lm, tiny_masked_lm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+import dg_stream
+from dg_stream import (
+    GenerationRequest,
+    InvalidRequestError,
+    LocalBackend,
+    OverloadedError,
+    SamplingParams,
+    SpeculativeConfig,
+)
+from dg_stream._batch_cache import BatchCache, attention_masks
+from dg_stream._sampling import process_logits
+
+pytestmark = pytest.mark.anyio
+
+ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi"]
+# Mixed lengths; the long one passes the Mistral model's sliding window (24).
+PROMPTS = [[5], [11, 42, 7, 99, 3, 18, 77], list(range(3, 120, 3)), [8, 9, 8, 9, 8, 9, 8, 9]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def reference(model: Any, prompt: list[int], new: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new,
+        do_sample=False,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+async def collect(backend: LocalBackend, prompt: list[int], new: int, **options: Any) -> Any:
+    """(token ids, chunks) of one stream."""
+    ids: list[int] = []
+    chunks = []
+    async with dg_stream.generate(prompt, backend=backend, max_new_tokens=new, **options) as s:
+        async for chunk in s:
+            ids.extend(chunk.token_ids)
+            chunks.append(chunk)
+    return ids, chunks
+
+
+async def together(backend: LocalBackend, jobs: list[tuple[list[int], int, dict[str, Any]]]) -> Any:
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        prompt, new, options = jobs[i]
+        results[i] = await collect(backend, prompt, new, **options)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            for i in range(len(jobs)):
+                tg.start_soon(one, i)
+    return [results[i] for i in range(len(jobs))]
+
+
+# -- the cache on its own ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2_sliding"])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_rows_score_as_they_do_alone(arch: str, data: st.DataObject) -> None:
+    """Random joins, leaves, ragged feeds and rollbacks: every row's logits equal a plain
+    forward over that row's kept tokens alone."""
+    model = _cache_models(arch)
+    cache = BatchCache(model.config)
+    rows: list[list[int]] = []  # each row's cached ids
+    for _ in range(data.draw(st.integers(2, 6), label="rounds")):
+        if not rows or data.draw(st.booleans(), label="join"):
+            cache.add_row()
+            rows.append([])
+        if len(rows) > 1 and data.draw(st.booleans(), label="leave"):
+            gone = data.draw(st.integers(0, len(rows) - 1), label="which")
+            moved = cache.remove_row(gone)
+            last = rows.pop()
+            if moved is not None:
+                rows[gone] = last
+        width = data.draw(st.integers(1, 9), label="width")
+        fed = torch.randint(0, 50, (len(rows), width))
+        positions = cache.prepare(0, len(rows), width, torch.device("cpu"))
+        masks = attention_masks(
+            model.config, positions, cache.span, torch.float32, torch.device("cpu")
+        )
+        with torch.inference_mode():  # as the verifier runs it
+            logits = model(
+                input_ids=fed,
+                attention_mask=masks,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            ).logits
+        for r, ids in enumerate(rows):
+            keep = data.draw(st.integers(1, width), label="keep")  # ragged: real tokens fed
+            with torch.inference_mode():
+                alone = model(input_ids=torch.tensor([ids + fed[r, :keep].tolist()])).logits[0]
+            torch.testing.assert_close(logits[r, :keep], alone[len(ids) :], atol=1e-4, rtol=1e-4)
+            kept = data.draw(st.integers(0, keep), label="kept")  # roll back to what is kept
+            ids.extend(fed[r, :kept].tolist())
+            cache.lengths[r] = len(ids)
+    while rows:
+        cache.remove_row(0)
+        rows.pop()
+    assert all(layer.keys is None for layer in cache.layers)  # freed with the last row
+
+
+_CACHE_MODELS: dict[str, Any] = {}
+
+
+def _cache_models(arch: str) -> Any:
+    if arch not in _CACHE_MODELS:
+        if arch == "qwen2_sliding":  # one full and one sliding layer: a mask per type
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            torch.manual_seed(0)
+            config = Qwen2Config(
+                vocab_size=50,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                use_sliding_window=True,
+                sliding_window=5,
+                max_window_layers=1,
+                attn_implementation="sdpa",
+            )
+            model = Qwen2ForCausalLM(config).eval()
+        else:
+            model = tiny_causal_lm(arch, 50, seed=3)
+            if arch == "mistral":
+                model.config.sliding_window = 5  # short, so the window matters here
+        _CACHE_MODELS[arch] = model
+    return _CACHE_MODELS[arch]
+
+
+# -- greedy: batched streams write what they write alone -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def greedy_setups(tiny_tok: Any) -> dict[str, Any]:
+    setups = {}
+    for arch in ARCHS:
+        model = tiny_causal_lm(arch, len(tiny_tok), seed=1)
+        expected = [reference(model, p, 24) for p in PROMPTS]
+        setups[arch] = (model, expected)
+    return setups
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_batched_greedy_equals_plain_decoding(
+    arch: str, greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups[arch]
+    drafter = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, prefill_chunk=16)
+    # Different prompt lengths, block sizes and lengths: rows finish at different rounds.
+    jobs = [
+        (prompt, 24 - 5 * (i % 3), {"block_size": 1 + 3 * i})
+        for i, prompt in enumerate(PROMPTS * 2)
+    ]
+    results = await together(backend, jobs)
+    for (prompt, new, _), (ids, _chunks) in zip(jobs, results, strict=False):
+        assert ids == expected[PROMPTS.index(prompt)][:new], (arch, prompt[:3], new)
+    rows = [chunk.step.rows for _, chunks in results for chunk in chunks]
+    assert max(rows) >= 4  # they did share rounds
+    accepted = {chunk.step.accepted for _, chunks in results for chunk in chunks}
+    assert len(accepted) >= 3  # and rows kept different numbers of drafts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+async def test_batched_plain_decoding(
+    arch: str, greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups[arch]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok)
+    results = await together(backend, [(p, 24, {}) for p in PROMPTS])
+    assert [ids for ids, _ in results] == expected
+    assert max(c.step.rows for _, chunks in results for c in chunks) == len(PROMPTS)
+
+
+async def test_streams_join_and_leave_mid_generation(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["mistral"]
+    drafter = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, block_size=3)
+    scheduler_rows: list[int] = []
+    results: dict[str, list[int]] = {}
+    second_wave = anyio.Event()
+
+    async def first(name: str, prompt: list[int]) -> None:
+        ids: list[int] = []
+        async with dg_stream.generate(prompt, backend=backend, max_new_tokens=24) as s:
+            async for chunk in s:
+                ids.extend(chunk.token_ids)
+                scheduler_rows.append(chunk.step.rows)
+                if len(ids) >= 6:
+                    second_wave.set()
+        results[name] = ids
+
+    async def leaver(prompt: list[int]) -> None:
+        await second_wave.wait()
+        ids: list[int] = []
+        async with dg_stream.generate(prompt, backend=backend, max_new_tokens=24) as s:
+            async for chunk in s:
+                ids.extend(chunk.token_ids)
+                if len(ids) >= 3:
+                    break  # leaves while the others run
+        results["leaver"] = ids
+
+    async def joiner(prompt: list[int]) -> None:
+        await second_wave.wait()
+        results["joiner"] = (await collect(backend, prompt, 24))[0]
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first, "a", PROMPTS[1])
+            tg.start_soon(first, "b", PROMPTS[3])
+            tg.start_soon(leaver, PROMPTS[2])
+            tg.start_soon(joiner, PROMPTS[0])
+    assert results["a"] == expected[1] and results["b"] == expected[3]
+    assert results["joiner"] == expected[0]
+    assert results["leaver"] == expected[2][: len(results["leaver"])]
+    assert 2 in scheduler_rows and max(scheduler_rows) >= 3
+    scheduler = backend._scheduler_var.get()
+    assert len(scheduler.batch) == 0 and not scheduler.running and not scheduler.waiting
+    assert all(layer.keys is None for layer in scheduler.batch.cache.layers)  # memory freed
+
+
+async def test_a_cancelled_stream_stops_within_a_round(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["llama"]
+    inner = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    drafter = CountingDrafter(inner)
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, block_size=2)
+    got: dict[str, list[int]] = {}
+    victim_rounds: list[int] = []
+
+    async def victim(scope: anyio.CancelScope) -> None:
+        with scope:
+            async with dg_stream.generate(PROMPTS[2], backend=backend, max_new_tokens=60) as s:
+                async for _chunk in s:
+                    victim_rounds.append(drafter.calls)
+                    if len(victim_rounds) == 3:
+                        scope.cancel()  # cancelled while its next round may be running
+                        await anyio.sleep(0)
+
+    async def survivor() -> None:
+        got["ids"] = (await collect(backend, PROMPTS[1], 24))[0]
+
+    scope = anyio.CancelScope()
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(victim, scope)
+            tg.start_soon(survivor)
+    assert got["ids"] == expected[1]
+    scheduler = backend._scheduler_var.get()
+    assert len(scheduler.batch) == 0
+    before = drafter.calls
+    await anyio.sleep(0.05)
+    assert drafter.calls == before  # nothing runs for anyone any more
+
+
+async def test_end_of_sequence_and_stop_strings_at_different_rounds(tiny_tok: Any) -> None:
+    free = tiny_causal_lm("qwen2", len(tiny_tok), seed=5)
+    continuations = [reference(free, p, 30) for p in PROMPTS]
+    eos = continuations[1][6]  # one row's 7th token ends its sequence
+    model = tiny_causal_lm("qwen2", len(tiny_tok), seed=5, eos_token_id=eos)
+    expected = [reference(model, p, 30) for p in PROMPTS]
+    assert expected[1][-1] == eos and len(expected[1]) == 7
+    text3 = tiny_tok.decode([t for t in expected[3] if t != eos])
+    stop = text3[len(text3) // 2 : len(text3) // 2 + 3]
+    drafter = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, block_size=4)
+    jobs = [(p, 30, {"stop": stop} if i == 3 else {}) for i, p in enumerate(PROMPTS)]
+    results = await together(backend, jobs)
+    for i in (0, 1, 2):
+        assert results[i][0] == expected[i]
+    assert results[1][1][-1].finish_reason == "stop"
+    last = results[3][1][-1]
+    assert last.finish_reason == "stop"
+    text = "".join(c.text for c in results[3][1])
+    assert text == text3[: text3.index(stop)]
+    finished = [len(chunks) for _, chunks in results]
+    assert len(set(finished)) > 1  # they ended at different rounds
+
+
+async def test_a_long_prompt_is_read_in_pieces_while_others_stream(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["llama"]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok, prefill_chunk=4)
+    long_prompt = PROMPTS[2]  # 40 tokens: ten pieces
+    runner_chunks: list[int] = []
+    long_started = anyio.Event()
+    long_first: list[int] = []
+
+    async def runner() -> None:
+        async with dg_stream.generate(PROMPTS[1], backend=backend, max_new_tokens=24) as s:
+            async for _chunk in s:
+                runner_chunks.append(len(long_first))
+                if len(runner_chunks) == 2:
+                    long_started.set()
+        assert True
+
+    async def long() -> None:
+        await long_started.wait()
+        ids, _ = await collect(backend, long_prompt, 24)
+        long_first.append(1)
+        assert ids == expected[2]
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner)
+            tg.start_soon(long)
+    # While the long prompt was being read (ten rounds), the runner kept getting chunks.
+    assert runner_chunks.count(0) >= 2 + 9
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+async def test_rows_per_round_and_tokens_are_bounded(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["llama"]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok, max_batch=2)
+    results = await together(backend, [(p, 24, {}) for p in PROMPTS])
+    assert [ids for ids, _ in results] == expected
+    assert max(c.step.rows for _, chunks in results for c in chunks) == 2
+
+    capped = LocalBackend(model, None, tokenizer=tiny_tok, max_cached_tokens=60)
+    with pytest.raises(InvalidRequestError, match="max_cached_tokens"):
+        await collect(capped, PROMPTS[2], 24)  # 40 + 24 tokens can never fit
+    results = await together(capped, [(p, 24, {}) for p in PROMPTS[:2] + PROMPTS[3:]])
+    assert [ids for ids, _ in results] == [expected[0], expected[1], expected[3]]
+    # 25 + 31 fit together, the third (32) waits for a row to leave.
+    assert max(c.step.rows for _, chunks in results for c in chunks) == 2
+
+
+async def test_a_full_queue_refuses_requests(greedy_setups: dict[str, Any], tiny_tok: Any) -> None:
+    model, _ = greedy_setups["llama"]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok, max_batch=1 + 1, max_waiting=1)
+    outcomes: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        try:
+            await collect(backend, PROMPTS[i % 4], 16)
+            outcomes["done"] += 1
+        except OverloadedError as exc:
+            assert exc.status_code == 503
+            outcomes["refused"] += 1
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+    assert outcomes["refused"] >= 1 and outcomes["done"] >= 3
+
+
+def test_limits_are_validated(tiny_verifier: Any, tiny_tok: Any) -> None:
+    for bad in (
+        {"max_batch": 0},
+        {"max_cached_tokens": -5},
+        {"prefill_chunk": 0},
+        {"max_waiting": 1.5},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LocalBackend(tiny_verifier, None, tokenizer=tiny_tok, **bad)
+
+
+async def test_turn_taking_without_batching(greedy_setups: dict[str, Any], tiny_tok: Any) -> None:
+    model, expected = greedy_setups["gpt2"]
+    drafter = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, max_batch=1)
+    results = await together(backend, [(p, 24, {}) for p in PROMPTS])
+    assert [ids for ids, _ in results] == expected
+    assert {c.step.rows for _, chunks in results for c in chunks} == {1}
+
+
+async def test_no_thread_outlives_the_streams(greedy_setups: dict[str, Any], tiny_tok: Any) -> None:
+    model, _expected = greedy_setups["llama"]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok)
+    before = threading.active_count()
+    await together(backend, [(p, 8, {}) for p in PROMPTS * 4])
+    # anyio keeps idle workers for reuse; one round at a time needs at most one of them.
+    assert threading.active_count() <= before + 1
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+V = 12
+RUNS = 480
+
+
+@pytest.fixture(scope="module")
+def soft_verifier() -> Any:
+    model = tiny_causal_lm("llama", V, seed=4, eos_token_id=V + 100)  # no end-of-sequence
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(0.3)
+    return model
+
+
+def next_probs(model: Any, contexts: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """(N, V) sampling distributions after each context, repetition penalty included."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(contexts)).logits[:, -1].float()
+    penalty = params.repetition_penalty
+    if penalty is not None:
+        for row, context in zip(logits, contexts, strict=False):
+            seen = torch.tensor(sorted(set(context)))
+            row[seen] = torch.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
+    return process_logits(logits, params).softmax(-1)
+
+
+def marginal_of_second(model: Any, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(second new token) by enumerating the first."""
+    p1 = next_probs(model, [prompt], params)[0]
+    second = next_probs(model, [[*prompt, t] for t in range(V)], params)
+    return (p1[:, None] * second).sum(0)
+
+
+# Four kinds of rows in every batch: different prompts, parameters, block sizes and steps
+# (steps=1 drafts carry an exact q; steps=2 drafts are point masses).
+KINDS = [
+    ([3, 7, 3, 7, 3], SamplingParams(temperature=1.0), 3, 1),
+    ([1, 2], SamplingParams(temperature=0.7, top_k=6), 1, 1),
+    ([5, 5, 9, 2, 2, 4, 8], SamplingParams(temperature=1.3, top_p=0.9), 4, 2),
+    ([6], SamplingParams(temperature=1.0, repetition_penalty=1.3), 2, 1),
+]
+
+
+def test_each_row_of_a_mixed_batch_follows_the_verifier(soft_verifier: Any) -> None:
+    drafter = tiny_masked_lm(V, mask_token_id=V - 1, seed=2)
+    backend = LocalBackend(soft_verifier, drafter, adaptive=False)
+    engine = backend.engine
+    counts = [Counter() for _ in KINDS]
+    copies = 4
+    for run in range(RUNS // copies):
+        batch = engine.batch()
+        sessions = []
+        for copy in range(copies):
+            for prompt, params, block, steps in KINDS:
+                request = GenerationRequest(
+                    prompt=prompt,
+                    max_new_tokens=2,
+                    sampling=SamplingParams(
+                        temperature=params.temperature,
+                        top_k=params.top_k,
+                        top_p=params.top_p,
+                        repetition_penalty=params.repetition_penalty,
+                        seed=run * 100 + copy,
+                    ),
+                    speculative=SpeculativeConfig(block_size=block, steps=steps),
+                )
+                session = engine.session(request)
+                batch.add(session.state)
+                sessions.append(session)
+        owners = {session.state: session for session in sessions}
+        while len(batch):  # what the scheduler does, without the event loop
+            outcomes = batch.run()
+            for state, outcome in zip(list(batch.states), outcomes, strict=False):
+                if outcome is not None:
+                    owners[state].emit(outcome)
+            for state in [s for s in batch.states if s.finished]:
+                batch.remove(state)
+        for i, session in enumerate(sessions):
+            ids = session.state.ids.tolist()
+            counts[i % len(KINDS)][ids[-1]] += 1
+    for (prompt, params, _, _), seen in zip(KINDS, counts, strict=False):
+        expected = marginal_of_second(soft_verifier, prompt, params)
+        keep = expected > 1e-3
+        observed = torch.tensor([seen[t] for t in range(V)], dtype=torch.float64)[keep]
+        assert observed.sum() == RUNS
+        kept = expected[keep].double()
+        exp = kept / kept.sum() * RUNS
+        assert chisquare(observed.numpy(), exp.numpy()).pvalue > 1e-3, (prompt, params)
+
+
+async def test_a_seeded_stream_writes_the_same_alone_and_in_a_batch(
+    soft_verifier: Any,
+) -> None:
+    drafter = tiny_masked_lm(V, mask_token_id=V - 1, seed=2)
+    backend = LocalBackend(soft_verifier, drafter, block_size=3)
+    options = {"temperature": 1.0, "seed": 11}
+    alone, _ = await collect(backend, [3, 7, 3], 20, **options)
+    jobs = [([3, 7, 3], 20, options)] + [([1 + i], 20 + i, {"temperature": 0.8}) for i in range(5)]
+    results = await together(backend, jobs)
+    assert results[0][0] == alone
+    assert max(c.step.rows for c in results[0][1]) > 1
