@@ -129,8 +129,9 @@ def test_oldest_turns_are_trimmed_to_fit(tiny_backend: Any) -> None:
     assert users == [f"message number {i} with some words in it" for i in range(6 - len(users), 6)]
     assert [m.role for m in chat.history] == ["user", "assistant"] * len(users)
 
-    with pytest.raises(InvalidRequestError, match="context"):
+    with pytest.raises(InvalidRequestError, match="context") as info:
         chat.send("word " * 200)
+    assert (info.value.param, info.value.code) == ("messages", "context_length_exceeded")
 
 
 def test_default_context_is_the_verifiers(tiny_backend: Any) -> None:

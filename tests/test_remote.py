@@ -35,7 +35,7 @@ from dg_stream import (
     StreamInterruptedError,
     Usage,
 )
-from dg_stream._backends.remote import _parse_retry_after
+from dg_stream._backends._remote_transport import parse_retry_after
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _servers import ServerThread
@@ -309,6 +309,13 @@ async def test_error_event_before_output(script: Any) -> None:
         with pytest.raises(InvalidRequestError, match="bad stop") as info:
             await chunks_of(b)
         assert info.value.param == "stop"
+        assert info.value.code is None  # the server sent none
+        script.handler = lambda r, b: [data({"error": {
+            "message": "too long", "type": "invalid_request_error", "param": "max_tokens",
+            "code": "context_length_exceeded"}})]
+        with pytest.raises(InvalidRequestError, match="too long") as coded:
+            await chunks_of(b)
+        assert (coded.value.param, coded.value.code) == ("max_tokens", "context_length_exceeded")
         script.handler = lambda r, b: [data({"error": {"message": "oom"}})]
         with pytest.raises(GenerationError, match="oom") as failed:
             await chunks_of(b)
@@ -391,13 +398,20 @@ async def test_client_errors_are_not_retried(script: Any) -> None:
         with pytest.raises(BadRequestError) as info:
             await chunks_of(b)
         assert info.value.param == "max_tokens"
+        assert info.value.code is None
         assert isinstance(info.value, InvalidRequestError)  # one except for local and remote
+        script.handler = lambda r, b: JSONResponse(
+            {"error": {"message": "the prompt is too long", "type": "invalid_request_error",
+                       "param": "messages", "code": "context_length_exceeded"}}, status_code=400)
+        with pytest.raises(BadRequestError) as coded:
+            await chunks_of(b)
+        assert (coded.value.param, coded.value.code) == ("messages", "context_length_exceeded")
         script.handler = lambda r, b: Response("nope", status_code=404)
         with pytest.raises(APIStatusError) as missing:
             await chunks_of(b)
         assert missing.value.status_code == 404
         assert "nope" in str(missing.value)
-    assert len(script.posts) == 2
+    assert len(script.posts) == 3
 
 
 async def test_connection_cut_before_output_is_retried(script: Any) -> None:
@@ -433,12 +447,12 @@ async def test_connection_refused_is_a_typed_error_after_retries() -> None:
 
 
 def test_retry_after_header_forms() -> None:
-    assert _parse_retry_after(httpx.Headers({"retry-after": "3"})) == 3
-    assert _parse_retry_after(httpx.Headers({"retry-after-ms": "250"})) == 0.25
+    assert parse_retry_after(httpx.Headers({"retry-after": "3"})) == 3
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "250"})) == 0.25
     future = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 < (_parse_retry_after(httpx.Headers({"retry-after": future})) or 0) <= 31
-    assert _parse_retry_after(httpx.Headers({"retry-after": "soon"})) is None
-    assert _parse_retry_after(httpx.Headers({})) is None
+    assert 25 < (parse_retry_after(httpx.Headers({"retry-after": future})) or 0) <= 31
+    assert parse_retry_after(httpx.Headers({"retry-after": "soon"})) is None
+    assert parse_retry_after(httpx.Headers({})) is None
 
 
 # -- timeouts -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dg_stream import (
     Chunk,
     GenerationError,
     GenerationRequest,
+    InvalidRequestError,
     LocalBackend,
     OverloadedError,
     RemoteBackend,
@@ -531,6 +532,52 @@ async def test_bad_requests_are_400_with_an_error_body(
                 assert re.search(rf"\b{param}\b", error["message"]), error
             if path != "/v1/dg/generate":
                 assert "max_new_tokens" not in error["message"], error
+
+
+class Refusing:
+    """A backend that refuses every request with ``error`` before any output (as a backend
+    does for a request it cannot run)."""
+
+    context_length = None
+    tokenizer = None
+    model_name = "refusing"
+
+    def __init__(self) -> None:
+        self.error: Exception = InvalidRequestError("unset")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        raise self.error
+        yield Chunk()  # pragma: no cover - an async generator that fails when first read
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_error_code_is_the_errors_own_not_read_from_its_message() -> None:
+    backend = Refusing()
+    cases = [
+        # Mentions "context" but is no context-length error: only a code says that.
+        (InvalidRequestError("the context of this stop string is wrong", param="stop"),
+         "stop", "invalid_value"),
+        (InvalidRequestError("too long for the context", param="max_new_tokens",
+                             code="context_length_exceeded"),
+         "max_tokens", "context_length_exceeded"),
+        (InvalidRequestError("no such thing", param="max_new_tokens", code="custom_code"),
+         "max_tokens", "custom_code"),
+    ]
+    with ServerThread(create_app(backend)) as s:
+        async with httpx.AsyncClient(base_url=s.url) as client:
+            for error, param, code in cases:
+                backend.error = error
+                for stream in (False, True):
+                    response = await client.post("/v1/completions", json={
+                        "prompt": "x", "max_tokens": 4, "stream": stream})
+                    assert response.status_code == 400, response.text
+                    body = response.json()["error"]
+                    assert (body["param"], body["code"]) == (param, code), body
+                native = await client.post("/v1/dg/generate", json={"prompt": "x"})
+                assert native.status_code == 400, native.text
+                assert native.json()["error"]["code"] == code
 
 
 async def test_other_http_errors_are_json_too(server: Any) -> None:

@@ -11,14 +11,10 @@ from ._config import GenerationRequest, Message
 from ._errors import InvalidRequestError
 from ._generate import _get_default_backend, generate
 from ._operators import DerivedStream
-from ._prompt import encode_prompt
+from ._prompt import encode_prompt, plain_chat_stops
 from ._stream import GenerationStream
 
 __all__ = ["ChatReply", "ChatSession"]
-
-#: Stop string for the plain chat format (``_prompt.render_plain_chat``): the model would
-#: otherwise go on to write the user's next turn itself.
-PLAIN_CHAT_STOP = "\n\nUser:"
 
 
 class ChatReply(DerivedStream):
@@ -163,7 +159,7 @@ class ChatSession:
                 raise InvalidRequestError(
                     f"the message needs {used} tokens but only {max(budget, 0)} of the "
                     f"{limit}-token context are left after max_new_tokens={max_new_tokens}",
-                    param="messages")
+                    param="messages", code="context_length_exceeded")
             self._drop_oldest_turn()
 
     def _drop_oldest_turn(self) -> None:
@@ -178,10 +174,7 @@ class ChatSession:
     # -- replies --------------------------------------------------------------------------------
 
     def _default_stop(self) -> list[str]:
-        tokenizer = getattr(self.backend, "tokenizer", None)
-        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-            return [PLAIN_CHAT_STOP]
-        return []
+        return list(plain_chat_stops(getattr(self.backend, "tokenizer", None)))
 
     def send(self, content: str, **overrides: Any) -> ChatReply:
         """Add a user message and return the stream of the assistant's reply.

@@ -25,13 +25,18 @@ class DGStreamError(Exception):
 class InvalidRequestError(DGStreamError, ValueError):
     """A parameter or prompt is invalid; raised before any model work starts.
 
-    ``param`` names the offending parameter when there is one.
+    ``param`` names the offending parameter when there is one; ``code`` says what is wrong
+    in a word, where the raiser knows more than "a bad value" (``"context_length_exceeded"``:
+    the prompt and ``max_new_tokens`` do not fit the model's context). A server answers with
+    it as the error body's ``code``; without one it says ``"invalid_value"``.
     """
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 class MissingDependencyError(DGStreamError, ImportError):
@@ -74,16 +79,18 @@ class APIStatusError(GenerationError):
 
 
 class BadRequestError(APIStatusError, InvalidRequestError):
-    """The server rejected the request as invalid (400/422); ``param`` names the culprit.
+    """The server rejected the request as invalid (400/422); ``param`` names the culprit and
+    ``code`` is the error body's code, when the server sent them.
 
     Also an ``InvalidRequestError``, so one ``except`` covers local and remote validation.
     """
 
     def __init__(self, message: str, *, status_code: int, body: object = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None) -> None:
         APIStatusError.__init__(self, message, status_code=status_code, body=body)
         self.message = message
         self.param = param
+        self.code = code
 
 
 class OverloadedError(APIStatusError):

@@ -8,17 +8,30 @@ from typing import Any
 from ._config import GenerationRequest, Message
 from ._errors import InvalidRequestError
 
-__all__ = ["encode_prompt", "render_plain_chat"]
+__all__ = ["PLAIN_CHAT_STOP", "encode_prompt", "plain_chat_stops", "render_plain_chat"]
+
+#: Where a reply in the plain chat format ends: the model would otherwise go on to write the
+#: user's next turn itself.
+PLAIN_CHAT_STOP = "\n\nUser:"
 
 
 def render_plain_chat(messages: Sequence[Message]) -> str:
     """The fallback for tokenizers without a chat template.
 
     Each message becomes ``"{Role}: {content}\\n\\n"`` and the prompt ends with ``"Assistant:"``;
-    pass ``stop=["\\n\\nUser:"]`` to end a reply before the model writes the next user turn.
+    stop at ``PLAIN_CHAT_STOP`` to end a reply before the model writes the next user turn.
     """
     turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
     return "\n\n".join([*turns, "Assistant:"])
+
+
+def plain_chat_stops(tokenizer: Any) -> tuple[str, ...]:
+    """The stop strings a chat reply needs with ``tokenizer``: ``PLAIN_CHAT_STOP`` when it has
+    no chat template (the messages are then rendered by ``render_plain_chat``), else none.
+    ``None`` (no local tokenizer: a remote backend, whose server renders) needs none."""
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        return (PLAIN_CHAT_STOP,)
+    return ()
 
 
 def encode_prompt(tokenizer: Any, request: GenerationRequest, vocab_size: int) -> list[int]:

@@ -31,10 +31,10 @@ import msgspec
 from anyio.from_thread import BlockingPortal
 
 from .._backends.base import Backend
-from .._chat import PLAIN_CHAT_STOP
 from .._chunks import Chunk, Stats
 from .._errors import InvalidRequestError, MissingDependencyError
 from .._generate import _get_default_backend, generate
+from .._prompt import plain_chat_stops
 from .._stream import GenerationStream
 
 try:
@@ -110,6 +110,7 @@ def _text_of(message: BaseMessage) -> str:
                 f"ChatDGStream takes text only: a {message.type} message has a {kind!r} "
                 "content block",
                 param="messages",
+                code="unsupported_parameter",
             )
     return "".join(parts)
 
@@ -134,6 +135,7 @@ def to_dg_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
                     "ChatDGStream has no tool calling: an AI message with tool calls cannot "
                     "be sent",
                     param="messages",
+                    code="unsupported_parameter",
                 )
             role = "assistant"
         elif isinstance(message, ChatMessage) and message.role.lower() in _ROLES:
@@ -143,6 +145,7 @@ def to_dg_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
                 f"ChatDGStream has no tool calling and takes system, human and AI messages "
                 f"only, not a {type(message).__name__} ({message.type!r})",
                 param="messages",
+                code="unsupported_parameter",
             )
         out.append({"role": role, "content": _text_of(message)})
     return out
@@ -229,8 +232,8 @@ class ChatDGStream(BaseChatModel):
     given per call (``model.invoke(messages, temperature=0.7)`` or ``model.bind(...)``); a
     call's ``stop`` replaces the instance's. ``on_draft(text, draft)`` (on the model or per
     call) asks for draft previews and receives them after every step, outside the message. With
-    a tokenizer that has no chat template the
-    plain ``User:``/``Assistant:`` format is used and replies also stop at ``"\\n\\nUser:"``.
+    a tokenizer that has no chat template the plain ``User:``/``Assistant:`` format is used and
+    replies also stop where the next ``User:`` turn would start.
 
     A LangChain run that is cancelled, or a stream the caller leaves early, closes the
     dg_stream stream, which stops the model work (local) or the HTTP request (remote). The
@@ -334,10 +337,7 @@ class ChatDGStream(BaseChatModel):
         return {name: getattr(self, name) for name in CALL_OPTIONS}
 
     def _default_stop(self, backend: Backend) -> list[str]:
-        tokenizer = getattr(backend, "tokenizer", None)
-        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-            return [PLAIN_CHAT_STOP]
-        return []
+        return list(plain_chat_stops(getattr(backend, "tokenizer", None)))
 
     def _open(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -349,12 +349,14 @@ class ChatDGStream(BaseChatModel):
                 f"ChatDGStream serves one model ({self._model_name()!r}), not {model!r}: make "
                 "another ChatDGStream for another backend",
                 param="model",
+                code="model_not_found",
             )
         unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
         if unknown:
             raise InvalidRequestError(
                 f"unknown option(s) {unknown}; ChatDGStream takes {list(CALL_OPTIONS)}",
                 param=unknown[0],
+                code="unknown_field",
             )
         options = {**self._default_options(), **kwargs}
         dg_messages = to_dg_messages(messages)

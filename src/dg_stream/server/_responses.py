@@ -87,7 +87,7 @@ def error_body_for(exc: BaseException, *, rename: Callable[[str | None], str | N
                    retry_after: int = 1) -> tuple[int, ErrorBody, dict[str, str] | None]:
     """(status, body, headers) for an exception raised by a backend."""
     if isinstance(exc, InvalidRequestError):
-        code = "context_length_exceeded" if "context" in exc.message else "invalid_value"
+        code = exc.code or "invalid_value"
         param = rename(exc.param)
         return 400, ErrorBody(message=renamed_message(exc.message, exc.param, param),
                               type="invalid_request_error", param=param, code=code), None

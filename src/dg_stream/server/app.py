@@ -37,7 +37,7 @@ from .. import __version__
 from .._backends.base import Backend
 from .._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig
 from .._errors import InvalidRequestError
-from .._prompt import encode_prompt
+from .._prompt import encode_prompt, plain_chat_stops
 from .._wire import ErrorBody, ServerInfo, encode
 from ._metrics import Metrics
 from ._openai import (
@@ -88,7 +88,8 @@ def _validation_rejection(exc: msgspec.ValidationError) -> RequestRejected:
     cause = exc.__cause__
     if isinstance(cause, InvalidRequestError):  # raised by a Struct's __post_init__
         param = ".".join(p for p in (path, cause.param or "") if p) or None
-        return RequestRejected(400, cause.message, param=param, code="invalid_value")
+        return RequestRejected(400, cause.message, param=param,
+                               code=cause.code or "invalid_value")
     for marker, code in (("unknown field `", "unknown_field"),
                          ("missing required field `", "missing_field")):
         if marker in message:
@@ -209,7 +210,8 @@ class _Server:
         try:
             ids = encode_prompt(tokenizer, request, int(getattr(verifier, "vocab_size", 1 << 62)))
         except InvalidRequestError as exc:
-            raise RequestRejected(400, exc.message, param=exc.param, code="invalid_value") from None
+            raise RequestRejected(400, exc.message, param=exc.param,
+                                  code=exc.code or "invalid_value") from None
         except Exception:  # e.g. a template error: reported when the generation starts
             return None
         return self.max_context - len(ids)
@@ -253,7 +255,7 @@ class _Server:
         except InvalidRequestError as exc:
             param = renames.get(exc.param or "", exc.param)
             raise RequestRejected(400, renamed_message(exc.message, exc.param, param),
-                                  param=param, code="invalid_value") from None
+                                  param=param, code=exc.code or "invalid_value") from None
         return request
 
     async def completions(self, http: Request) -> Any:
@@ -307,20 +309,14 @@ class _Server:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        # Without a chat template, stop before the model writes the next user turn itself.
+        stops = plain_chat_stops(getattr(self.backend, "tokenizer", None))
         request = self._common(body, max_tokens=max_tokens, max_tokens_name=name, prompt=None,
-                               messages=messages, extra_stop=self._plain_chat_stops())
+                               messages=messages, extra_stop=stops)
         renderer = ChatRenderer(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.model_name,
                                 include_usage=_include_usage(body))
         return self._generation("chat", request, renderer, stream=body.stream,
                                 rename=lambda p: name if p == "max_new_tokens" else p)
-
-    def _plain_chat_stops(self) -> tuple[str, ...]:
-        # Without a chat template the prompt is "User: ...\n\nAssistant:" (see _prompt.py); stop
-        # before the model starts writing the next user turn itself.
-        tokenizer = getattr(self.backend, "tokenizer", None)
-        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-            return ("\n\nUser:",)
-        return ()
 
     async def models(self, http: Request) -> Response:
         self._authorize(http)
