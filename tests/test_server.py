@@ -253,6 +253,7 @@ async def test_32_concurrent_streams_each_get_their_own_text(
     expected = {p: await local_text(local, p, 8) for p in prompts}
     assert len(set(expected.values())) >= 8  # the texts differ, so a mix-up would show
     results: dict[int, str] = {}
+    before = httpx.get(server.url + "/metrics").text
     started = time.monotonic()
     async with (
         RemoteBackend(server.url, api="dg") as native,
@@ -274,6 +275,11 @@ async def test_32_concurrent_streams_each_get_their_own_text(
     print(f"32 concurrent streams in {time.monotonic() - started:.2f}s")
     health = httpx.get(server.url + "/health").json()
     assert health["active_generations"] == 0
+    # They ran in shared rounds: many generations per verifier forward pass.
+    after = httpx.get(server.url + "/metrics").text
+    steps = [metric(t, "dg_stream_verifier_calls_total") for t in (before, after)]
+    rounds = [metric(t, "dg_stream_rounds_total") for t in (before, after)]
+    assert (steps[1] - steps[0]) / max(1.0, rounds[1] - rounds[0]) > 4
 
 
 async def test_remote_under_trio(server: Any, local: LocalBackend) -> None:
