@@ -285,7 +285,8 @@ class SlowBackend:
     def __init__(self, inner: Any, first_chunk: threading.Event) -> None:
         self.inner = inner
         self.tokenizer = inner.tokenizer
-        self.verifier = inner.verifier
+        self.context_length = inner.context_length
+        self.model_name = inner.model_name
         self.first_chunk = first_chunk
         self.finished_streams = 0
 
@@ -411,3 +412,15 @@ def test_adaptive_can_be_turned_off_against_a_checkpoint_recommendation() -> Non
     assert parser.parse_args(["generate", "x", "--no-adaptive"]).adaptive is False
     assert parser.parse_args(["serve", "--adaptive"]).adaptive is True
     assert parser.parse_args(["generate", "x"]).adaptive is None  # the backend's default
+
+
+def test_serve_passes_batching_limits_to_the_local_backend() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["serve", "--drafter", "none", "--max-batch", "3", "--max-cached-tokens", "5000"]
+    )
+    backend = cli._make_backend(args)
+    assert backend.limits.max_batch == 3 and backend.limits.max_cached_tokens == 5000
+    assert parser.parse_args(["serve"]).max_batch == 32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--max-batch", "0"])

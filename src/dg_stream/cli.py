@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=positive_int, default=64, metavar="N",
                        help="generations at once; more are answered 503 with Retry-After "
                             "(default %(default)s)")
+    serve.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
+                       help="generations batched into one verifier call (local models; "
+                            "1: they take turns; default %(default)s)")
+    serve.add_argument("--max-cached-tokens", type=positive_int, metavar="N",
+                       help="tokens the batched generations may reserve (prompt plus "
+                            "max_tokens each); later requests wait (default: no bound)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model id clients see (default: the verifier folder's name; "
                             "dg-stream-default for the embedded pair)")
@@ -228,7 +234,7 @@ def _make_backend(args: argparse.Namespace, *, quiet: bool = False) -> Any:
     else:
         drafter = args.drafter
     options: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
-    for name in ("block_size", "steps", "adaptive"):
+    for name in ("block_size", "steps", "adaptive", "max_batch", "max_cached_tokens"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     show = not quiet and sys.stderr.isatty()
