@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,18 +13,22 @@ import pytest
 
 import dg_stream
 from dg_stream import ChatSession, Chunk, GenerationRequest, InvalidRequestError, Message
-from dg_stream._prompt import render_plain_chat
+from dg_stream._prompt import encode_prompt, render_plain_chat
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _servers import ServerThread
 
 
 class Recording:
-    """A backend that forwards to another and remembers every request it was given."""
+    """A backend that forwards to another and remembers every request it was given;
+    ``tokenizer=False``: it tells neither its tokenizer nor its context length."""
 
     def __init__(self, inner: Any, *, tokenizer: bool = True) -> None:
         self.inner = inner
         self.requests: list[GenerationRequest] = []
-        if tokenizer:
-            self.tokenizer = inner.tokenizer
-            self.verifier = inner.verifier
+        self.tokenizer = inner.tokenizer if tokenizer else None
+        self.context_length = inner.context_length if tokenizer else None
+        self.model_name = inner.model_name
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         self.requests.append(request)
@@ -136,7 +142,9 @@ def test_oldest_turns_are_trimmed_to_fit(tiny_backend: Any) -> None:
 
 def test_default_context_is_the_verifiers(tiny_backend: Any) -> None:
     chat = ChatSession(tiny_backend)
-    assert chat.max_context_tokens == tiny_backend.verifier.max_length == 512
+    assert isinstance(tiny_backend, dg_stream.Backend)
+    assert chat.max_context_tokens == tiny_backend.context_length
+    assert tiny_backend.context_length == tiny_backend.verifier.max_length == 512
     with pytest.raises(InvalidRequestError):
         chat.send("   ")
 
@@ -195,6 +203,32 @@ def test_reset_discards_a_reply_in_flight(tiny_backend: Any) -> None:
     assert chat.history == ()
 
 
+@pytest.mark.parametrize("api", ["auto", "openai"])
+def test_remote_chat_trims_to_the_context_the_server_reports(tiny_backend: Any, api: str) -> None:
+    from dg_stream.server import create_app
+
+    def exact(messages: Sequence[Message]) -> int:  # the server's own count, for a tight fit
+        request = GenerationRequest(messages=list(messages))
+        return len(encode_prompt(tiny_backend.tokenizer, request, vocab_size=1 << 62))
+
+    turn = "def add(a, b): return a + b\n" * 12
+    assert exact([Message("user", turn)]) > 180  # three turns and replies overflow 512
+
+    async def main(url: str) -> tuple[ChatSession, list[int | None]]:
+        async with dg_stream.RemoteBackend(url, api=api) as remote:
+            chat = ChatSession(remote, max_new_tokens=8, count_tokens=exact)
+            limits = [chat.max_context_tokens]  # unknown before the first request
+            for i in range(4):
+                await chat.ask(f"{i}: {turn}")  # the server refuses what does not fit
+                limits.append(chat.max_context_tokens)
+        return chat, limits
+
+    with ServerThread(create_app(tiny_backend)) as server:
+        chat, limits = anyio.run(main, server.url)
+    assert limits == [None, 512, 512, 512, 512]
+    assert chat.trimmed_turns >= 1  # else the server would have refused the third turn
+
+
 @pytest.mark.parametrize("api", ["dg", "openai"])
 def test_chat_over_a_remote_backend(tiny_backend: Any, api: str) -> None:
     """Messages go to the server, which renders them: the same replies as in process."""
@@ -218,4 +252,4 @@ def test_chat_over_a_remote_backend(tiny_backend: Any, api: str) -> None:
     remote_replies, local_replies, chat = anyio.run(main)
     assert remote_replies == local_replies
     assert len(chat.history) == 4
-    assert chat.max_context_tokens is None  # no local tokenizer: the server enforces its limit
+    assert chat.max_context_tokens == 512  # the server's: the backend learned it

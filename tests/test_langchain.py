@@ -243,6 +243,8 @@ def test_messages_map_to_the_chat_template(tiny_backend: Any) -> None:
 
     class Recording:
         tokenizer = tiny_backend.tokenizer
+        context_length = tiny_backend.context_length
+        model_name = tiny_backend.model_name
 
         def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
             requests.append(request)
@@ -322,6 +324,8 @@ class Watched:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.tokenizer = inner.tokenizer
+        self.context_length = inner.context_length
+        self.model_name = inner.model_name
         self.produced = 0
         self.closed = False
 

@@ -55,6 +55,9 @@ class PacedBackend:
         self.steps = 0
         self.ended = threading.Event()
         self.fail_after: int | None = None  # raise GenerationError after this many chunks
+        self.context_length = inner.context_length
+        self.tokenizer = inner.tokenizer
+        self.model_name = inner.model_name
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         source = self.inner.stream(request)
@@ -244,6 +247,28 @@ async def test_remote_openai_protocol(server: Any, local: LocalBackend) -> None:
     assert chat.text == await local_text(
         local, [{"role": "user", "content": "hey"}], 6, stop=["\n\nUser:"]
     )
+
+
+@pytest.mark.parametrize("api", ["auto", "dg", "openai"])
+async def test_remote_backend_learns_the_servers_context_length_and_model(
+    server: Any, local: LocalBackend, api: Any
+) -> None:
+    assert local.context_length == local.verifier.max_length == 512
+    async with RemoteBackend(server.url, api=api) as remote:
+        assert isinstance(remote, dg_stream.Backend) and isinstance(local, dg_stream.Backend)
+        assert (remote.context_length, remote.model_name, remote.tokenizer) == (None, None, None)
+        await dg_stream.generate("x", backend=remote, max_new_tokens=2).collect()
+        assert (remote.context_length, remote.model_name) == (local.context_length, MODEL)
+        assert remote.tokenizer is None  # the server tokenizes
+        # A server in front of the remote backend reports what it learned.
+        with ServerThread(create_app(remote)) as proxy:
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                card = (await client.get("/v1/models")).json()["data"][0]
+                info = (await client.get("/v1/dg/info")).json()
+        assert (card["id"], card["max_model_len"]) == (MODEL, 512)
+        assert info["max_context"] == 512
+    async with RemoteBackend(server.url, "named-by-me", api="openai") as remote:
+        assert remote.model_name == "named-by-me"  # the model asked for, not looked up
 
 
 async def test_32_concurrent_streams_each_get_their_own_text(

@@ -60,10 +60,12 @@ class ChatSession:
 
     ``max_context_tokens`` bounds the prompt plus ``max_new_tokens``: before each reply the
     oldest turns (a user message and the replies to it) are dropped from the history until
-    the rest fits. It defaults to the local verifier's context length and, for a remote
-    backend, to no limit (the server rejects what is too long). Tokens are counted with the
-    local tokenizer, or with ``count_tokens(messages)`` when given, else estimated as one per
-    three UTF-8 bytes (on the safe side for most tokenizers).
+    the rest fits. It defaults to the backend's ``context_length``: the local verifier's, or
+    the one a remote server reports (known once the backend has made its first request; until
+    then, and for servers that do not say, there is no limit and the server rejects what is
+    too long). Tokens are counted with the backend's tokenizer, or with
+    ``count_tokens(messages)`` when given, else estimated as one per three UTF-8 bytes (on the
+    safe side for most tokenizers).
 
     Other keyword arguments (``temperature``, ``stop``, ``draft_preview``, ``block_size``, ...)
     are passed to ``generate`` for every reply; ``send`` may override them per reply::
@@ -128,15 +130,13 @@ class ChatSession:
     def max_context_tokens(self) -> int | None:
         if self._max_context_tokens is not None:
             return self._max_context_tokens
-        verifier = getattr(self.backend, "verifier", None)
-        limit = getattr(verifier, "max_length", None)
-        return int(limit) if isinstance(limit, int) else None
+        return self.backend.context_length
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         """The prompt length, in tokens, that ``messages`` render to for this backend."""
         if self._count_tokens is not None:
             return self._count_tokens(messages)
-        tokenizer = getattr(self.backend, "tokenizer", None)
+        tokenizer = self.backend.tokenizer
         if tokenizer is not None:
             request = GenerationRequest(messages=list(messages))
             # The same rendering as the engine's, so the count is exact.
@@ -174,7 +174,7 @@ class ChatSession:
     # -- replies --------------------------------------------------------------------------------
 
     def _default_stop(self) -> list[str]:
-        return list(plain_chat_stops(getattr(self.backend, "tokenizer", None)))
+        return list(plain_chat_stops(self.backend.tokenizer))
 
     def send(self, content: str, **overrides: Any) -> ChatReply:
         """Add a user message and return the stream of the assistant's reply.

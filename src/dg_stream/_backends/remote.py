@@ -64,7 +64,8 @@ class RemoteBackend:
     and takes the first, or leaves the field out if the server lists none.
     ``api``: ``"dg"`` for the native protocol (draft previews, per-step stats, token ids),
     ``"openai"`` for the completions / chat completions protocol, ``"auto"`` to ask the server
-    once (``GET /v1/dg/info``) and use native when it is offered.
+    once (``GET /v1/dg/info``) and use native when it is offered (``"dg"`` asks too: the
+    answer names the model and its context length).
     ``api_key``: sent as a bearer token (default: the ``DG_STREAM_API_KEY`` variable).
     ``timeout``: a number (connect, first chunk and idle limits alike) or a ``RemoteTimeout``.
     ``max_retries``: retries before the first chunk, for connection errors and 408, 409, 429
@@ -79,6 +80,11 @@ class RemoteBackend:
 
     One instance serves any number of concurrent streams over a shared connection pool; close it
     with ``await backend.aclose()`` or ``async with RemoteBackend(...) as backend``.
+
+    ``context_length`` and ``model_name`` are what the server reported (``/v1/dg/info``, or the
+    first ``/v1/models`` entry's ``max_model_len`` and ``id`` when ``model`` is ``None``):
+    ``None`` until the first request, or when the server does not say. ``tokenizer`` is
+    ``None``: the server renders and tokenizes prompts.
     """
 
     def __init__(self, base_url: str, model: str | None = None, *, api: Api = "auto",
@@ -123,6 +129,8 @@ class RemoteBackend:
         self._resolved_api: Literal["dg", "openai"] | None = None if api == "auto" else api
         self._resolved_model: str | None = model
         self._model_looked_up = model is not None
+        self._info_looked_up = False
+        self._context_length: int | None = None
         self.server_info: ServerInfo | None = None
 
     # -- settings (kept by the transport) -------------------------------------------------------
@@ -147,6 +155,25 @@ class RemoteBackend:
     def max_retry_after(self) -> float:
         return self._transport.max_retry_after
 
+    # -- what the server reported ----------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens of prompt and completion the server takes; ``None`` until known."""
+        return self._context_length
+
+    @property
+    def tokenizer(self) -> None:
+        """None: prompts are tokenized by the server."""
+        return None
+
+    @property
+    def model_name(self) -> str | None:
+        """``model``, else the model the server named; ``None`` until known."""
+        if self._resolved_model is not None:
+            return self._resolved_model
+        return self.server_info.model if self.server_info is not None else None
+
     # -- connection ---------------------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -162,11 +189,16 @@ class RemoteBackend:
     # -- discovery ----------------------------------------------------------------------------
 
     async def _api_for(self, deadline: float | None) -> Literal["dg", "openai"]:
-        if self._resolved_api is None:
+        if self.api != "openai" and not self._info_looked_up:
             status, body = await self._transport.get_json("/v1/dg/info", deadline)
             info = server_info(body) if status == 200 else None
             self.server_info = info
-            self._resolved_api = "dg" if info is not None else "openai"
+            if info is not None:
+                self._context_length = info.max_context
+            if self._resolved_api is None:
+                self._resolved_api = "dg" if info is not None else "openai"
+            self._info_looked_up = True
+        assert self._resolved_api is not None
         return self._resolved_api
 
     async def _model_for_openai(self, deadline: float | None) -> str | None:
@@ -177,8 +209,10 @@ class RemoteBackend:
                 status, body = 0, None
             data = body.get("data") if isinstance(body, dict) else None
             if status == 200 and isinstance(data, list) and data and isinstance(data[0], dict):
-                model_id = data[0].get("id")
+                model_id, limit = data[0].get("id"), data[0].get("max_model_len")
                 self._resolved_model = model_id if isinstance(model_id, str) else None
+                if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                    self._context_length = limit  # vLLM's field; dg-stream serve sends it too
             self._model_looked_up = True
         return self._resolved_model
 

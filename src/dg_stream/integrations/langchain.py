@@ -307,8 +307,8 @@ class ChatDGStream(BaseChatModel):
         backend = self.backend if self.backend is not None else backend
         if backend is None:
             return "dg-stream" if self.base_url is not None else _DEFAULT_MODEL_NAME
-        name = getattr(backend, "model_name", None) or getattr(backend, "model", None)
-        return _public_name(str(name)) if name else "dg-stream"
+        name = backend.model_name
+        return _public_name(name) if name else "dg-stream"
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -337,7 +337,7 @@ class ChatDGStream(BaseChatModel):
         return {name: getattr(self, name) for name in CALL_OPTIONS}
 
     def _default_stop(self, backend: Backend) -> list[str]:
-        return list(plain_chat_stops(getattr(backend, "tokenizer", None)))
+        return list(plain_chat_stops(backend.tokenizer))
 
     def _open(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

@@ -109,7 +109,7 @@ def public_model_name(backend: Backend) -> str:
     A checkpoint path becomes its folder's name (``/srv/models/my-coder`` -> ``my-coder``),
     the embedded pair is ``dg-stream-default``; other names are kept.
     """
-    name = str(getattr(backend, "model_name", None) or "dg-stream")
+    name = backend.model_name or "dg-stream"
     if "/" not in name and "\\" not in name:
         return name
     from .._backends.local import default_model_dir
@@ -138,9 +138,11 @@ class _Server:
         self.slots = 0
         self.created = int(time.time())
         self.started = time.monotonic()
-        verifier = getattr(backend, "verifier", None)
-        limit = getattr(verifier, "max_length", None)
-        self.max_context: int | None = limit if isinstance(limit, int) else None
+
+    @property
+    def max_context(self) -> int | None:
+        """The backend's context length (asked each time: a remote backend learns it late)."""
+        return self.backend.context_length
 
     # -- request plumbing ---------------------------------------------------------------------
 
@@ -203,18 +205,18 @@ class _Server:
 
     def _prompt_room(self, request: GenerationRequest) -> int | None:
         """Tokens left in the context after the prompt, when the backend can tell."""
-        tokenizer = getattr(self.backend, "tokenizer", None)
-        verifier = getattr(self.backend, "verifier", None)
-        if tokenizer is None or self.max_context is None:
+        tokenizer, limit = self.backend.tokenizer, self.max_context
+        if tokenizer is None or limit is None:
             return None
         try:
-            ids = encode_prompt(tokenizer, request, int(getattr(verifier, "vocab_size", 1 << 62)))
+            # Only counting here: the backend checks token ids against its vocabulary.
+            ids = encode_prompt(tokenizer, request, vocab_size=1 << 62)
         except InvalidRequestError as exc:
             raise RequestRejected(400, exc.message, param=exc.param,
                                   code=exc.code or "invalid_value") from None
         except Exception:  # e.g. a template error: reported when the generation starts
             return None
-        return self.max_context - len(ids)
+        return limit - len(ids)
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
@@ -310,7 +312,7 @@ class _Server:
             else body.max_tokens
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         # Without a chat template, stop before the model writes the next user turn itself.
-        stops = plain_chat_stops(getattr(self.backend, "tokenizer", None))
+        stops = plain_chat_stops(self.backend.tokenizer)
         request = self._common(body, max_tokens=max_tokens, max_tokens_name=name, prompt=None,
                                messages=messages, extra_stop=stops)
         renderer = ChatRenderer(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.model_name,
