@@ -92,12 +92,13 @@ _SUMMED = (
 
 def merge_steps(steps: Iterable[StepStats]) -> StepStats | None:
     """One ``StepStats`` for several (``None`` for none), so that sums over a re-chunked
-    stream stay exact."""
+    stream stay exact; ``rows`` is the largest batch among them."""
     several = list(steps)
     if len(several) <= 1:
         return several[0] if several else None
     totals = Stats().add(*several)
-    return StepStats(**{field: getattr(totals, total) for total, field in _SUMMED})
+    rows = max(step.rows for step in several)
+    return StepStats(rows=rows, **{field: getattr(totals, total) for total, field in _SUMMED})
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):

@@ -80,6 +80,7 @@ class GenerationSession:
                 f"the prompt ({n} token{'' if n == 1 else 's'}) plus max_new_tokens "
                 f"({request.max_new_tokens}) exceeds the verifier's context of {limit} tokens",
                 param="max_new_tokens",
+                code="context_length_exceeded",
             )
         spec, defaults = request.speculative, engine.defaults
         self.block_size = spec.block_size or defaults.block_size or 8

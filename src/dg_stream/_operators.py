@@ -95,9 +95,12 @@ class DerivedStream(GenerationStream):
 _WORD = re.compile(r"\s+(?=\S)|\S+\s+(?=\S)")
 _LINE = re.compile(r"[^\n]*\n")
 # A sentence ends after . ! ? … (and closing quotes or brackets) followed by whitespace, after
-# a CJK full stop, or at a line break.
+# a CJK full stop, or at a line break. The CJK stop needs no whitespace after it, so what
+# follows must be text, not another stop or closing mark (else a stream cut between "。" and
+# "。" would split where the whole text does not).
 _SENTENCE = re.compile(
-    r"\s+(?=\S)|[\s\S]*?(?:[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’)]*\s*|\n\s*)(?=\S)")
+    r"\s+(?=\S)|[\s\S]*?(?:[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’)]*\s*(?=[^\s。！？」』”’)])"
+    r"|\n\s*)(?=\S)")
 
 
 def _rechunk(pattern: re.Pattern[str]) -> Operator:

@@ -107,6 +107,7 @@ class RoundScheduler:
                 f"the prompt plus max_new_tokens ({reserved} tokens) exceeds this backend's "
                 f"max_cached_tokens ({cap})",
                 param="max_new_tokens",
+                code="context_length_exceeded",
             )
         # Requests that arrive during a round join at its end; only those beyond the rows
         # of a round count as queued.

@@ -296,6 +296,16 @@ class LocalBackend:
         with self._model_lock:
             return session.step()
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one generation may span, prompt and completion together (None:
+        unknown): the verifier's context, or less where ``max_cached_tokens`` is lower."""
+        limit = self.verifier.max_length
+        cap = self.limits.max_cached_tokens if self.limits.max_batch > 1 else None
+        if cap is None:
+            return limit
+        return cap if limit is None else min(limit, cap)
+
     async def aclose(self) -> None:
         """Nothing to release beyond what each stream releases; present for the protocol."""
         return None
