@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
-from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable
+from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable, shared_block
 
 
 def _costs(verify: dict[int, float], draft: dict[int, float]) -> CostTable:
@@ -183,3 +183,24 @@ def test_engine_stops_drafting_when_it_does_not_pay_and_stays_exact(
     expected, tokens, drafted = _adaptive_run(tiny_verifier, tiny_tok, 48, True, costs)
     assert tokens == expected
     assert drafted.count(0) > len(drafted) * 0.6  # mostly plain decoding, with probes
+
+
+def test_a_busy_batch_drafts_less_and_one_row_as_alone() -> None:
+    """A CPU-like verifier (a fixed cost per call, a real cost per token fed): drafting pays
+    for one row and stops paying when many rows share each call."""
+    costs = _costs({1: 0.010, 9: 0.014, 64: 0.040, 144: 0.100}, {1: 0.001, 8: 0.0015})
+
+    def policies(n: int) -> list[BlockSizePolicy]:
+        made = [BlockSizePolicy(8, 16, costs) for _ in range(n)]
+        for policy in made:
+            for _ in range(20):
+                policy.observe(drafted=8, accepted=4)  # about half the drafts kept
+        return made
+
+    alone = policies(1)
+    assert shared_block(alone, costs) == alone[0].best() > 0
+    assert 0 <= shared_block(policies(16), costs) < alone[0].best()
+    # Rows of fixed blocks already make the call wide: drafting up to that width is free.
+    assert shared_block(policies(16), costs, others=16, width=9) >= shared_block(
+        policies(16), costs
+    )

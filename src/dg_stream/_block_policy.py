@@ -23,7 +23,7 @@ seeded sampled generation is reproducible token for token only with a fixed bloc
 
 from __future__ import annotations
 
-__all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable"]
+__all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable", "shared_block"]
 
 
 class _Line:
@@ -181,12 +181,46 @@ class BlockSizePolicy:
         ]
         return max(range(len(rates)), key=rates.__getitem__)
 
+    def warmup_block(self) -> int | None:
+        """While the costs are not yet known, the next size to measure them at (else None)."""
+        if self.costs.ready(self.steps):
+            return None
+        return self._warmup.pop(0) if self._warmup else self.requested
+
     def next_block(self, rows: int = 1) -> int:
-        if not self.costs.ready(self.steps):
-            return self._warmup.pop(0) if self._warmup else self.requested
+        warmup = self.warmup_block()
+        if warmup is not None:
+            return warmup
         k = self.best(rows)
         if k == 0:
             self._plain_calls += 1
             if self._plain_calls % self.probe_every == 0:
                 return max(1, self.requested // 2)
         return k
+
+
+def shared_block(
+    policies: list[BlockSizePolicy], costs: CostTable, *, others: int = 0, width: int = 1
+) -> int:
+    """One block size for the rows of ``policies``, which share a verifier call with
+    ``others`` rows of fixed blocks (the widest of which feeds ``width`` tokens).
+
+    Every row of a call is fed as many tokens as the widest, so one row's drafts cost all of
+    them: the size is chosen for the whole call, the most expected tokens (each row's own
+    acceptance; a fixed row counted as one) per second of the call and of every row's drafting.
+    A row whose own limit is smaller drafts up to that limit.
+    """
+    rows = len(policies) + others
+    largest = max(policy.max_block for policy in policies)
+    tables = [policy.acceptance.expected_tokens_upto(policy.max_block) for policy in policies]
+
+    def rate(k: int) -> float:
+        tokens = others + sum(table[min(k, len(table) - 1)] for table in tables)
+        seconds = costs.verify(rows * max(width, k + 1))
+        for policy in policies:
+            block = min(k, policy.max_block)
+            if block > 0 and policy.steps in costs.draft:
+                seconds += costs.draft[policy.steps](block)
+        return tokens / max(1e-9, seconds)
+
+    return max(range(largest + 1), key=rate)

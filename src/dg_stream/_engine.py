@@ -52,11 +52,19 @@ class Engine:
         # Measured seconds per verifier and drafter call, and the acceptance seen so far
         # (greedy and sampled apart), shared by every generation's adaptive block size: they
         # belong to these models on this machine, not to one prompt.
-        self.costs = CostTable()
         self.acceptance = {
             greedy: AcceptanceEstimate(64, decay=0.98) for greedy in (True, False)
         }
-        self.core = RoundCore(verifier, drafter, self.costs, prefill_chunk)
+        self.core = RoundCore(verifier, drafter, CostTable(), prefill_chunk)
+
+    @property
+    def costs(self) -> CostTable:
+        """The measured costs every generation's adaptive block size reads (the core's)."""
+        return self.core.costs
+
+    @costs.setter
+    def costs(self, costs: CostTable) -> None:
+        self.core.costs = costs
 
     def session(self, request: GenerationRequest) -> GenerationSession:
         """Tokenize and validate (no model work yet); raises InvalidRequestError."""

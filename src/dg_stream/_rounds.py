@@ -32,7 +32,7 @@ import torch
 
 from ._acceptance import Verdict, accept_greedy, accept_sampled
 from ._batch_cache import BatchCache
-from ._block_policy import BlockSizePolicy, CostTable
+from ._block_policy import BlockSizePolicy, CostTable, shared_block
 from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
 from ._drafters.base import Drafter, DraftProposal, DraftSession, empty_proposal
@@ -108,6 +108,8 @@ class RoundCore:
         # once; it reads them raw when its own projection normalises them.
         self.feature_stream = bool(getattr(drafter, "feature_stream", False))
         self.raw_features = bool(getattr(drafter, "raw_features", False))
+        self.probe_every = 8
+        self._plain_rounds = 0
         pad = getattr(verifier.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
 
@@ -131,16 +133,23 @@ class RoundCore:
             return outcomes
         rows = len(decoding)
         draft_seconds = dict.fromkeys(decoding, 0.0)
-        for i in decoding:
-            if states[i].proposal is None:  # a row's first round: later drafts come at the end
-                draft_seconds[i] += self._propose(states[i], rows)
-        width = 1 + max(states[i].proposal.tokens.shape[0] for i in decoding)  # type: ignore[union-attr]
+        # A row's first round drafts now (later drafts are made at the end of a round), sized
+        # to share the call with the rows whose drafts are already made.
+        fresh = [i for i in decoding if states[i].proposal is None]
+        if fresh:
+            made = [p for i in decoding if (p := states[i].proposal) is not None]
+            width = 1 + max((p.tokens.shape[0] for p in made), default=0)
+            block = self._plan([states[i] for i in fresh], others=len(made), width=width)
+            for i in fresh:
+                draft_seconds[i] += self._propose(states[i], block)
+        proposals = [states[i].proposal for i in decoding]
+        width = 1 + max(p.tokens.shape[0] for p in proposals if p is not None)
         fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
         for i in decoding:
             state = states[i]
             assert state.proposal is not None
-            block = torch.cat([state.ids[-1:], state.proposal.tokens.cpu()])
-            fed[i, : block.shape[0]] = block
+            block_ids = torch.cat([state.ids[-1:], state.proposal.tokens.cpu()])
+            fed[i, : block_ids.shape[0]] = block_ids
         started = time.perf_counter()
         logits, features = self.verifier.forward(
             fed, cache, 0, self.feature_layers, self.raw_features
@@ -149,6 +158,7 @@ class RoundCore:
             torch.cuda.synchronize(logits.device)
         verify_seconds = time.perf_counter() - started
         self.costs.observe_verify(len(states) * width, verify_seconds)
+        committed: dict[int, tuple[list[int], FinishReason | None, int, int]] = {}
         for i in decoding:
             state = states[i]
             proposal = state.proposal
@@ -157,13 +167,18 @@ class RoundCore:
             verdict = self._judge(logits[i, : k + 1], proposal, state)
             row_features = features[i, : verdict.accepted + 1] if features is not None else None
             new, finish = self._commit(cache, state, verdict, row_features)
-            if finish is None and not state.finished:
-                if state.policy is not None:
-                    state.policy.observe(k, verdict.accepted)
-                draft_seconds[i] += self._propose(state, rows)
+            if state.policy is not None and finish is None:
+                state.policy.observe(k, verdict.accepted)
+            committed[i] = (new, finish, k, verdict.accepted)
+        # The next round's drafts, now, so that each chunk can preview its row's.
+        going = [i for i in decoding if not states[i].finished]
+        block = self._plan([states[i] for i in going])
+        for i in going:
+            draft_seconds[i] += self._propose(states[i], block)
+        for i, (new, finish, k, accepted) in committed.items():
             step = StepStats(
                 drafted=k,
-                accepted=verdict.accepted,
+                accepted=accepted,
                 committed=len(new),
                 draft_seconds=draft_seconds[i],
                 verify_seconds=verify_seconds,
@@ -195,11 +210,34 @@ class RoundCore:
             keep(state, features[0], self.feature_window)
         return end - begin
 
-    def _propose(self, state: SequenceState, rows: int) -> float:
-        """Set the state's next proposal; returns the seconds it took."""
+    def _plan(self, states: Sequence[SequenceState], others: int = 0, width: int = 1) -> int | None:
+        """The block size of the adaptive rows among ``states`` (None: there are none), who
+        share a call with ``others`` rows already drafted, fed ``width`` tokens at most."""
+        policies = [s.policy for s in states if s.policy is not None]
+        if not policies:
+            return None
+        for state in states:
+            if state.policy is None:  # fixed block sizes: their rows count as they are
+                others += 1
+                width = max(width, 1 + (state.block_size if state.draft_session else 0))
+        warmups = [policy.warmup_block() for policy in policies]
+        if any(w is not None for w in warmups):
+            return max(w for w in warmups if w is not None)
+        block = shared_block(policies, self.costs, others=others, width=width)
+        if block == 0:
+            # While plain decoding wins, draft now and then anyway (all rows in the same
+            # round, so that the probe costs one wider call) to notice the drafter agreeing.
+            self._plain_rounds += 1
+            if self._plain_rounds % self.probe_every == 0:
+                return max(1, min(policy.requested for policy in policies) // 2)
+        return block
+
+    def _propose(self, state: SequenceState, block: int | None) -> float:
+        """Set the state's next proposal (``block``: an adaptive row's size); returns the
+        seconds it took."""
         started = time.perf_counter()
         remaining = state.max_new_tokens - state.generated
-        wanted = state.policy.next_block(rows) if state.policy is not None else state.block_size
+        wanted = block if state.policy is not None and block is not None else state.block_size
         # The verifier always adds one token, so drafting past remaining - 1 is wasted work.
         k = min(wanted, remaining - 1)
         if state.draft_session is None or k <= 0:
