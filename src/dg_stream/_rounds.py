@@ -23,6 +23,7 @@ change an output).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,10 @@ from ._sampling import apply_repetition_penalty, process_logits
 from ._verifier import Verifier
 
 __all__ = ["Batch", "RoundCore", "RowOutcome", "SequenceState"]
+
+#: Most prompt tokens one forward reads when no other generation is waiting (activations
+#: grow with it; the cache does not care).
+MAX_PREFILL = 4096
 
 
 @dataclass(eq=False)
@@ -122,7 +127,14 @@ class RoundCore:
         out (fed one padding token whose state is never kept). Returns an outcome for each
         row that decoded; None for rows that sat out or are still reading their prompt."""
         outcomes: list[RowOutcome | None] = [None] * len(states)
-        budget = self.prefill_chunk
+        # Prompts are read a piece per round while other rows are streaming (so their chunks
+        # keep coming); with nobody waiting, a prompt is read in pieces as large as one
+        # forward may be.
+        streaming = any(
+            on and not s.finished and not s.prompt_pending
+            for s, on in zip(states, active, strict=True)
+        )
+        budget = self.prefill_chunk if streaming else max(self.prefill_chunk, MAX_PREFILL)
         for state, on in zip(states, active, strict=True):
             if on and state.prompt_pending and budget > 0:
                 budget -= self._prefill(cache, state, budget)
@@ -225,10 +237,12 @@ class RoundCore:
             return max(w for w in warmups if w is not None)
         block = shared_block(policies, self.costs, others=others, width=width)
         if block == 0:
-            # While plain decoding wins, draft now and then anyway (all rows in the same
-            # round, so that the probe costs one wider call) to notice the drafter agreeing.
+            # While plain decoding wins, draft now and then anyway to notice the drafter
+            # agreeing: all rows in the same round (one wider call), and the more rows, the
+            # rarer (each probe widens all of them; each tells about all of them).
             self._plain_rounds += 1
-            if self._plain_rounds % self.probe_every == 0:
+            every = self.probe_every * math.ceil(math.sqrt(len(states) + others))
+            if self._plain_rounds % every == 0:
                 return max(1, min(policy.requested for policy in policies) // 2)
         return block
 

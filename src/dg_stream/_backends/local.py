@@ -59,8 +59,9 @@ class LocalBackend:
     running generation (one row each, see ``_batch_cache``), and each drafter call serves one
     row. ``max_batch`` caps the rows of one call and ``max_cached_tokens`` the tokens they may
     hold (each generation reserves its prompt plus ``max_new_tokens``); further requests wait,
-    up to ``max_waiting`` of them, then are refused with ``OverloadedError``. A prompt is read
-    ``prefill_chunk`` tokens per call, so running generations keep streaming meanwhile.
+    up to ``max_waiting`` of them, then are refused with ``OverloadedError``. While others stream,
+    a prompt is read ``prefill_chunk`` tokens per call (default 128 on a CPU, 512 on an
+    accelerator), so their chunks keep coming; alone, it is read at once.
     ``max_batch=1`` turns batching off: generations take turns, one verifier call each.
     """
 
@@ -81,13 +82,13 @@ class LocalBackend:
         max_batch: int = 32,
         max_cached_tokens: int | None = None,
         max_waiting: int = 256,
-        prefill_chunk: int = 512,
+        prefill_chunk: int | None = None,
     ) -> None:
         require_local_extra()
         for name, value in (
             ("max_batch", max_batch),
             ("max_waiting", max_waiting),
-            ("prefill_chunk", prefill_chunk),
+            ("prefill_chunk", 1 if prefill_chunk is None else prefill_chunk),
             ("max_cached_tokens", 1 if max_cached_tokens is None else max_cached_tokens),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -113,6 +114,9 @@ class LocalBackend:
         self.defaults = SpeculativeConfig(
             block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
         )
+        if prefill_chunk is None:
+            # A CPU pays for every prompt token read, a GPU barely notices 512 of them.
+            prefill_chunk = 128 if self.verifier.device.type == "cpu" else 512
         self.engine = Engine(self.verifier, self.drafter, tok, self.defaults, prefill_chunk)
         self.limits = BatchLimits(max_batch, max_cached_tokens, max_waiting)
         # Rounds are scheduled per event loop (anyio primitives belong to the loop that made
