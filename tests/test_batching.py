@@ -11,7 +11,7 @@ import anyio
 import pytest
 import torch
 from _drafters import CountingDrafter, NoisyOracleDrafter
-from _models import tiny_causal_lm, tiny_masked_lm
+from _models import tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
@@ -523,3 +523,56 @@ async def test_a_seeded_stream_writes_the_same_alone_and_in_a_batch(
     results = await together(backend, jobs)
     assert results[0][0] == alone
     assert max(c.step.rows for c in results[0][1]) > 1
+
+
+# -- the drafter's batched call -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("with_features", [False, True])
+def test_one_drafter_call_drafts_what_each_row_drafts_alone(
+    lean: bool, with_features: bool, tiny_tok: Any
+) -> None:
+    from dg_stream._drafters import DiffusionDrafter
+    from dg_stream._drafters.base import DraftRequest
+
+    vocab = len(tiny_tok)
+    if with_features:
+        verifier = tiny_causal_lm("llama", vocab)
+        drafter = tiny_feature_drafter(vocab, tiny_tok.mask_token_id, verifier)
+    else:
+        drafter = DiffusionDrafter(
+            tiny_masked_lm(vocab, tiny_tok.mask_token_id),
+            mask_token_id=tiny_tok.mask_token_id,
+            window=12,
+        )
+    if not lean:
+        drafter._lean = None  # transformers' own forward, with an attention mask
+    width = drafter.feature_size
+    contexts = [torch.tensor(p) for p in PROMPTS]
+    sampled = SamplingParams(temperature=0.9, top_k=20)
+    requests = [
+        DraftRequest(
+            context,
+            k=1 + 2 * i,
+            params=sampled if i % 2 else SamplingParams(temperature=0.0),
+            generator=torch.Generator().manual_seed(i),
+            steps=3 if i == 3 else 1,  # a multi-step row drafts alone
+            features=torch.randn(min(5, context.shape[0]), width) if width else None,
+        )
+        for i, context in enumerate(contexts)
+    ]
+    together = drafter.propose_batch(requests)
+    for request, got in zip(requests, together, strict=True):
+        alone = drafter.propose(
+            request.context,
+            request.k,
+            request.params,
+            torch.Generator().manual_seed(int(request.generator.initial_seed())),
+            steps=request.steps,
+            features=request.features,
+        )
+        assert got.tokens.tolist() == alone.tokens.tolist()
+        assert (got.q is None) == (alone.q is None)
+        if got.q is not None:
+            torch.testing.assert_close(got.q, alone.q, atol=1e-5, rtol=1e-4)

@@ -36,7 +36,7 @@ from ._batch_cache import BatchCache
 from ._block_policy import BlockSizePolicy, CostTable, shared_block
 from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
-from ._drafters.base import Drafter, DraftProposal, DraftSession, empty_proposal
+from ._drafters.base import Drafter, DraftProposal, DraftRequest, DraftSession, empty_proposal
 from ._sampling import apply_repetition_penalty, process_logits
 from ._verifier import Verifier
 
@@ -152,8 +152,9 @@ class RoundCore:
             made = [p for i in decoding if (p := states[i].proposal) is not None]
             width = 1 + max((p.tokens.shape[0] for p in made), default=0)
             block = self._plan([states[i] for i in fresh], others=len(made), width=width)
-            for i in fresh:
-                draft_seconds[i] += self._propose(states[i], block)
+            spent = self._propose([states[i] for i in fresh], block)
+            for i, seconds in zip(fresh, spent, strict=True):
+                draft_seconds[i] += seconds
         proposals = [states[i].proposal for i in decoding]
         width = 1 + max(p.tokens.shape[0] for p in proposals if p is not None)
         fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
@@ -185,8 +186,9 @@ class RoundCore:
         # The next round's drafts, now, so that each chunk can preview its row's.
         going = [i for i in decoding if not states[i].finished]
         block = self._plan([states[i] for i in going])
-        for i in going:
-            draft_seconds[i] += self._propose(states[i], block)
+        spent = self._propose([states[i] for i in going], block)
+        for i, seconds in zip(going, spent, strict=True):
+            draft_seconds[i] += seconds
         for i, (new, finish, k, accepted) in committed.items():
             step = StepStats(
                 drafted=k,
@@ -246,31 +248,57 @@ class RoundCore:
                 return max(1, min(policy.requested for policy in policies) // 2)
         return block
 
-    def _propose(self, state: SequenceState, block: int | None) -> float:
-        """Set the state's next proposal (``block``: an adaptive row's size); returns the
-        seconds it took."""
-        started = time.perf_counter()
-        remaining = state.max_new_tokens - state.generated
-        wanted = block if state.policy is not None and block is not None else state.block_size
-        # The verifier always adds one token, so drafting past remaining - 1 is wasted work.
-        k = min(wanted, remaining - 1)
-        if state.draft_session is None or k <= 0:
-            state.proposal = empty_proposal()
-            return 0.0
-        # Features go only to drafters that read them (older drafters lack the keyword).
-        extra = {"features": state.features} if self.feature_layers else {}
-        state.proposal = state.draft_session.propose(
-            state.ids,
-            k,
-            state.params,
-            state.generator,
-            steps=state.steps,
-            confidence=state.confidence,
-            **extra,
+    def _propose(self, states: Sequence[SequenceState], block: int | None) -> list[float]:
+        """Set each state's next proposal (``block``: the adaptive rows' size), in one
+        drafter call where the drafter batches; returns each row's share of the seconds."""
+        seconds = [0.0] * len(states)
+        wanted: list[tuple[int, SequenceState, int]] = []
+        for i, state in enumerate(states):
+            remaining = state.max_new_tokens - state.generated
+            size = block if state.policy is not None and block is not None else state.block_size
+            # The verifier always adds one token, so drafting past remaining - 1 is wasted.
+            k = min(size, remaining - 1)
+            if state.draft_session is None or k <= 0:
+                state.proposal = empty_proposal()
+            else:
+                wanted.append((i, state, k))
+        batched = getattr(self.drafter, "propose_batch", None)
+        if len(wanted) > 1 and batched is not None:
+            started = time.perf_counter()
+            requests = [self._request(state, k) for _, state, k in wanted]
+            for (_, state, _), proposal in zip(wanted, batched(requests), strict=True):
+                state.proposal = proposal
+            share = (time.perf_counter() - started) / len(wanted)
+            for i, state, k in wanted:
+                seconds[i] = self._drafted(state, k, share)
+            return seconds
+        for i, state, k in wanted:
+            started = time.perf_counter()
+            assert state.draft_session is not None
+            request = self._request(state, k)
+            # Features go only to drafters that read them (older drafters lack the keyword).
+            extra = {"features": request.features} if self.feature_layers else {}
+            state.proposal = state.draft_session.propose(
+                request.context,
+                k,
+                request.params,
+                request.generator,
+                steps=request.steps,
+                confidence=request.confidence,
+                **extra,
+            )
+            seconds[i] = self._drafted(state, k, time.perf_counter() - started)
+        return seconds
+
+    def _request(self, state: SequenceState, k: int) -> DraftRequest:
+        features = state.features if self.feature_layers else None
+        return DraftRequest(
+            state.ids, k, state.params, state.generator, state.steps, state.confidence, features
         )
+
+    def _drafted(self, state: SequenceState, k: int, seconds: float) -> float:
         if self.feature_stream:
             state.features = None  # the drafter has them now
-        seconds = time.perf_counter() - started
         if state.policy is not None:
             self.costs.observe_draft(k, seconds, state.steps)
         return seconds

@@ -8,7 +8,7 @@ import torch
 
 from .._config import SamplingParams
 
-__all__ = ["DraftProposal", "DraftSession", "Drafter"]
+__all__ = ["DraftProposal", "DraftRequest", "DraftSession", "Drafter"]
 
 
 class DraftProposal(NamedTuple):
@@ -22,6 +22,18 @@ class DraftProposal(NamedTuple):
 
     tokens: torch.Tensor
     q: torch.Tensor | None = None
+
+
+class DraftRequest(NamedTuple):
+    """One row of a batched drafter call: ``DraftSession.propose``'s arguments."""
+
+    context: torch.Tensor
+    k: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    steps: int | None = None
+    confidence: float | None = None
+    features: torch.Tensor | None = None
 
 
 class DraftSession(Protocol):
@@ -67,6 +79,9 @@ class Drafter(Protocol):
     # has read, so each committed position's features are handed over once (DFlash) instead
     # of the latest ``feature_window`` rows every time; ``raw_features``, it reads the
     # verifier's hidden states as they are rather than at unit RMS.
+    # One optional method: ``propose_batch(requests: list[DraftRequest]) -> list[DraftProposal]``
+    # drafts for several generations in one call (a stateless drafter whose session is
+    # itself); without it, each generation's session proposes on its own.
 
     def session(self) -> DraftSession: ...
 

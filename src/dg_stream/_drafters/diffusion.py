@@ -20,7 +20,7 @@ import torch
 
 from .._config import SamplingParams
 from .._sampling import logits_to_probs, sample
-from .base import DraftProposal, empty_proposal
+from .base import DraftProposal, DraftRequest, empty_proposal
 from .lean_bert import maybe_lean
 
 __all__ = ["DiffusionDrafter", "place_features"]
@@ -141,10 +141,107 @@ class DiffusionDrafter:
             logits = self.model(inputs_embeds=embeds[None]).logits[0, -last:]
         else:
             logits = self.model(input_ids=ids[None]).logits[0, -last:]
+        return self._proposable(logits)
+
+    def _proposable(self, logits: torch.Tensor) -> torch.Tensor:
+        """(k, V') float logits over the verifier's ids, the mask never proposed."""
         logits = logits[:, : self.output_vocab_size].float()
         if self.mask_token_id < logits.shape[-1]:
             logits[:, self.mask_token_id] = float("-inf")
         return logits
+
+    def _logits_batch(
+        self, rows: list[tuple[torch.Tensor, int, torch.Tensor | None]]
+    ) -> list[torch.Tensor]:
+        """Rows of (ids (T_i,), drafted k_i, extra (T_i, H) or None) in one forward, right
+        padded, each row attending to its own positions: [(k_i, V)] logits."""
+        lengths = torch.tensor([ids.shape[0] for ids, _, _ in rows], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((len(rows), width), self.mask_token_id, device=self.device)
+        extra = None
+        if any(e is not None for _, _, e in rows):
+            hidden = next(e for _, _, e in rows if e is not None).shape[-1]
+            extra = torch.zeros(len(rows), width, hidden, device=self.device)
+        for r, (row_ids, _, row_extra) in enumerate(rows):
+            ids[r, : row_ids.shape[0]] = row_ids
+            if extra is not None and row_extra is not None:
+                extra[r, : row_extra.shape[0]] = row_extra
+        # The drafted positions of every row: (sum k_i,) row and column indices.
+        row_index = torch.cat(
+            [torch.full((k,), r, device=self.device) for r, (_, k, _) in enumerate(rows)]
+        )
+        column = torch.cat(
+            [torch.arange(t.shape[0] - k, t.shape[0], device=self.device) for t, k, _ in rows]
+        )
+        if self._lean is not None:
+            dtype = self._lean.word.dtype
+            hidden_states = self._lean.encode_batch(
+                ids, lengths, None if extra is None else extra.to(dtype)
+            )
+            logits = self._lean.head(hidden_states[row_index, column])
+        else:
+            mask = (torch.arange(width, device=self.device)[None, :] < lengths[:, None]).long()
+            if extra is not None:
+                dtype = next(self.model.parameters()).dtype
+                embeds = self.model.get_input_embeddings()(ids) + extra.to(dtype)
+                out = self.model(inputs_embeds=embeds, attention_mask=mask)
+            else:
+                out = self.model(input_ids=ids, attention_mask=mask)
+            logits = out.logits[row_index, column]
+        return list(self._proposable(logits).split([k for _, k, _ in rows]))
+
+    @torch.inference_mode()
+    def propose_batch(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+        """Several generations' blocks: the one-step rows in one forward, others alone."""
+        proposals: list[DraftProposal | None] = [None] * len(requests)
+        together: list[tuple[int, DraftRequest]] = []
+        for i, request in enumerate(requests):
+            k = min(request.k, self.max_block_size)
+            if k > 0 and min(request.steps or self.steps, k) <= 1:
+                together.append((i, request._replace(k=k)))
+            else:
+                proposals[i] = self.propose(
+                    request.context,
+                    request.k,
+                    request.params,
+                    request.generator,
+                    steps=request.steps,
+                    confidence=request.confidence,
+                    features=request.features,
+                )
+        rows = []
+        for _, request in together:
+            ctx = request.context[-self.window :].to(self.device)
+            n = ctx.shape[0]
+            mask = torch.full((request.k,), self.mask_token_id, device=self.device)
+            rows.append(
+                (
+                    torch.cat([ctx, mask]),
+                    request.k,
+                    self._extra_embeddings(request.features, n + request.k, n),
+                )
+            )
+        if rows:
+            for (i, request), logits in zip(together, self._logits_batch(rows), strict=True):
+                proposals[i] = self._draw(
+                    logits, request.params, request.generator, request.context.device
+                )
+        return [p for p in proposals if p is not None]
+
+    @staticmethod
+    def _draw(
+        logits: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> DraftProposal:
+        """A one-step block from its (k, V) logits."""
+        if params.greedy:
+            return DraftProposal(logits.argmax(dim=-1).to(device), None)
+        # One step: every token is drawn from a distribution conditioned on the context
+        # alone, so q is exact and the full speculative-sampling rule applies.
+        q = logits_to_probs(logits, params)
+        return DraftProposal(sample(q, generator).to(device), q.to(device))
 
     @torch.inference_mode()
     def propose(
@@ -168,13 +265,7 @@ class DiffusionDrafter:
         ids = torch.cat([ctx, torch.full((k,), self.mask_token_id, device=self.device)])
         extra = self._extra_embeddings(features, n + k, n)
         if steps == 1:
-            logits = self._logits(ids, k, extra)  # (k, V)
-            if params.greedy:
-                return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
-            # One step: every token is drawn from a distribution conditioned on the context
-            # alone, so q is exact and the full speculative-sampling rule applies.
-            q = logits_to_probs(logits, params)
-            return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
+            return self._draw(self._logits(ids, k, extra), params, generator, context.device)
         masked = torch.ones(k, dtype=torch.bool, device=self.device)
         for step in range(steps):
             logits = self._logits(ids, k, extra)

@@ -26,7 +26,8 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 1e-2, torc
 
 
 class LeanBertMLM:
-    """``(T,) ids -> (last, V) logits`` with BERT weights, no dropout, no masks."""
+    """``(T,) ids -> (last, V) logits`` with BERT weights, no dropout; rows of different
+    lengths batch through ``encode_batch`` and ``head``."""
 
     def __init__(self, model: Any) -> None:
         bert, head = model.bert, model.cls.predictions
@@ -69,21 +70,47 @@ class LeanBertMLM:
         self, ids: torch.Tensor, last: int, extra: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``extra`` ((T, H)) is added to the token embeddings (projected verifier features)."""
-        t = ids.shape[0]
+        x = self._encode(ids[None], None if extra is None else extra[None], None)[0]  # (T, H)
+        return self.head(x[ids.shape[0] - last :])  # only the drafted positions need the head
+
+    def encode_batch(
+        self, ids: torch.Tensor, lengths: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows of different lengths, right-padded: ids (B, T), lengths (B,) -> hidden states
+        (B, T, H); each row's positions attend to that row's first ``lengths`` only, so a row
+        reads as it does alone."""
+        keys = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        return self._encode(ids, extra, keys)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., H) -> vocabulary logits (..., V)."""
+        y = self._norm(F.gelu(F.linear(x, *self.head_dense)), self.head_norm)
+        return F.linear(y, *self.decoder)
+
+    def _encode(
+        self, ids: torch.Tensor, extra: torch.Tensor | None, keys: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H); ``keys`` (B, T) marks the positions a row may attend to."""
+        b, t = ids.shape
         embeds = self.word[ids] if extra is None else self.word[ids] + extra
-        x = self._norm(embeds + self.position[:t], self.emb_norm)  # (T, H)
+        x = self._norm(embeds + self.position[:t], self.emb_norm)  # (B, T, H)
         h = self.heads
+        bias = None
+        if keys is not None:  # (B, 1, 1, T): padding is never attended to
+            bias = torch.zeros(keys.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill(~keys, torch.finfo(x.dtype).min)[:, None, None, :]
         for qkv_w, qkv_b, o_w, o_b, norm1, i_w, i_b, f_w, f_b, norm2 in self.layers:
-            q, k, v = F.linear(x, qkv_w, qkv_b).view(t, 3, h, -1).permute(1, 2, 0, 3)  # (h, T, d)
-            # Plain attention (bidirectional, no mask): at this size SDPA's checks cost more
-            # than the arithmetic.
-            weights = torch.softmax((q @ k.transpose(1, 2)) * self.scale, dim=-1)  # (h, T, T)
-            attn = (weights @ v).transpose(0, 1).reshape(t, -1)  # (T, H)
+            qkv = F.linear(x, qkv_w, qkv_b).view(b, t, 3, h, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv  # (B, h, T, d) each
+            # Plain attention (bidirectional): at this size SDPA's checks cost more than the
+            # arithmetic.
+            scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, h, T, T)
+            if bias is not None:
+                scores = scores + bias
+            attn = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, -1)
             x = self._norm(x + F.linear(attn, o_w, o_b), norm1)
             x = self._norm(x + F.linear(F.gelu(F.linear(x, i_w, i_b)), f_w, f_b), norm2)
-        y = x[t - last :]  # only the drafted positions need the vocabulary head
-        y = self._norm(F.gelu(F.linear(y, *self.head_dense)), self.head_norm)
-        return F.linear(y, *self.decoder)  # (last, V)
+        return x
 
 
 def maybe_lean(model: Any) -> LeanBertMLM | None:
