@@ -576,3 +576,100 @@ def test_one_drafter_call_drafts_what_each_row_drafts_alone(
         assert (got.q is None) == (alone.q is None)
         if got.q is not None:
             torch.testing.assert_close(got.q, alone.q, atol=1e-5, rtol=1e-4)
+
+
+# -- models and limits the batch must respect ------------------------------------------------
+
+
+async def test_a_position_dependent_rope_verifier_decodes_one_generation_per_forward(
+    tiny_tok: Any,
+) -> None:
+    """Longrope picks its frequencies from the largest position in a forward: batching or
+    splitting a prompt would change a row's numbers, so such a verifier takes turns."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(
+        vocab_size=len(tiny_tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+        pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
+    )
+    model = Phi3ForCausalLM(config).eval()
+    backend = LocalBackend(model, None, tokenizer=tiny_tok, prefill_chunk=8)
+    assert backend.limits.max_batch == 1
+    prompts = [PROMPTS[2], PROMPTS[1]]  # past and within the original 32 positions
+    expected = [reference(model, p, 12) for p in prompts]
+    results = await together(backend, [(p, 12, {}) for p in prompts])
+    assert [ids for ids, _ in results] == expected
+
+
+def test_eager_attention_reads_the_same_masks(greedy_setups: dict[str, Any], tiny_tok: Any) -> None:
+    model = tiny_causal_lm("mistral", len(tiny_tok), seed=1)
+    model.set_attn_implementation("eager")
+    _, expected = greedy_setups["mistral"]
+    engine = LocalBackend(model, None, tokenizer=tiny_tok).engine
+    batch = engine.batch()
+    sessions = [engine.session(GenerationRequest(prompt=p, max_new_tokens=24)) for p in PROMPTS]
+    for session in sessions:
+        batch.add(session.state)
+    owners = {s.state: s for s in sessions}
+    while len(batch):
+        for state, outcome in zip(list(batch.states), batch.run(), strict=True):
+            if outcome is not None:
+                owners[state].emit(outcome)
+        for state in [s for s in batch.states if s.finished]:
+            batch.remove(state)
+    assert [
+        s.state.ids[len(p) :].tolist() for s, p in zip(sessions, PROMPTS, strict=False)
+    ] == expected
+
+
+async def test_a_queued_stream_that_leaves_frees_its_place(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["llama"]
+    backend = LocalBackend(model, None, tokenizer=tiny_tok, max_batch=2, max_waiting=1)
+    done: list[list[int]] = []
+
+    async def runner(prompt: list[int]) -> None:
+        done.append((await collect(backend, prompt, 24))[0])
+
+    async def impatient() -> None:
+        with anyio.move_on_after(0.01):  # gives up while queued, most likely mid-round
+            await collect(backend, PROMPTS[3], 24)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner, PROMPTS[0])
+            tg.start_soon(runner, PROMPTS[1])
+            await anyio.sleep(0.005)
+            tg.start_soon(impatient)
+            await anyio.sleep(0.05)
+            # Its place in the queue is free again: one more may wait without a refusal.
+            tg.start_soon(runner, PROMPTS[2])
+    assert sorted(map(tuple, done)) == sorted(map(tuple, expected[:3]))
+    scheduler = backend._scheduler_var.get()
+    assert not scheduler.waiting and not scheduler.running
+
+
+async def test_adaptive_rows_of_different_block_sizes_keep_their_own_limit(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    model, expected = greedy_setups["qwen2"]
+    drafter = NoisyOracleDrafter(
+        [p + e for p, e in zip(PROMPTS, expected, strict=False)], len(tiny_tok)
+    )
+    backend = LocalBackend(model, drafter, tokenizer=tiny_tok, adaptive=True)
+    jobs = [(p, 24, {"block_size": 2 if i % 2 else 12}) for i, p in enumerate(PROMPTS)]
+    results = await together(backend, jobs)
+    assert [ids for ids, _ in results] == expected
+    for (_, _, options), (_, chunks) in zip(jobs, results, strict=True):
+        largest = min(4 * options["block_size"], 64)
+        assert max(c.step.drafted for c in chunks) <= largest

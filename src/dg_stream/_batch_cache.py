@@ -139,9 +139,9 @@ class BatchCache(Cache):
     @torch.inference_mode()  # the buffers are inference tensors, made during a forward
     def add_row(self) -> int:
         """A new empty row; returns its index."""
+        if self.rows + 1 > self.row_capacity:  # grow first: a failure leaves no stray row
+            self._resize(2 * self.row_capacity, self.capacity)
         self.lengths.append(0)
-        if self.rows > self.row_capacity:
-            self._resize(max(self.rows, 2 * self.row_capacity), self.capacity)
         return self.rows - 1
 
     @torch.inference_mode()

@@ -64,6 +64,7 @@ class SequenceState:
     generated: int = 0
     features: torch.Tensor | None = None  # verifier features of the newest committed positions
     proposal: DraftProposal | None = None  # the draft the next round verifies
+    draft_seconds: float = 0.0  # what making that draft cost
     finished: bool = False
 
     @property
@@ -115,6 +116,9 @@ class RoundCore:
         self.raw_features = bool(getattr(drafter, "raw_features", False))
         self.probe_every = 8
         self._plain_rounds = 0
+        # Tokens per second of whole rounds, drafted or plain, by batch size (rows rounded
+        # to a power of two): what the cost model predicts, measured (a forgetting average).
+        self._round_rates: dict[tuple[int, bool], float] = {}
         pad = getattr(verifier.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
 
@@ -135,6 +139,8 @@ class RoundCore:
             for s, on in zip(states, active, strict=True)
         )
         budget = self.prefill_chunk if streaming else max(self.prefill_chunk, MAX_PREFILL)
+        if not self.verifier.batchable:
+            budget = max(s.ids.shape[0] for s in states)  # a prompt is read in one piece
         for state, on in zip(states, active, strict=True):
             if on and state.prompt_pending and budget > 0:
                 budget -= self._prefill(cache, state, budget)
@@ -171,6 +177,7 @@ class RoundCore:
             torch.cuda.synchronize(logits.device)
         verify_seconds = time.perf_counter() - started
         self.costs.observe_verify(len(states) * width, verify_seconds)
+        round_seconds = verify_seconds + sum(states[i].draft_seconds for i in decoding)
         committed: dict[int, tuple[list[int], FinishReason | None, int, int]] = {}
         for i in decoding:
             state = states[i]
@@ -183,6 +190,8 @@ class RoundCore:
             if state.policy is not None and finish is None:
                 state.policy.observe(k, verdict.accepted)
             committed[i] = (new, finish, k, verdict.accepted)
+        tokens = sum(len(new) for new, *_ in committed.values())
+        self._observe_round(rows, width > 1, tokens, round_seconds)
         # The next round's drafts, now, so that each chunk can preview its row's.
         going = [i for i in decoding if not states[i].finished]
         block = self._plan([states[i] for i in going])
@@ -218,6 +227,8 @@ class RoundCore:
             state.row,
             self.feature_layers,
             self.raw_features,
+            prefill=True,
+            feature_rows=self.feature_window,
         )
         state._cached = cache.lengths[state.row] = end
         if features is not None:
@@ -238,6 +249,8 @@ class RoundCore:
         if any(w is not None for w in warmups):
             return max(w for w in warmups if w is not None)
         block = shared_block(policies, self.costs, others=others, width=width)
+        if block > 0 and self._drafting_loses(len(states) + others):
+            block = 0  # the model says drafting pays, the rounds measured say it does not
         if block == 0:
             # While plain decoding wins, draft now and then anyway to notice the drafter
             # agreeing: all rows in the same round (one wider call), and the more rows, the
@@ -248,6 +261,20 @@ class RoundCore:
                 return max(1, min(policy.requested for policy in policies) // 2)
         return block
 
+    def _observe_round(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        key = (rows.bit_length(), drafted)
+        rate = tokens / max(seconds, 1e-9)
+        old = self._round_rates.get(key)
+        self._round_rates[key] = rate if old is None else 0.8 * old + 0.2 * rate
+
+    def _drafting_loses(self, rows: int) -> bool:
+        """Whether drafted rounds of about this many rows made fewer tokens per second than
+        plain ones, as measured (unknown until both were seen)."""
+        bucket = rows.bit_length()
+        drafted = self._round_rates.get((bucket, True))
+        plain = self._round_rates.get((bucket, False))
+        return drafted is not None and plain is not None and drafted < plain
+
     def _propose(self, states: Sequence[SequenceState], block: int | None) -> list[float]:
         """Set each state's next proposal (``block``: the adaptive rows' size), in one
         drafter call where the drafter batches; returns each row's share of the seconds."""
@@ -255,11 +282,14 @@ class RoundCore:
         wanted: list[tuple[int, SequenceState, int]] = []
         for i, state in enumerate(states):
             remaining = state.max_new_tokens - state.generated
-            size = block if state.policy is not None and block is not None else state.block_size
+            size = state.block_size
+            if state.policy is not None and block is not None:
+                size = min(block, state.policy.max_block)
             # The verifier always adds one token, so drafting past remaining - 1 is wasted.
             k = min(size, remaining - 1)
             if state.draft_session is None or k <= 0:
                 state.proposal = empty_proposal()
+                state.draft_seconds = 0.0
             else:
                 wanted.append((i, state, k))
         batched = getattr(self.drafter, "propose_batch", None)
@@ -297,6 +327,7 @@ class RoundCore:
         )
 
     def _drafted(self, state: SequenceState, k: int, seconds: float) -> float:
+        state.draft_seconds = seconds
         if self.feature_stream:
             state.features = None  # the drafter has them now
         if state.policy is not None:
@@ -339,8 +370,8 @@ class Batch:
         return len(self.states)
 
     def add(self, state: SequenceState) -> None:
-        state.row = self.cache.add_row()
-        state._cached = 0
+        row = self.cache.add_row()
+        state.row, state._cached = row, 0
         self.states.append(state)
 
     def remove(self, state: SequenceState) -> None:

@@ -12,6 +12,7 @@ a feature-conditioned drafter reads them, as DFlash and EAGLE drafters read thei
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 from ._batch_cache import BatchCache, attention_masks
 
 __all__ = ["Verifier", "cache_keyword", "verifier_features"]
+
+logger = logging.getLogger("dg_stream.verifier")
 
 
 def cache_keyword(model: Any) -> str:
@@ -61,6 +64,36 @@ class Verifier:
         self.eos_ids = self._eos_ids(model, tokenizer)
         self.max_length = self._max_length(model.config)
         self._cache_keyword = cache_keyword(model)
+        self._check_attention(model)
+        # Rotary scalings that pick their frequencies from the largest position in a forward
+        # ("dynamic", "longrope"): a row's numbers would depend on its batch-mates and on how
+        # its prompt was split, so such a verifier decodes one generation per forward and
+        # reads a prompt at once.
+        text = model.config.get_text_config()
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+        rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        self.batchable = rope_type not in ("dynamic", "longrope")
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @staticmethod
+    def _check_attention(model: Any) -> None:
+        """The batched cache passes 4-D masks, which sdpa and eager attention read; any other
+        implementation is switched to sdpa, and attention layers other than full and
+        sliding-window ones are refused."""
+        from ._errors import ModelLoadError
+
+        text = model.config.get_text_config()
+        kinds = set(getattr(text, "layer_types", None) or ())
+        unsupported = kinds - {"full_attention", "sliding_attention"}
+        if unsupported:
+            raise ModelLoadError(
+                f"the verifier has {', '.join(sorted(unsupported))} layers; dg_stream's cache "
+                "serves full and sliding-window attention only"
+            )
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if implementation not in (None, "sdpa", "eager"):
+            logger.info("switching the verifier from %s to sdpa attention", implementation)
+            model.set_attn_implementation("sdpa")
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -96,18 +129,21 @@ class Verifier:
         start: int = 0,
         feature_layers: Sequence[int] = (),
         raw_features: bool = False,
+        *,
+        prefill: bool = False,
+        feature_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed ``ids`` ((B, T)) to cache rows ``[start, start + B)`` at their lengths.
 
         Returns the next-token logits (B, T, V) in float32 and, with ``feature_layers``, each
         row's features (B, T, F) (``verifier_features``; the caller picks the rows it needs).
-        Lengths are not advanced: the caller sets what each row keeps.
+        Lengths are not advanced: the caller sets what each row keeps. A ``prefill`` needs
+        no logits (only the last position's are made), and features only for its last
+        ``feature_rows`` positions.
         """
         rows, fed = ids.shape
         positions = cache.prepare(start, rows, fed, self.device)
-        masks = attention_masks(
-            self.config, positions, cache.span, self.model.dtype, self.device
-        )
+        masks = attention_masks(self.config, positions, cache.span, self.model.dtype, self.device)
         limit = self.max_length
         if limit is not None:  # padding slots may run past the table; their output is unused
             positions = positions.clamp_max(limit - 1)
@@ -117,9 +153,13 @@ class Verifier:
             position_ids=positions.to(self.device),
             use_cache=True,
             output_hidden_states=bool(feature_layers),
+            **({"logits_to_keep": 1} if prefill and self._keeps_logits else {}),
             **{self._cache_keyword: cache},
         )
         features = None
         if feature_layers:
-            features = verifier_features(out.hidden_states, feature_layers, raw_features)
+            hidden = out.hidden_states
+            if feature_rows is not None:
+                hidden = [h[:, max(0, fed - feature_rows) :] for h in hidden]
+            features = verifier_features(hidden, feature_layers, raw_features)
         return out.logits.float(), features

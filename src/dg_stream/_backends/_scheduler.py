@@ -16,6 +16,7 @@ requests wait in a queue of ``max_waiting`` and are refused past it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .._rounds import SequenceState
 
 __all__ = ["BatchLimits", "RoundScheduler"]
+
+logger = logging.getLogger("dg_stream.scheduler")
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,10 @@ class RoundScheduler:
                     await self.round_done.wait()
         finally:
             entry.closed = True
-            if not self.round_running:  # else the round drops it when it ends
-                self._drop(entry)
-                self._admit()
-                self._wake()
+            # A queued entry leaves at once (a round never touches the queue); a batched one
+            # when no round is using its row, else when that round ends.
+            if not entry.admitted or not self.round_running:
+                self._settle(entry)
 
     # -- admission --------------------------------------------------------------------------
 
@@ -140,7 +143,12 @@ class RoundScheduler:
             ):
                 return
             self.waiting.popleft()
-            self.batch.add(entry.state)
+            try:
+                self.batch.add(entry.state)
+            except Exception as exc:  # e.g. out of memory growing the cache: this one fails
+                entry.error = _failure(exc, entry)
+                entry.session.close()
+                continue
             self.running[entry.state] = entry
             self.reserved += entry.reserved
             entry.admitted = True
@@ -170,10 +178,25 @@ class RoundScheduler:
                 await anyio.to_thread.run_sync(self._run, entries, active, limiter=self.limiter)
         finally:
             self.round_running = False
-            for entry in list(self.running.values()):
-                if entry.closed or entry.session.finished or entry.error is not None:
+            self._settle(
+                *[
+                    entry
+                    for entry in self.running.values()
+                    if entry.closed or entry.session.finished or entry.error is not None
+                ]
+            )
+
+    def _settle(self, *leaving: _Entry) -> None:
+        """Drop ``leaving``, admit whom the room now allows, and wake every waiter, even when
+        freeing or admitting fails (the error goes to that entry; nobody is left waiting)."""
+        try:
+            for entry in leaving:
+                try:
                     self._drop(entry)
+                except Exception:  # a drafter session that fails to close frees the rest
+                    logger.exception("freeing a finished generation failed")
             self._admit()
+        finally:
             self._wake()
 
     def _run(self, entries: list[_Entry], active: list[bool]) -> None:

@@ -118,6 +118,8 @@ class LocalBackend:
             # A CPU pays for every prompt token read, a GPU barely notices 512 of them.
             prefill_chunk = 128 if self.verifier.device.type == "cpu" else 512
         self.engine = Engine(self.verifier, self.drafter, tok, self.defaults, prefill_chunk)
+        if not self.verifier.batchable:
+            max_batch = 1  # see Verifier.batchable: these generations take turns
         self.limits = BatchLimits(max_batch, max_cached_tokens, max_waiting)
         # Rounds are scheduled per event loop (anyio primitives belong to the loop that made
         # them); a lock keeps loops in different threads from running the model at once.
