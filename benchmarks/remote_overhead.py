@@ -29,8 +29,16 @@ import httpx
 
 import dg_stream
 
-PROMPTS = ["def add(a, b):", "class Stack:", "print('hello')", "def push(self, x):",
-           "import os\n", "for i in range(10):", "return a +", "# a comment\n"]
+PROMPTS = [
+    "def add(a, b):",
+    "class Stack:",
+    "print('hello')",
+    "def push(self, x):",
+    "import os\n",
+    "for i in range(10):",
+    "return a +",
+    "# a comment\n",
+]
 
 
 def free_port() -> int:
@@ -46,8 +54,9 @@ def tiny_pair(root: Path) -> tuple[Path, Path]:
     from _saved_models import save_tiny_pair
 
     tok = tiny_tokenizer(str(root))
-    return save_tiny_pair(root, tok, tiny_causal_lm("llama", len(tok)),
-                          tiny_masked_lm(len(tok), tok.mask_token_id))
+    return save_tiny_pair(
+        root, tok, tiny_causal_lm("llama", len(tok)), tiny_masked_lm(len(tok), tok.mask_token_id)
+    )
 
 
 async def run(backend: Any, n: int, rounds: int, concurrency: int) -> tuple[float, list[str]]:
@@ -72,14 +81,32 @@ async def run(backend: Any, n: int, rounds: int, concurrency: int) -> tuple[floa
 
 
 async def measure(args: argparse.Namespace, verifier: Path, drafter: Path) -> None:
-    local = dg_stream.LocalBackend(str(verifier), str(drafter), block_size=args.block_size,
-                                   device="cpu")
+    local = dg_stream.LocalBackend(
+        str(verifier), str(drafter), block_size=args.block_size, device="cpu"
+    )
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "dg_stream.cli", "serve", "--verifier", str(verifier),
-         "--drafter", str(drafter), "--block-size", str(args.block_size), "--device", "cpu",
-         "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "dg_stream.cli",
+            "serve",
+            "--verifier",
+            str(verifier),
+            "--drafter",
+            str(drafter),
+            "--block-size",
+            str(args.block_size),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -93,19 +120,22 @@ async def measure(args: argparse.Namespace, verifier: Path, drafter: Path) -> No
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         await run(local, 4, 1, 1)  # warm-up, both sides
-        async with dg_stream.RemoteBackend(url, api="dg") as native, \
-                dg_stream.RemoteBackend(url, api="openai") as compatible:
+        async with (
+            dg_stream.RemoteBackend(url, api="dg") as native,
+            dg_stream.RemoteBackend(url, api="openai") as compatible,
+        ):
             await run(native, 4, 1, 1)
             await run(compatible, 4, 1, 1)
             for concurrency in (1, 8):
                 base, expected = await run(local, args.max_new_tokens, args.rounds, concurrency)
                 print(f"concurrency {concurrency}: local {base:8.1f} tok/s")
                 for name, backend in (("native", native), ("openai", compatible)):
-                    rate, texts = await run(backend, args.max_new_tokens, args.rounds,
-                                            concurrency)
+                    rate, texts = await run(backend, args.max_new_tokens, args.rounds, concurrency)
                     same = "same text" if texts == expected else "TEXT DIFFERS"
-                    print(f"concurrency {concurrency}: {name:6} {rate:8.1f} tok/s  "
-                          f"ratio {rate / base:.3f}  ({same})")
+                    print(
+                        f"concurrency {concurrency}: {name:6} {rate:8.1f} tok/s  "
+                        f"ratio {rate / base:.3f}  ({same})"
+                    )
     finally:
         server.terminate()
         server.wait(30)

@@ -40,8 +40,9 @@ async def home(request: Request) -> PlainTextResponse:
 
 async def story(request: Request) -> StreamingResponse:
     topic = request.query_params.get("topic", "a lighthouse keeper")
-    stream = dg_stream.generate(f"A short story about {topic}.\n\n", backend=backend,
-                                max_new_tokens=MAX_NEW_TOKENS).pipe(dg_stream.by_sentences())
+    stream = dg_stream.generate(
+        f"A short story about {topic}.\n\n", backend=backend, max_new_tokens=MAX_NEW_TOKENS
+    ).pipe(dg_stream.by_sentences())
 
     async def body() -> AsyncIterator[str]:
         # Starlette closes this generator when the client disconnects; ``async with`` then
@@ -53,11 +54,13 @@ async def story(request: Request) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
 
 
-app = Starlette(routes=[
-    Route("/", home),
-    Route("/story", story),
-    Mount("/llm", app=create_app(backend)),
-])
+app = Starlette(
+    routes=[
+        Route("/", home),
+        Route("/story", story),
+        Mount("/llm", app=create_app(backend)),
+    ]
+)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ def read_line() -> str | None:
 
 async def main() -> None:
     chat = dg_stream.ChatSession(
-        local_backend(), system="You are a helpful assistant.",
-        max_new_tokens=int(os.environ.get("DG_STREAM_MAX_NEW_TOKENS", "128")))
+        local_backend(),
+        system="You are a helpful assistant.",
+        max_new_tokens=int(os.environ.get("DG_STREAM_MAX_NEW_TOKENS", "128")),
+    )
     while True:
         # input() blocks: run it on a worker thread so the event loop stays free.
         line = await anyio.to_thread.run_sync(read_line)

@@ -22,17 +22,25 @@ def main() -> None:
     print(f"model: {model}")
 
     stream = client.chat.completions.create(
-        model=model, max_tokens=n, temperature=0, stream=True,
-        messages=[{"role": "system", "content": "You are terse."},
-                  {"role": "user", "content": "Write a haiku about speculative decoding."}])
+        model=model,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Write a haiku about speculative decoding."},
+        ],
+    )
     for event in stream:
         if event.choices and event.choices[0].delta.content:
             print(event.choices[0].delta.content, end="", flush=True)
     print()
 
     completion = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=n)
-    print(f"completion ({completion.usage.completion_tokens if completion.usage else '?'} "
-          f"tokens): {completion.choices[0].text!r}")
+    print(
+        f"completion ({completion.usage.completion_tokens if completion.usage else '?'} "
+        f"tokens): {completion.choices[0].text!r}"
+    )
 
 
 if __name__ == "__main__":

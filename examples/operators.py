@@ -30,7 +30,8 @@ async def main() -> None:
     # 1. Whole lines only, ending at the first blank line; stop_at ends the model work too.
     print("-- lines until a blank line")
     async with dg_stream.generate(prompt, backend=backend, max_new_tokens=n).pipe(
-            stop_at("\n\n"), by_lines()) as lines:
+        stop_at("\n\n"), by_lines()
+    ) as lines:
         async for line in lines:
             print(f"| {line.text}", end="" if line.text.endswith("\n") else "\n")
     print(f"(finish: {lines.finish_reason})")
@@ -38,7 +39,8 @@ async def main() -> None:
     # 2. Word by word, with time limits that raise APITimeoutError instead of hanging.
     print("-- words, with time limits")
     words = dg_stream.generate(prompt, backend=backend, max_new_tokens=n).pipe(
-        with_timeout(first_chunk=60, idle=30, total=300), by_words())
+        with_timeout(first_chunk=60, idle=30, total=300), by_words()
+    )
     async for word in words:
         print(repr(word.text), end=" ")
     print()
@@ -46,7 +48,8 @@ async def main() -> None:
     # 3. At most three lines, upper-cased, collected into one Completion.
     print("-- until three lines, upper-cased")
     completion = await dg_stream.generate(prompt, backend=backend, max_new_tokens=n).pipe(
-        until(lambda text: text.count("\n") >= 3), map_text(str.upper), collect())
+        until(lambda text: text.count("\n") >= 3), map_text(str.upper), collect()
+    )
     print(completion.text)
     print(f"(finish: {completion.finish_reason}, stats: {completion.stats})")
 

@@ -30,8 +30,9 @@ async def main() -> None:
 
     # The stream is an async iterator and a context manager: leaving the block, breaking out
     # of the loop or an exception stops the model work.
-    async with dg_stream.generate(prompt, backend=local_backend(),
-                                  max_new_tokens=max_new_tokens) as stream:
+    async with dg_stream.generate(
+        prompt, backend=local_backend(), max_new_tokens=max_new_tokens
+    ) as stream:
         print(prompt, end="")
         async for chunk in stream:
             print(chunk.text, end="", flush=True)
@@ -40,9 +41,11 @@ async def main() -> None:
     # After the stream ends it describes the whole generation.
     stats, usage = stream.stats, stream.usage
     assert stats is not None and usage is not None
-    print(f"\n[{usage.completion_tokens} tokens, finish={stream.finish_reason}, "
-          f"{stats.tokens_per_call:.2f} tokens per verifier call, "
-          f"{usage.completion_tokens / stats.total_seconds:.1f} tokens/s]")
+    print(
+        f"\n[{usage.completion_tokens} tokens, finish={stream.finish_reason}, "
+        f"{stats.tokens_per_call:.2f} tokens per verifier call, "
+        f"{usage.completion_tokens / stats.total_seconds:.1f} tokens/s]"
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ class ServerThread:
     """``with ServerThread(app) as server: server.url`` — started and stopped around the block."""
 
     def __init__(self, app: Any, **config: Any) -> None:
-        options: dict[str, Any] = {"log_level": "warning", "lifespan": "on",
-                                   "timeout_graceful_shutdown": 2, **config}
+        options: dict[str, Any] = {
+            "log_level": "warning",
+            "lifespan": "on",
+            "timeout_graceful_shutdown": 2,
+            **config,
+        }
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **options))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.port = 0
@@ -30,8 +34,12 @@ class ServerThread:
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
 

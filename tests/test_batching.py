@@ -673,3 +673,29 @@ async def test_adaptive_rows_of_different_block_sizes_keep_their_own_limit(
     for (_, _, options), (_, chunks) in zip(jobs, results, strict=True):
         largest = min(4 * options["block_size"], 64)
         assert max(c.step.drafted for c in chunks) <= largest
+
+
+def test_memory_shrinks_when_a_long_row_leaves() -> None:
+    model = _cache_models("llama")
+    cache = BatchCache(model.config)
+    ids = [torch.randint(0, 50, (1, n)) for n in (300, 10, 12)]
+    for row, prompt in enumerate(ids):
+        cache.add_row()
+        positions = cache.prepare(row, 1, prompt.shape[1], torch.device("cpu"))
+        masks = attention_masks(
+            model.config, positions, cache.span, torch.float32, torch.device("cpu")
+        )
+        with torch.inference_mode():
+            model(input_ids=prompt, attention_mask=masks, position_ids=positions, cache=cache)
+        cache.lengths[row] = prompt.shape[1]
+    assert cache.capacity >= 300
+    cache.remove_row(0)  # the last row moves into its place
+    assert cache.capacity < 300 and cache.lengths == [12, 10]
+    nxt = torch.tensor([[7], [8]])
+    positions = cache.prepare(0, 2, 1, torch.device("cpu"))
+    masks = attention_masks(model.config, positions, cache.span, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        got = model(input_ids=nxt, attention_mask=masks, position_ids=positions, cache=cache).logits
+        for r, prompt in enumerate([ids[2], ids[1]]):
+            alone = model(input_ids=torch.cat([prompt, nxt[r : r + 1]], dim=1)).logits[0, -1]
+            torch.testing.assert_close(got[r, 0], alone, atol=1e-4, rtol=1e-4)

@@ -64,8 +64,9 @@ def test_reply_equals_plain_generate_over_the_same_messages(tiny_backend: Any) -
 
     async def main() -> tuple[str, str]:
         via_chat = await chat.ask("def add")
-        direct = await dg_stream.generate([{"role": "user", "content": "def add"}],
-                                          backend=tiny_backend, max_new_tokens=10).collect()
+        direct = await dg_stream.generate(
+            [{"role": "user", "content": "def add"}], backend=tiny_backend, max_new_tokens=10
+        ).collect()
         return via_chat, direct.text
 
     via_chat, direct = anyio.run(main)
@@ -149,12 +150,14 @@ def test_default_context_is_the_verifiers(tiny_backend: Any) -> None:
         chat.send("   ")
 
 
-def test_plain_format_without_chat_template(tiny_verifier: Any, tiny_drafter: Any,
-                                            tiny_tok: Any) -> None:
+def test_plain_format_without_chat_template(
+    tiny_verifier: Any, tiny_drafter: Any, tiny_tok: Any
+) -> None:
     tok = copy.deepcopy(tiny_tok)
     tok.chat_template = None
-    backend = Recording(dg_stream.LocalBackend(tiny_verifier, tiny_drafter, tokenizer=tok,
-                                               block_size=4))
+    backend = Recording(
+        dg_stream.LocalBackend(tiny_verifier, tiny_drafter, tokenizer=tok, block_size=4)
+    )
     chat = ChatSession(backend, system="sys", max_new_tokens=6)
     anyio.run(chat.ask, "hi there")
     request = backend.requests[0]

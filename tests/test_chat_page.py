@@ -21,14 +21,17 @@ import pytest
 from dg_stream import ChatSession, Chunk, GenerationRequest
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
-                                                         "google-chrome")) if p), None)
+CHROMIUM = next(
+    (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p),
+    None,
+)
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="the playwright package is not installed (dev extra)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed (dev extra)"
+)
 
 MAX_TOKENS = 40
 
@@ -77,8 +80,12 @@ def server(tiny_backend: Any) -> Iterator[tuple[str, PacedBackend]]:
 
     backend = PacedBackend(tiny_backend, delay=0.04)
     port = _free_port()
-    config = uvicorn.Config(create_app(backend, model_name="tiny-test"), host="127.0.0.1",
-                            port=port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(backend, model_name="tiny-test"),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+    )
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -94,8 +101,9 @@ def server(tiny_backend: Any) -> Iterator[tuple[str, PacedBackend]]:
 @pytest.fixture(scope="module")
 def page(server: tuple[str, PacedBackend]) -> Iterator[Any]:
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
         context = browser.new_context(viewport={"width": 1000, "height": 720})
         page = context.new_page()
         page.set_default_timeout(60_000)
@@ -140,7 +148,8 @@ def _expected_replies(tiny_backend: Any, messages: list[str]) -> list[str]:
 
 
 def test_reply_streams_in_with_drafts_and_equals_the_servers_text(
-        page: Any, server: tuple[str, PacedBackend], tiny_backend: Any) -> None:
+    page: Any, server: tuple[str, PacedBackend], tiny_backend: Any
+) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.wait_for_function("document.getElementById('model').textContent.includes('tiny-test')")
     page.fill("#max-tokens", str(MAX_TOKENS))
@@ -156,8 +165,9 @@ def test_reply_streams_in_with_drafts_and_equals_the_servers_text(
             && m.querySelector('.committed').textContent.length > 0
             && m.querySelector('.draft').textContent.length > 0; }""")
     page.screenshot(path=str(ARTIFACTS / "chat_page_streaming.png"))
-    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
-                           ".dataset.state !== 'streaming'")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.msg.assistant')].pop().dataset.state !== 'streaming'"
+    )
     assert reply.get_attribute("data-state") == "done"
     first = reply.locator(".committed").text_content()
 
@@ -171,8 +181,9 @@ def test_reply_streams_in_with_drafts_and_equals_the_servers_text(
 
     # The draft looks different from committed text.
     style = "(el) => { const s = getComputedStyle(el); return [s.color, s.fontStyle]; }"
-    assert (page.eval_on_selector(".msg.assistant .draft", style)
-            != page.eval_on_selector(".msg.assistant .committed", style))
+    assert page.eval_on_selector(".msg.assistant .draft", style) != page.eval_on_selector(
+        ".msg.assistant .committed", style
+    )
 
     # A second turn carries the first as history; both equal the library's own replies.
     page.fill("#input", "and again")
@@ -195,8 +206,9 @@ def test_reply_streams_in_with_drafts_and_equals_the_servers_text(
     page.screenshot(path=str(ARTIFACTS / "chat_page.png"), full_page=True)
 
 
-def test_stop_button_ends_the_reply_and_the_work(page: Any,
-                                                 server: tuple[str, PacedBackend]) -> None:
+def test_stop_button_ends_the_reply_and_the_work(
+    page: Any, server: tuple[str, PacedBackend]
+) -> None:
     backend = server[1]
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0
@@ -209,8 +221,9 @@ def test_stop_button_ends_the_reply_and_the_work(page: Any,
         && m.querySelector('.committed').textContent.length > 0; }""")
     page.click("#stop")
     last = page.locator(".msg.assistant").last
-    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
-                           ".dataset.state === 'stopped'")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.msg.assistant')].pop().dataset.state === 'stopped'"
+    )
     assert "not kept" in (last.locator(".note").text_content() or "")
     deadline = time.monotonic() + 10
     while backend.closed_streams == closed_before:  # the server noticed and stopped the model
@@ -255,15 +268,20 @@ def test_the_header_stays_on_one_line(
     try:
         page = context.new_page()
         # A long model id, as a server started on a checkpoint folder may show.
-        page.route("**/v1/dg/info", lambda route: route.fulfill(
-            json={"dg_stream": "0.0.0", "model": "a-rather-long-checkpoint-folder-name-v2"}))
+        page.route(
+            "**/v1/dg/info",
+            lambda route: route.fulfill(
+                json={"dg_stream": "0.0.0", "model": "a-rather-long-checkpoint-folder-name-v2"}
+            ),
+        )
         page.goto(server[0] + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('v2')")
         page.fill("#max-tokens", "8")
         page.fill("#input", "def add(a, b):")
         page.press("#input", "Enter")
-        page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].pop()"
-                               ".dataset.state === 'done'")
+        page.wait_for_function(
+            "[...document.querySelectorAll('.msg.assistant')].pop().dataset.state === 'done'"
+        )
         page.screenshot(path=str(ARTIFACTS / f"chat_page_{width}.png"))
         lines = page.evaluate(HEADER_LINES)
         rows = page.evaluate(HEADER_ROWS)

@@ -29,10 +29,12 @@ PROMPT = "def add(a, b):"
 
 
 @pytest.fixture(scope="module")
-def model_args(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_verifier: Any,
-               tiny_drafter: Any) -> list[str]:
-    verifier, drafter = save_tiny_pair(tmp_path_factory.mktemp("cli-models"), tiny_tok,
-                                       tiny_verifier, tiny_drafter)
+def model_args(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_verifier: Any, tiny_drafter: Any
+) -> list[str]:
+    verifier, drafter = save_tiny_pair(
+        tmp_path_factory.mktemp("cli-models"), tiny_tok, tiny_verifier, tiny_drafter
+    )
     return ["--verifier", str(verifier), "--drafter", str(drafter), "--block-size", "4"]
 
 
@@ -79,17 +81,21 @@ def render_terminal(raw: str) -> str:
     return "".join(screen)
 
 
-def test_generate_streams_the_librarys_text(model_args: list[str], expected: Any,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_streams_the_librarys_text(
+    model_args: list[str], expected: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run_cli(["generate", PROMPT, "--max-new-tokens", "24", *model_args], capsys)
     assert code == 0, err
     assert out == expected.text  # not a terminal: exactly the text, no added newline
     assert err == ""
 
 
-def test_generate_reads_the_prompt_from_stdin(model_args: list[str], expected: Any,
-                                              capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_reads_the_prompt_from_stdin(
+    model_args: list[str],
+    expected: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
     code, out, _ = run_cli(["generate", "-", "--max-new-tokens", "24", *model_args], capsys)
     assert (code, out) == (0, expected.text)
@@ -98,9 +104,9 @@ def test_generate_reads_the_prompt_from_stdin(model_args: list[str], expected: A
     assert code == 2 and "empty" in err and out == ""
 
 
-def test_invalid_utf8_is_replaced_with_a_warning(model_args: list[str],
-                                                 capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_utf8_is_replaced_with_a_warning(
+    model_args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Python hands the bytes b"abc\xff" of argv over as "abc\udcff" (surrogateescape).
     options = ["--max-new-tokens", "4", *model_args]
     code, out, err = run_cli(["generate", "abc\udcff", "--stop", "\udcff", *options], capsys)
@@ -116,10 +122,12 @@ def test_invalid_utf8_is_replaced_with_a_warning(model_args: list[str],
     assert "the input is not valid UTF-8" in err and "error" not in err
 
 
-def test_json_events_and_stats(model_args: list[str], expected: Any,
-                               capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(["generate", PROMPT, "--max-new-tokens", "24", "--json", "--stats",
-                            *model_args], capsys)
+def test_json_events_and_stats(
+    model_args: list[str], expected: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(
+        ["generate", PROMPT, "--max-new-tokens", "24", "--json", "--stats", *model_args], capsys
+    )
     assert code == 0
     events = [json.loads(line) for line in out.splitlines()]
     chunks = [e for e in events if e["event"] == "chunk"]
@@ -133,34 +141,52 @@ def test_json_events_and_stats(model_args: list[str], expected: Any,
     assert summary["tokens_per_second"] > 0
 
 
-def test_preview_draws_and_erases_the_draft(model_args: list[str], expected: Any,
-                                            capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preview_draws_and_erases_the_draft(
+    model_args: list[str],
+    expected: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("COLUMNS", "400")
-    code, out, _ = run_cli(["generate", "class Stack", "--max-new-tokens", "16", "--preview",
-                            "--stop", "\n", *model_args], capsys)
+    code, out, _ = run_cli(
+        [
+            "generate",
+            "class Stack",
+            "--max-new-tokens",
+            "16",
+            "--preview",
+            "--stop",
+            "\n",
+            *model_args,
+        ],
+        capsys,
+    )
     assert code == 0
     assert "\x1b[2m" in out and "\b" in out  # a dim draft was drawn and later taken back
     monkeypatch.delenv("FORCE_COLOR")  # the same request without --preview: the final screen
-    code2, text, _ = run_cli(["generate", "class Stack", "--max-new-tokens", "16", "--stop",
-                              "\n", *model_args], capsys)
+    code2, text, _ = run_cli(
+        ["generate", "class Stack", "--max-new-tokens", "16", "--stop", "\n", *model_args], capsys
+    )
     assert code2 == 0
     assert render_terminal(out) == text
 
 
-def test_compare_reports_speedup_and_identical_output(model_args: list[str],
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(["generate", PROMPT, "--max-new-tokens", "12", "--compare",
-                              *model_args], capsys)
+def test_compare_reports_speedup_and_identical_output(
+    model_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(
+        ["generate", PROMPT, "--max-new-tokens", "12", "--compare", *model_args], capsys
+    )
     assert code == 0 and out
     assert re.search(r"12 tokens in [\d.]+ s: [\d.]+ tokens/s", err)
     assert re.search(r"speed-up [\d.]+x; identical output", err)
 
 
-def test_errors_are_one_line_with_conventional_codes(model_args: list[str], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_one_line_with_conventional_codes(
+    model_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run_cli(["generate", "x", "--verifier", str(tmp_path / "missing")], capsys)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("dg-stream: error: verifier path")
@@ -175,11 +201,11 @@ def test_errors_are_one_line_with_conventional_codes(model_args: list[str], tmp_
     assert code == 2 and "PROMPT" in err
     code, _, err = run_cli(["generate", "x", "--max-new-tokens", "0"], capsys)
     assert code == 2 and "must be >= 1" in err
-    code, _, err = run_cli(["generate", "x", "--remote", "http://127.0.0.1:9", "--compare"],
-                           capsys)
+    code, _, err = run_cli(["generate", "x", "--remote", "http://127.0.0.1:9", "--compare"], capsys)
     assert code == 2 and "--compare needs local models" in err
-    code, _, err = run_cli(["generate", "x", "--remote", "http://127.0.0.1:9", "--timeout", "2"],
-                           capsys)
+    code, _, err = run_cli(
+        ["generate", "x", "--remote", "http://127.0.0.1:9", "--timeout", "2"], capsys
+    )
     assert code == 1 and err.count("\n") == 1 and err.startswith("dg-stream: error:")
     assert "(http://127.0.0.1:9/" in err  # the URL that failed
     code, _, err = run_cli(["nonsense"], capsys)
@@ -211,9 +237,11 @@ def test_options_are_checked_before_any_model_loads(
     ("argv", "says"),
     [
         (["generate"], "dg-stream generate: error: the following arguments are required: PROMPT"),
-        (["generate", "x", "--max-new-tokens", "many"],
-         "dg-stream generate: error: argument --max-new-tokens: expected an integer >= 1, not "
-         "'many'"),
+        (
+            ["generate", "x", "--max-new-tokens", "many"],
+            "dg-stream generate: error: argument --max-new-tokens: expected an integer >= 1, not "
+            "'many'",
+        ),
         (["chat", "--top-k", "0"], "dg-stream chat: error: argument --top-k: must be >= 1, got 0"),
         (["nonsense"], "dg-stream: error: argument COMMAND: invalid choice: 'nonsense'"),
         (["bench", "--no-such-option"], "dg-stream bench: error: unrecognized arguments"),
@@ -234,8 +262,16 @@ def test_help_is_complete(command: list[str], capsys: pytest.CaptureFixture[str]
     assert code == 0
     assert out.startswith("usage: dg-stream")
     if command in (["generate"], ["chat"]):
-        for option in ("--remote", "--verifier", "--drafter", "--max-new-tokens", "--preview",
-                       "--stats", "--temperature", "--block-size"):
+        for option in (
+            "--remote",
+            "--verifier",
+            "--drafter",
+            "--max-new-tokens",
+            "--preview",
+            "--stats",
+            "--temperature",
+            "--block-size",
+        ):
             assert option in out
     if command == ["generate"]:
         for option in ("--compare", "--json", "'-' reads it from stdin", "examples:"):
@@ -249,23 +285,33 @@ def test_bench_delegates_or_explains(capsys: pytest.CaptureFixture[str]) -> None
     code, out, _ = run_cli(["bench", "--help"], capsys)  # bench's own options
     assert code == 0 and out.startswith("usage: dg-stream bench") and "--quick" in out
     # An installation without dg_stream.bench says so in one line.
-    script = ("import sys; sys.modules['dg_stream.bench'] = None\n"
-              "from dg_stream import cli; sys.exit(cli.main(['bench', '--quick']))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+    script = (
+        "import sys; sys.modules['dg_stream.bench'] = None\n"
+        "from dg_stream import cli; sys.exit(cli.main(['bench', '--quick']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr == ("dg-stream: error: benchmarks are not available in this installation "
-                           "(dg_stream.bench is missing)\n")
+    assert done.stderr == (
+        "dg-stream: error: benchmarks are not available in this installation "
+        "(dg_stream.bench is missing)\n"
+    )
 
 
 # -- chat -----------------------------------------------------------------------------------------
 
 
-def test_chat_from_piped_stdin(model_args: list[str], capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch, tiny_backend: Any) -> None:
+def test_chat_from_piped_stdin(
+    model_args: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_backend: Any,
+) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n/reset\nhello\n"))
-    code, out, err = run_cli(["chat", "--max-new-tokens", "8", "--system", "sys", *model_args],
-                             capsys)
+    code, out, err = run_cli(
+        ["chat", "--max-new-tokens", "8", "--system", "sys", *model_args], capsys
+    )
     assert code == 0, err
     assert "conversation forgotten" in err
 
@@ -321,9 +367,11 @@ class LineFeed(io.TextIOBase):
         return False
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread()
-                    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="needs Python's own SIGINT handler in the main thread")
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+    reason="needs Python's own SIGINT handler in the main thread",
+)
 def test_ctrl_c_stops_the_reply_not_the_chat(tiny_backend: Any) -> None:
     started = threading.Event()
     backend = SlowBackend(tiny_backend, started)
@@ -355,12 +403,22 @@ def test_console_script_runs_and_fails_cleanly(model_args: list[str], tmp_path: 
     """The installed entry point: real process, real exit codes, no traceback."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     exe = [sys.executable, "-m", "dg_stream.cli"]
-    ok = subprocess.run([*exe, "generate", PROMPT, "--max-new-tokens", "6", *model_args],
-                        capture_output=True, text=True, timeout=120, env=env)
+    ok = subprocess.run(
+        [*exe, "generate", PROMPT, "--max-new-tokens", "6", *model_args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout
-    bad = subprocess.run([*exe, "chat", "--verifier", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120, env=env)
+    bad = subprocess.run(
+        [*exe, "chat", "--verifier", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
@@ -377,8 +435,20 @@ def test_serve_command_passes_key_capacity_and_name_to_a_real_server() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "DG_STREAM_API_KEY": "sesame"}
-    command = [sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port),
-               "--drafter", "none", "--max-concurrent", "3", "--served-model-name", "demo"]
+    command = [
+        sys.executable,
+        "-m",
+        "dg_stream.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--drafter",
+        "none",
+        "--max-concurrent",
+        "3",
+        "--served-model-name",
+        "demo",
+    ]
     url = f"http://127.0.0.1:{port}"
     with subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

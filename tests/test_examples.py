@@ -33,16 +33,26 @@ LIMIT = "12"
 
 
 @pytest.fixture(scope="module")
-def model_env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_verifier: Any,
-              tiny_drafter: Any) -> dict[str, str]:
-    verifier, drafter = save_tiny_pair(tmp_path_factory.mktemp("example-models"), tiny_tok,
-                                       tiny_verifier, tiny_drafter)
-    return {"DG_STREAM_VERIFIER": str(verifier), "DG_STREAM_DRAFTER": str(drafter),
-            "DG_STREAM_MAX_NEW_TOKENS": LIMIT}
+def model_env(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_verifier: Any, tiny_drafter: Any
+) -> dict[str, str]:
+    verifier, drafter = save_tiny_pair(
+        tmp_path_factory.mktemp("example-models"), tiny_tok, tiny_verifier, tiny_drafter
+    )
+    return {
+        "DG_STREAM_VERIFIER": str(verifier),
+        "DG_STREAM_DRAFTER": str(drafter),
+        "DG_STREAM_MAX_NEW_TOKENS": LIMIT,
+    }
 
 
-def run_example(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+def run_example(
+    name: str,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *argv: str,
+) -> str:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", [name, *argv])
@@ -51,34 +61,55 @@ def run_example(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart.py", "operators.py", "chatbot.py", "client_serve.py",
-              "openai_client.py", "asgi_app.py", "langchain_chat.py", "gradio_chat.py"}
+    tested = {
+        "quickstart.py",
+        "operators.py",
+        "chatbot.py",
+        "client_serve.py",
+        "openai_client.py",
+        "asgi_app.py",
+        "langchain_chat.py",
+        "gradio_chat.py",
+    }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
-def test_quickstart(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str], tiny_backend: Any) -> None:
+def test_quickstart(
+    model_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_backend: Any,
+) -> None:
     out = run_example("quickstart.py", model_env, monkeypatch, capsys, "class Stack:")
 
     async def expected() -> str:
-        return (await dg_stream.generate("class Stack:", backend=tiny_backend,
-                                         max_new_tokens=int(LIMIT)).collect()).text
+        return (
+            await dg_stream.generate(
+                "class Stack:", backend=tiny_backend, max_new_tokens=int(LIMIT)
+            ).collect()
+        ).text
 
     assert out.startswith("class Stack:" + anyio.run(expected) + "\n")
     assert f"[{LIMIT} tokens, finish=length" in out
 
 
-def test_operators(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_operators(
+    model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = run_example("operators.py", model_env, monkeypatch, capsys)
-    for heading in ("-- lines until a blank line", "-- words, with time limits",
-                    "-- until three lines", "-- tee: one generation, two consumers"):
+    for heading in (
+        "-- lines until a blank line",
+        "-- words, with time limits",
+        "-- until three lines",
+        "-- tee: one generation, two consumers",
+    ):
         assert heading in out
     assert f"(the counter saw {LIMIT} tokens; the printer saw {LIMIT})" in out
 
 
-def test_chatbot(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_chatbot(
+    model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand again\n"))
     out = run_example("chatbot.py", model_env, monkeypatch, capsys)
     assert out.count("bot> ") == 2
@@ -87,25 +118,39 @@ def test_chatbot(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
 
 def _reply(backend: Any, messages: list[dict[str, str]]) -> str:
     async def main() -> str:
-        return (await dg_stream.generate(messages, backend=backend,
-                                         max_new_tokens=int(LIMIT)).collect()).text
+        return (
+            await dg_stream.generate(messages, backend=backend, max_new_tokens=int(LIMIT)).collect()
+        ).text
 
     return anyio.run(main)
 
 
-def test_langchain_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                        capsys: pytest.CaptureFixture[str], tiny_backend: Any) -> None:
+def test_langchain_chat(
+    model_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_backend: Any,
+) -> None:
     pytest.importorskip("langchain_core")
     out = run_example("langchain_chat.py", model_env, monkeypatch, capsys, "Reverse a list.")
-    expected = _reply(tiny_backend, [{"role": "system", "content": "You are a helpful assistant."},
-                                     {"role": "user", "content": "Reverse a list."}])
+    expected = _reply(
+        tiny_backend,
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Reverse a list."},
+        ],
+    )
     assert out.startswith(expected + "\n")
-    assert re.search(rf"\[{LIMIT} tokens, finish=length, \d+\.\d\d drafts accepted per "
-                     r"verifier call, model verifier\]$", out.rstrip()), out
+    assert re.search(
+        rf"\[{LIMIT} tokens, finish=length, \d+\.\d\d drafts accepted per "
+        r"verifier call, model verifier\]$",
+        out.rstrip(),
+    ), out
 
 
-def test_gradio_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                     tiny_backend: Any) -> None:
+def test_gradio_chat(
+    model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_backend: Any
+) -> None:
     """The app is built as ``python examples/gradio_chat.py`` builds it, and its handler (what
     Gradio calls for each message) is driven directly: no server is launched."""
     gr = pytest.importorskip("gradio")
@@ -113,8 +158,10 @@ def test_gradio_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
         monkeypatch.setenv(key, value)
     example = runpy.run_path(str(EXAMPLES / "gradio_chat.py"), run_name="gradio_chat")
     # History as Gradio 6 passes it: content as a string or as a list of text blocks.
-    history = [{"role": "user", "content": "hi"},
-               {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+    ]
 
     async def main() -> list[str]:
         # Built inside a running loop, as under Gradio's server: outside one, Gradio makes
@@ -124,10 +171,15 @@ def test_gradio_chat(model_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
         return [shown async for shown in demo.fn("and again", history)]
 
     shown = anyio.run(main)
-    expected = _reply(tiny_backend, [{"role": "system", "content": example["SYSTEM"]},
-                                     {"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": "hello"},
-                                     {"role": "user", "content": "and again"}])
+    expected = _reply(
+        tiny_backend,
+        [
+            {"role": "system", "content": example["SYSTEM"]},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and again"},
+        ],
+    )
     assert shown[-1] == expected  # the final message: committed text only
     drafts = [s for s in shown if "<em>" in s]
     assert drafts, "the tiny drafter's previews should show"
@@ -146,8 +198,9 @@ def _free_port() -> int:
 
 
 def _start(cmd: list[str], env: dict[str, str], url: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -182,18 +235,35 @@ def served(model_env: dict[str, str]) -> Iterator[str]:
     """``dg-stream serve`` (the real command) over the tiny models."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port),
-                   "--verifier", model_env["DG_STREAM_VERIFIER"],
-                   "--drafter", model_env["DG_STREAM_DRAFTER"]], _env({}), url + "/health")
+    proc = _start(
+        [
+            sys.executable,
+            "-m",
+            "dg_stream.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--verifier",
+            model_env["DG_STREAM_VERIFIER"],
+            "--drafter",
+            model_env["DG_STREAM_DRAFTER"],
+        ],
+        _env({}),
+        url + "/health",
+    )
     yield url
     _stop(proc)
 
 
 @pytest.mark.parametrize("name", ["client_serve.py", "openai_client.py"])
 def test_client_examples_against_serve(name: str, served: str) -> None:
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True,
-                            text=True, timeout=120,
-                            env=_env({"DG_STREAM_URL": served, "DG_STREAM_MAX_NEW_TOKENS": LIMIT}))
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env({"DG_STREAM_URL": served, "DG_STREAM_MAX_NEW_TOKENS": LIMIT}),
+    )
     assert result.returncode == 0, result.stderr
     if name == "client_serve.py":
         count = re.search(r"\[(\d+) tokens;", result.stdout)
@@ -211,12 +281,19 @@ def test_client_serve_shows_a_first_line_with_the_embedded_pair() -> None:
     """The example's output, as a new user sees it: the embedded pair behind the server."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port)],
-                  _env({}), url + "/health")
+    proc = _start(
+        [sys.executable, "-m", "dg_stream.cli", "serve", "--port", str(port)],
+        _env({}),
+        url + "/health",
+    )
     try:
-        result = subprocess.run([sys.executable, str(EXAMPLES / "client_serve.py")],
-                                capture_output=True, text=True, timeout=120,
-                                env=_env({"DG_STREAM_URL": url, "DG_STREAM_MAX_NEW_TOKENS": "24"}))
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "client_serve.py")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env({"DG_STREAM_URL": url, "DG_STREAM_MAX_NEW_TOKENS": "24"}),
+        )
     finally:
         _stop(proc)
     assert result.returncode == 0, result.stderr
@@ -227,8 +304,11 @@ def test_client_serve_shows_a_first_line_with_the_embedded_pair() -> None:
 def test_asgi_app(model_env: dict[str, str], tiny_backend: Any) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, str(EXAMPLES / "asgi_app.py")],
-                  _env({**model_env, "PORT": str(port)}), url + "/")
+    proc = _start(
+        [sys.executable, str(EXAMPLES / "asgi_app.py")],
+        _env({**model_env, "PORT": str(port)}),
+        url + "/",
+    )
     try:
         pieces: list[str] = []
         with httpx.stream("GET", url + "/story", params={"topic": "cats"}, timeout=60) as r:
@@ -241,8 +321,11 @@ def test_asgi_app(model_env: dict[str, str], tiny_backend: Any) -> None:
         _stop(proc, (0, 130, -signal.SIGINT))
 
     async def expected() -> str:
-        return (await dg_stream.generate("A short story about cats.\n\n", backend=tiny_backend,
-                                         max_new_tokens=int(LIMIT)).collect()).text
+        return (
+            await dg_stream.generate(
+                "A short story about cats.\n\n", backend=tiny_backend, max_new_tokens=int(LIMIT)
+            ).collect()
+        ).text
 
     assert "".join(pieces) == anyio.run(expected)
     assert models.status_code == 200 and models.json()["data"]

@@ -148,9 +148,7 @@ def test_a_saved_feature_drafter_loads_from_its_folder(tmp_path: Path, tiny_tok:
     assert hybrid(backend, prompt, 20, 5)[0] == reference(verifier, prompt, 20)
 
 
-def test_a_feature_drafter_without_its_projection_is_refused(
-    tmp_path: Path, tiny_tok: Any
-) -> None:
+def test_a_feature_drafter_without_its_projection_is_refused(tmp_path: Path, tiny_tok: Any) -> None:
     verifier = tiny_causal_lm("llama", len(tiny_tok))
     save_feature_drafter(tmp_path, tiny_tok, verifier, (2,))
     (tmp_path / FEATURE_PROJECTION_FILE).unlink()

@@ -37,8 +37,15 @@ from dg_stream._chunks import merge_steps
 class Source:
     """A GenerationStream over fixed chunks that records how far it was read and if closed."""
 
-    def __init__(self, texts: Sequence[str], *, finish: bool = True, delay: float = 0.0,
-                 drafts: Sequence[str] | None = None, first_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        texts: Sequence[str],
+        *,
+        finish: bool = True,
+        delay: float = 0.0,
+        drafts: Sequence[str] | None = None,
+        first_delay: float = 0.0,
+    ) -> None:
         self.texts = list(texts)
         self.finish = finish
         self.delay = delay
@@ -51,12 +58,18 @@ class Source:
         out = []
         for i, text in enumerate(self.texts):
             last = self.finish and i == len(self.texts) - 1
-            out.append(Chunk(
-                text=text, token_ids=(i,), draft=self.drafts[i] if self.drafts else "",
-                step=StepStats(drafted=4, accepted=1, committed=2),
-                finish_reason="length" if last else None,
-                usage=Usage(prompt_tokens=3, completion_tokens=len(self.texts)) if last else None,
-            ))
+            out.append(
+                Chunk(
+                    text=text,
+                    token_ids=(i,),
+                    draft=self.drafts[i] if self.drafts else "",
+                    step=StepStats(drafted=4, accepted=1, committed=2),
+                    finish_reason="length" if last else None,
+                    usage=Usage(prompt_tokens=3, completion_tokens=len(self.texts))
+                    if last
+                    else None,
+                )
+            )
         return out
 
     async def _gen(self) -> AsyncIterator[Chunk]:
@@ -105,12 +118,12 @@ OPERATORS = {"words": by_words, "lines": by_lines, "sentences": by_sentences}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=TEXTS, cuts=CUTS, name=st.sampled_from(sorted(OPERATORS)),
-       finish=st.booleans())
+@given(text=TEXTS, cuts=CUTS, name=st.sampled_from(sorted(OPERATORS)), finish=st.booleans())
 @example(text="a  b c", cuts=[2], name="words", finish=True)  # whitespace across chunks
 @example(text="A.  B. C", cuts=[3], name="sentences", finish=True)
-def test_rechunking_never_loses_or_duplicates_text(text: str, cuts: list[int], name: str,
-                                                   finish: bool) -> None:
+def test_rechunking_never_loses_or_duplicates_text(
+    text: str, cuts: list[int], name: str, finish: bool
+) -> None:
     pieces = split_at(text, cuts)
     source = Source(pieces, finish=finish)
 
@@ -147,8 +160,7 @@ def test_rechunking_never_loses_or_duplicates_text(text: str, cuts: list[int], n
 
 @settings(max_examples=60, deadline=None)
 @given(text=TEXTS, cuts=CUTS, name=st.sampled_from(sorted(OPERATORS)))
-def test_rechunking_keeps_token_ids_and_step_totals(text: str, cuts: list[int],
-                                                    name: str) -> None:
+def test_rechunking_keeps_token_ids_and_step_totals(text: str, cuts: list[int], name: str) -> None:
     pieces = split_at(text, cuts)
 
     async def main() -> list[Chunk]:
@@ -163,34 +175,48 @@ def test_rechunking_keeps_token_ids_and_step_totals(text: str, cuts: list[int],
 
 
 def test_step_statistics_are_summed_alike_everywhere() -> None:
-    steps = [StepStats(drafted=4, accepted=1, committed=2, draft_seconds=0.5, verify_seconds=1.0),
-             StepStats(drafted=3, accepted=3, committed=4, draft_seconds=0.25),
-             StepStats(committed=1, verify_seconds=0.5)]
+    steps = [
+        StepStats(drafted=4, accepted=1, committed=2, draft_seconds=0.5, verify_seconds=1.0),
+        StepStats(drafted=3, accepted=3, committed=4, draft_seconds=0.25),
+        StepStats(committed=1, verify_seconds=0.5),
+    ]
     one_by_one = Stats()
     for step in steps:
         one_by_one = one_by_one.add(step)  # as the engine adds each step
-    assert Stats().add(*steps) == one_by_one == Stats(
-        verifier_calls=3, drafted_tokens=7, accepted_tokens=4, committed_tokens=7,
-        draft_seconds=0.75, verify_seconds=1.5)
+    assert (
+        Stats().add(*steps)
+        == one_by_one
+        == Stats(
+            verifier_calls=3,
+            drafted_tokens=7,
+            accepted_tokens=4,
+            committed_tokens=7,
+            draft_seconds=0.75,
+            verify_seconds=1.5,
+        )
+    )
     assert Stats().add() == Stats()
-    assert merge_steps(steps) == StepStats(drafted=7, accepted=4, committed=7,
-                                           draft_seconds=0.75, verify_seconds=1.5)
+    assert merge_steps(steps) == StepStats(
+        drafted=7, accepted=4, committed=7, draft_seconds=0.75, verify_seconds=1.5
+    )
     assert merge_steps(steps[:1]) is steps[0]
     assert merge_steps([]) is None
 
 
 def test_rechunking_examples() -> None:
     async def main() -> None:
-        words = await texts_of(Source(["Hel", "lo, wor", "ld  and", " more"]).stream()
-                               .pipe(by_words()))
+        words = await texts_of(
+            Source(["Hel", "lo, wor", "ld  and", " more"]).stream().pipe(by_words())
+        )
         assert words == ["Hello, ", "world  ", "and ", "more"]
         # Whitespace split across chunks stays with the word before it.
         words = await texts_of(Source(["  #", " ", " x", "\n", "  y "]).stream().pipe(by_words()))
         assert words == ["  ", "#  ", "x\n  ", "y "]
         lines = await texts_of(Source(["a\nb", "c\n\nd"]).stream().pipe(by_lines()))
         assert lines == ["a\n", "bc\n", "\n", "d"]
-        sentences = await texts_of(Source(["Pi is 3.14. It", " is! Really?", " 好。好"]).stream()
-                                   .pipe(by_sentences()))
+        sentences = await texts_of(
+            Source(["Pi is 3.14. It", " is! Really?", " 好。好"]).stream().pipe(by_sentences())
+        )
         assert sentences == ["Pi is 3.14. ", "It is! ", "Really? ", "好。", "好"]
 
     run(main)
@@ -212,8 +238,12 @@ def test_rechunked_draft_shows_what_is_held_back() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(before=st.text(alphabet="ab\n ", max_size=20), after=st.text(alphabet="ab\n ", max_size=20),
-       cuts=CUTS, include=st.booleans())
+@given(
+    before=st.text(alphabet="ab\n ", max_size=20),
+    after=st.text(alphabet="ab\n ", max_size=20),
+    cuts=CUTS,
+    include=st.booleans(),
+)
 def test_stop_at_spanning_chunks(before: str, after: str, cuts: list[int], include: bool) -> None:
     stop = "<END>"
     text = before + stop + after
@@ -277,8 +307,9 @@ def test_stop_at_stops_the_model_work(tiny_backend: Any) -> None:
     """A real local generation: stopping early ends it after a few verifier calls."""
 
     async def main() -> Any:
-        full = await dg_stream.generate("def add(a, b):", backend=tiny_backend,
-                                        max_new_tokens=60).collect()
+        full = await dg_stream.generate(
+            "def add(a, b):", backend=tiny_backend, max_new_tokens=60
+        ).collect()
         assert len(full.text) > 4
         stop = full.text[2:4]
         calls: list[int] = []
@@ -453,8 +484,9 @@ def test_map_text_and_collect_operator_chain() -> None:
     source = Source(["hello wo", "rld\nbye", " now\n\nunused"], drafts=["rld", "x", ""])
 
     async def main() -> Any:
-        return await source.stream().pipe(stop_at("\n\n"), by_lines(), map_text(str.upper),
-                                          collect())
+        return await source.stream().pipe(
+            stop_at("\n\n"), by_lines(), map_text(str.upper), collect()
+        )
 
     completion = run(main)
     assert completion.text == "HELLO WORLD\nBYE NOW"
@@ -481,11 +513,14 @@ def test_closing_the_outer_stream_closes_the_whole_chain() -> None:
 
 def test_operators_on_a_real_local_stream(tiny_backend: Any) -> None:
     async def main() -> tuple[Any, list[str]]:
-        plain = await dg_stream.generate("class Stack:", backend=tiny_backend,
-                                         max_new_tokens=30).collect()
-        words = await texts_of(dg_stream.generate("class Stack:", backend=tiny_backend,
-                                                  max_new_tokens=30, draft_preview=True)
-                               .pipe(by_words()))
+        plain = await dg_stream.generate(
+            "class Stack:", backend=tiny_backend, max_new_tokens=30
+        ).collect()
+        words = await texts_of(
+            dg_stream.generate(
+                "class Stack:", backend=tiny_backend, max_new_tokens=30, draft_preview=True
+            ).pipe(by_words())
+        )
         return plain, words
 
     plain, words = run(main)

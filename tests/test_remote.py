@@ -113,8 +113,13 @@ def data(obj: Any) -> str:
 
 
 def text_chunk(text: str, finish: str | None = None) -> str:
-    return data({"id": "c", "object": "text_completion", "choices": [
-        {"index": 0, "text": text, "finish_reason": finish}]})
+    return data(
+        {
+            "id": "c",
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+        }
+    )
 
 
 def chat_chunk(content: str | None, finish: str | None = None, role: str | None = None) -> str:
@@ -123,12 +128,22 @@ def chat_chunk(content: str | None, finish: str | None = None, role: str | None 
         delta["role"] = role
     if content is not None:
         delta["content"] = content
-    return data({"id": "c", "object": "chat.completion.chunk", "choices": [
-        {"index": 0, "delta": delta, "finish_reason": finish}]})
+    return data(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+    )
 
 
-USAGE = data({"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3,
-                                                  "total_tokens": 8}})
+USAGE = data(
+    {
+        "id": "c",
+        "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
+)
 DONE = "data: [DONE]\n\n"
 
 
@@ -156,25 +171,45 @@ def anyio_backend() -> str:
 
 
 async def test_completions_stream_text_finish_and_usage(script: Any) -> None:
-    script.handler = lambda r, b: [": keep-alive\n\n", text_chunk("Hel"), text_chunk("lo ✓"),
-                                   text_chunk("", "length"), USAGE, DONE]
+    script.handler = lambda r, b: [
+        ": keep-alive\n\n",
+        text_chunk("Hel"),
+        text_chunk("lo ✓"),
+        text_chunk("", "length"),
+        USAGE,
+        DONE,
+    ]
     async with backend(script) as b:
-        stream = dg_stream.generate("say hi", backend=b, max_new_tokens=3, temperature=0.5,
-                                    top_p=0.9, seed=7, stop=["\n"])
+        stream = dg_stream.generate(
+            "say hi", backend=b, max_new_tokens=3, temperature=0.5, top_p=0.9, seed=7, stop=["\n"]
+        )
         completion = await stream.collect()
     assert completion.text == "Hello ✓"
     assert completion.finish_reason == "length"
     assert completion.usage == Usage(prompt_tokens=5, completion_tokens=3)
     [(path, body)] = script.posts
     assert path == "/v1/completions"
-    assert body == {"model": "m", "prompt": "say hi", "max_tokens": 3, "temperature": 0.5,
-                    "top_p": 0.9, "seed": 7, "stop": ["\n"], "stream": True,
-                    "stream_options": {"include_usage": True}}
+    assert body == {
+        "model": "m",
+        "prompt": "say hi",
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["\n"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def test_chat_messages_go_to_chat_completions(script: Any) -> None:
-    script.handler = lambda r, b: [chat_chunk("", role="assistant"), chat_chunk("Hi"),
-                                   chat_chunk(" there"), chat_chunk(None, "stop"), DONE]
+    script.handler = lambda r, b: [
+        chat_chunk("", role="assistant"),
+        chat_chunk("Hi"),
+        chat_chunk(" there"),
+        chat_chunk(None, "stop"),
+        DONE,
+    ]
     async with backend(script) as b:
         chunks = await chunks_of(b, [{"role": "user", "content": "hello"}])
     assert "".join(c.text for c in chunks) == "Hi there"
@@ -211,8 +246,13 @@ async def test_model_none_asks_the_server(script: Any) -> None:
 
 
 async def test_usage_only_chunk_and_empty_choices(script: Any) -> None:
-    script.handler = lambda r, b: [data({"choices": []}), text_chunk("a"),
-                                   text_chunk("b", "stop"), USAGE, DONE]
+    script.handler = lambda r, b: [
+        data({"choices": []}),
+        text_chunk("a"),
+        text_chunk("b", "stop"),
+        USAGE,
+        DONE,
+    ]
     async with backend(script) as b:
         chunks = await chunks_of(b)
     assert [c.text for c in chunks] == ["a", "b", ""]
@@ -237,10 +277,14 @@ async def test_end_without_finish_or_done_is_an_interruption(script: Any) -> Non
 
 
 async def test_server_ignoring_stream_true_still_works(script: Any) -> None:
-    script.handler = lambda r, b: JSONResponse({
-        "id": "x", "object": "text_completion",
-        "choices": [{"index": 0, "text": "whole answer", "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 2, "completion_tokens": 2}})
+    script.handler = lambda r, b: JSONResponse(
+        {
+            "id": "x",
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": "whole answer", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 2},
+        }
+    )
     async with backend(script) as b:
         chunks = await chunks_of(b)
     assert [c.text for c in chunks] == ["whole answer", ""]
@@ -289,10 +333,13 @@ async def test_diffusing_needs_the_openai_protocol(script: Any) -> None:
 # -- errors in the stream -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frame", [
-    'event: error\ndata: {"error": {"message": "GPU on fire", "type": "server_error"}}\n\n',
-    'data: {"error": {"message": "GPU on fire", "type": "server_error"}}\n\n',
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        'event: error\ndata: {"error": {"message": "GPU on fire", "type": "server_error"}}\n\n',
+        'data: {"error": {"message": "GPU on fire", "type": "server_error"}}\n\n',
+    ],
+)
 async def test_error_mid_stream_carries_the_text(script: Any, frame: str) -> None:
     script.handler = lambda r, b: [text_chunk("so "), text_chunk("far"), frame]
     async with backend(script) as b:
@@ -304,15 +351,25 @@ async def test_error_mid_stream_carries_the_text(script: Any, frame: str) -> Non
 async def test_error_event_before_output(script: Any) -> None:
     script.handler = lambda r, b: [
         'event: error\ndata: {"error": {"message": "bad stop", "type": '
-        '"invalid_request_error", "param": "stop"}}\n\n']
+        '"invalid_request_error", "param": "stop"}}\n\n'
+    ]
     async with backend(script) as b:
         with pytest.raises(InvalidRequestError, match="bad stop") as info:
             await chunks_of(b)
         assert info.value.param == "stop"
         assert info.value.code is None  # the server sent none
-        script.handler = lambda r, b: [data({"error": {
-            "message": "too long", "type": "invalid_request_error", "param": "max_tokens",
-            "code": "context_length_exceeded"}})]
+        script.handler = lambda r, b: [
+            data(
+                {
+                    "error": {
+                        "message": "too long",
+                        "type": "invalid_request_error",
+                        "param": "max_tokens",
+                        "code": "context_length_exceeded",
+                    }
+                }
+            )
+        ]
         with pytest.raises(InvalidRequestError, match="too long") as coded:
             await chunks_of(b)
         assert (coded.value.param, coded.value.code) == ("max_tokens", "context_length_exceeded")
@@ -346,8 +403,11 @@ def failing_then_ok(statuses: list[int], headers: dict[str, str] | None = None) 
 
     def handler(request: Request, body: dict[str, Any]) -> Any:
         if remaining:
-            return JSONResponse({"error": {"message": "busy", "type": "overloaded_error"}},
-                                status_code=remaining.pop(0), headers=headers)
+            return JSONResponse(
+                {"error": {"message": "busy", "type": "overloaded_error"}},
+                status_code=remaining.pop(0),
+                headers=headers,
+            )
         return [text_chunk("fine", "stop"), DONE]
 
     return handler
@@ -392,8 +452,16 @@ async def test_too_long_retry_after_is_not_waited_for(script: Any) -> None:
 
 async def test_client_errors_are_not_retried(script: Any) -> None:
     script.handler = lambda r, b: JSONResponse(
-        {"error": {"message": "max_tokens is too large", "type": "invalid_request_error",
-                   "param": "max_tokens", "code": None}}, status_code=400)
+        {
+            "error": {
+                "message": "max_tokens is too large",
+                "type": "invalid_request_error",
+                "param": "max_tokens",
+                "code": None,
+            }
+        },
+        status_code=400,
+    )
     async with backend(script) as b:
         with pytest.raises(BadRequestError) as info:
             await chunks_of(b)
@@ -401,8 +469,16 @@ async def test_client_errors_are_not_retried(script: Any) -> None:
         assert info.value.code is None
         assert isinstance(info.value, InvalidRequestError)  # one except for local and remote
         script.handler = lambda r, b: JSONResponse(
-            {"error": {"message": "the prompt is too long", "type": "invalid_request_error",
-                       "param": "messages", "code": "context_length_exceeded"}}, status_code=400)
+            {
+                "error": {
+                    "message": "the prompt is too long",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+            status_code=400,
+        )
         with pytest.raises(BadRequestError) as coded:
             await chunks_of(b)
         assert (coded.value.param, coded.value.code) == ("messages", "context_length_exceeded")
@@ -555,6 +631,8 @@ def test_api_key_from_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -
 def test_import_does_not_need_torch() -> None:
     import subprocess
 
-    code = ("import sys, dg_stream; b = dg_stream.RemoteBackend('http://127.0.0.1:1'); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch'")
+    code = (
+        "import sys, dg_stream; b = dg_stream.RemoteBackend('http://127.0.0.1:1'); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -588,21 +588,32 @@ async def test_error_code_is_the_errors_own_not_read_from_its_message() -> None:
     backend = Refusing()
     cases = [
         # Mentions "context" but is no context-length error: only a code says that.
-        (InvalidRequestError("the context of this stop string is wrong", param="stop"),
-         "stop", "invalid_value"),
-        (InvalidRequestError("too long for the context", param="max_new_tokens",
-                             code="context_length_exceeded"),
-         "max_tokens", "context_length_exceeded"),
-        (InvalidRequestError("no such thing", param="max_new_tokens", code="custom_code"),
-         "max_tokens", "custom_code"),
+        (
+            InvalidRequestError("the context of this stop string is wrong", param="stop"),
+            "stop",
+            "invalid_value",
+        ),
+        (
+            InvalidRequestError(
+                "too long for the context", param="max_new_tokens", code="context_length_exceeded"
+            ),
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        (
+            InvalidRequestError("no such thing", param="max_new_tokens", code="custom_code"),
+            "max_tokens",
+            "custom_code",
+        ),
     ]
     with ServerThread(create_app(backend)) as s:
         async with httpx.AsyncClient(base_url=s.url) as client:
             for error, param, code in cases:
                 backend.error = error
                 for stream in (False, True):
-                    response = await client.post("/v1/completions", json={
-                        "prompt": "x", "max_tokens": 4, "stream": stream})
+                    response = await client.post(
+                        "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": stream}
+                    )
                     assert response.status_code == 400, response.text
                     body = response.json()["error"]
                     assert (body["param"], body["code"]) == (param, code), body
@@ -664,8 +675,9 @@ async def test_health_models_metrics_and_index(server: Any) -> None:
     assert metric(text, "dg_stream_completion_tokens_total") >= 4
     assert 'dg_stream_http_requests_total{endpoint="/v1/completions",status="200"}' in text
     # Every outcome counted is one the HELP line explains.
-    help_line = next(line for line in text.splitlines()
-                     if line.startswith("# HELP dg_stream_generations_total"))
+    help_line = next(
+        line for line in text.splitlines() if line.startswith("# HELP dg_stream_generations_total")
+    )
     for outcome in re.findall(r'dg_stream_generations_total\{[^}]*outcome="(\w+)"', text):
         assert re.search(rf"\b{outcome}\b", help_line), outcome
     for outcome in ("stop", "length", "cancelled", "error", "rejected", "disconnected"):

@@ -35,7 +35,7 @@ OPENAI_EVENTS = [
 MIXED_STREAM = (
     b"\xef\xbb\xbfid: 7\nevent: chunk\ndata: line one\ndata:line two \xc3\xa9\n\n"
     b"retry: 1500\rdata\r\r"
-    b"unknown: field\nevent: error\ndata: {\"error\": {\"message\": \"boom \xe2\x9c\x93\"}}\n\n"
+    b'unknown: field\nevent: error\ndata: {"error": {"message": "boom \xe2\x9c\x93"}}\n\n'
     b"data: only comments follow\n\n:c1\n:c2\n\n"
 )
 
@@ -56,16 +56,20 @@ def decode(parts: list[bytes]) -> tuple[list[ServerSentEvent], int]:
     return events, decoder.comments
 
 
-@pytest.mark.parametrize(("stream", "expected", "comments"), [
-    (OPENAI_STREAM, OPENAI_EVENTS, 2),
-    (MIXED_STREAM, MIXED_EVENTS, 2),
-])
+@pytest.mark.parametrize(
+    ("stream", "expected", "comments"),
+    [
+        (OPENAI_STREAM, OPENAI_EVENTS, 2),
+        (MIXED_STREAM, MIXED_EVENTS, 2),
+    ],
+)
 def test_whole_stream(stream: bytes, expected: list[ServerSentEvent], comments: int) -> None:
     assert decode([stream]) == (expected, comments)
 
 
-@pytest.mark.parametrize(("stream", "expected"), [(OPENAI_STREAM, OPENAI_EVENTS),
-                                                  (MIXED_STREAM, MIXED_EVENTS)])
+@pytest.mark.parametrize(
+    ("stream", "expected"), [(OPENAI_STREAM, OPENAI_EVENTS), (MIXED_STREAM, MIXED_EVENTS)]
+)
 def test_split_at_every_position(stream: bytes, expected: list[ServerSentEvent]) -> None:
     for i in range(len(stream) + 1):
         events, _ = decode([stream[:i], stream[i:]])

@@ -25,8 +25,9 @@ transformers 5 pass a 4-D mask through unchanged; those with per-layer attention
 mask per type). Rows are kept contiguous: a leaving row's slot is filled by the last row (one
 row copied), so a round runs on the view ``[0, rows)`` of the buffers.
 
-Memory: capacity grows by doubling when a row would outgrow it, rows likewise; the buffers
-are freed when the last row leaves. The caller bounds rows and reserved tokens.
+Memory: ``rows x capacity`` positions per layer. Capacity grows by doubling when a row would
+outgrow it, rows likewise; both shrink when the batch falls to a quarter of them, and the
+buffers are freed when the last row leaves. The caller bounds rows and reserved tokens.
 """
 
 from __future__ import annotations
@@ -115,8 +116,10 @@ class _RowLayer(CacheLayerMixin):
 class BatchCache(Cache):
     """Keys and values of up to ``rows`` sequences, each row with its own length.
 
-    Use: ``prepare(start, lengths_fed)`` before a forward over rows ``[start, start + B)``
-    feeding ``T`` tokens each, then ``lengths[row]`` is whatever the caller keeps.
+    Use: ``prepare(start, count, fed, device)`` before a forward over rows
+    ``[start, start + count)`` feeding ``fed`` tokens each; afterwards the caller sets
+    ``lengths[row]`` to what each row keeps. ``get_seq_length`` (which models read for
+    default positions; the verifier always passes explicit ones) is the longest row.
     """
 
     def __init__(self, config: Any) -> None:
@@ -160,6 +163,17 @@ class BatchCache(Cache):
             for layer in self._row_layers():
                 layer.release()
             self.row_capacity, self.capacity = 1, _MIN_CAPACITY
+            return moved
+        # Give memory back once the batch is a quarter of what it was (rows or length), so a
+        # long generation that left does not keep its span allocated for everyone else.
+        rows, capacity = self.row_capacity, self.capacity
+        if 4 * self.rows <= rows:
+            rows = max(1, 2 * self.rows)
+        longest = max(self.lengths)
+        if 4 * longest <= capacity and capacity > _MIN_CAPACITY:
+            capacity = max(_MIN_CAPACITY, 2 * longest)
+        if (rows, capacity) != (self.row_capacity, self.capacity):
+            self._resize(rows, capacity)
         return moved
 
     def cached_tokens(self) -> int:

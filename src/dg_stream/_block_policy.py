@@ -3,11 +3,13 @@
 Pure arithmetic, no torch. A verifier call with ``k`` drafted tokens keeps on average
 ``E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i`` tokens, where ``a_i`` is the chance that draft ``i``
 is accepted given that the ones before it were, and costs ``V(k + 1) + D(k)`` seconds (verify
-``k + 1`` tokens, draft ``k``; ``D(0) = 0``). When ``R`` rows share a verifier call (batched
-generations) a row's share is ``V(R (k + 1)) / R + D(k)``: the call's fixed cost is spread
-over the rows, its per-token cost is not, so the busier the batch the fewer drafts pay. The
-policy picks the ``k`` with the most tokens per second, ``k = 0`` (plain decoding) included,
-so a drafter that does not pay is switched off instead of slowing generation down.
+``k + 1`` tokens, draft ``k``; ``D(0) = 0``). The policy picks the ``k`` with the most tokens
+per second, ``k = 0`` (plain decoding) included, so a drafter that does not pay is switched
+off instead of slowing generation down. When ``R`` rows share a verifier call (batched
+generations, ``shared_block``) every row is fed as many tokens as the widest, so one size is
+chosen for the call: the most tokens of all rows per ``V(R (k + 1))`` plus their drafting.
+The call's fixed cost is spread over the rows, its per-token cost is not, so the busier the
+batch the fewer drafts pay.
 
 ``a_i`` is estimated per generation from what the verifier accepted, starting from what earlier
 generations of the same engine saw; the costs are measured on the running machine and shared by
@@ -138,10 +140,11 @@ class BlockSizePolicy:
 
     A generation's acceptance estimate starts from ``shared`` (what earlier generations on the
     same engine saw) and follows its own text more quickly; every observation also updates
-    ``shared``. Until the costs are known it measures them: the requested block size, half of
-    it, then one plain call. While plain decoding wins, every ``probe_every``-th call drafts
-    anyway (half the requested block), so that a drafter that starts to agree again (repeated
-    text, say) is noticed.
+    ``shared``. Until the costs are known it measures them (``warmup_block``): the requested
+    block size, half of it, then one plain call. Alone (``next_block``), while plain decoding
+    wins, every ``probe_every``-th call drafts anyway (half the requested block), so that a
+    drafter that starts to agree again (repeated text, say) is noticed; in a batch the round
+    core chooses for all rows at once (``shared_block``) and probes for them together.
     """
 
     def __init__(

@@ -25,8 +25,9 @@ class ChatReply(DerivedStream):
     a reply that was closed early, cancelled or failed leaves the history as it was.
     """
 
-    def __init__(self, session: ChatSession, user: Message, upstream: GenerationStream,
-                 version: int) -> None:
+    def __init__(
+        self, session: ChatSession, user: Message, upstream: GenerationStream, version: int
+    ) -> None:
         self.session = session
         self.user = user
         self.started = False
@@ -76,10 +77,16 @@ class ChatSession:
         print(chat.history[-1].content)
     """
 
-    def __init__(self, backend: Backend | None = None, system: str | None = None, *,
-                 max_context_tokens: int | None = None, max_new_tokens: int = 256,
-                 count_tokens: Callable[[Sequence[Message]], int] | None = None,
-                 **generation_options: Any) -> None:
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        system: str | None = None,
+        *,
+        max_context_tokens: int | None = None,
+        max_new_tokens: int = 256,
+        count_tokens: Callable[[Sequence[Message]], int] | None = None,
+        **generation_options: Any,
+    ) -> None:
         if max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
         self._backend = backend
@@ -159,7 +166,9 @@ class ChatSession:
                 raise InvalidRequestError(
                     f"the message needs {used} tokens but only {max(budget, 0)} of the "
                     f"{limit}-token context are left after max_new_tokens={max_new_tokens}",
-                    param="messages", code="context_length_exceeded")
+                    param="messages",
+                    code="context_length_exceeded",
+                )
             self._drop_oldest_turn()
 
     def _drop_oldest_turn(self) -> None:
@@ -188,8 +197,10 @@ class ChatSession:
             raise InvalidRequestError("the message is empty", param="content")
         if self._reply is not None:
             if self._reply.active:
-                raise RuntimeError("a reply is still streaming: read it to the end or close it "
-                                   "before sending the next message")
+                raise RuntimeError(
+                    "a reply is still streaming: read it to the end or close it "
+                    "before sending the next message"
+                )
             if not self._reply.started:
                 self._reply.superseded = True
         options = {**self.options, **overrides}
@@ -199,9 +210,13 @@ class ChatSession:
         stops += [s for s in self._default_stop() if s not in stops]
         user = Message("user", content)
         messages = self._fit(user, max_new_tokens)
-        upstream = generate([{"role": m.role, "content": m.content} for m in messages],
-                            backend=self.backend, max_new_tokens=max_new_tokens,
-                            stop=stops or None, **options)
+        upstream = generate(
+            [{"role": m.role, "content": m.content} for m in messages],
+            backend=self.backend,
+            max_new_tokens=max_new_tokens,
+            stop=stops or None,
+            **options,
+        )
         self._reply = ChatReply(self, user, upstream, self._version)
         return self._reply
 

@@ -52,9 +52,7 @@ class Engine:
         # Measured seconds per verifier and drafter call, and the acceptance seen so far
         # (greedy and sampled apart), shared by every generation's adaptive block size: they
         # belong to these models on this machine, not to one prompt.
-        self.acceptance = {
-            greedy: AcceptanceEstimate(64, decay=0.98) for greedy in (True, False)
-        }
+        self.acceptance = {greedy: AcceptanceEstimate(64, decay=0.98) for greedy in (True, False)}
         self.core = RoundCore(verifier, drafter, CostTable(), prefill_chunk)
 
     @property

@@ -31,8 +31,7 @@ class InvalidRequestError(DGStreamError, ValueError):
     it as the error body's ``code``; without one it says ``"invalid_value"``.
     """
 
-    def __init__(self, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -85,8 +84,15 @@ class BadRequestError(APIStatusError, InvalidRequestError):
     Also an ``InvalidRequestError``, so one ``except`` covers local and remote validation.
     """
 
-    def __init__(self, message: str, *, status_code: int, body: object = None,
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: object = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         APIStatusError.__init__(self, message, status_code=status_code, body=body)
         self.message = message
         self.param = param
@@ -96,8 +102,14 @@ class BadRequestError(APIStatusError, InvalidRequestError):
 class OverloadedError(APIStatusError):
     """The server is at capacity (429/503); ``retry_after`` is its advice in seconds."""
 
-    def __init__(self, message: str, *, status_code: int, retry_after: float | None = None,
-                 body: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        retry_after: float | None = None,
+        body: object = None,
+    ) -> None:
         super().__init__(message, status_code=status_code, body=body)
         self.retry_after = retry_after
 

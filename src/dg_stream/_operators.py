@@ -100,7 +100,8 @@ _LINE = re.compile(r"[^\n]*\n")
 # "。" would split where the whole text does not).
 _SENTENCE = re.compile(
     r"\s+(?=\S)|[\s\S]*?(?:[.!?…]+[\"'”’»)\]]*\s+|[。！？]+[」』”’)]*\s*(?=[^\s。！？」』”’)])"
-    r"|\n\s*)(?=\S)")
+    r"|\n\s*)(?=\S)"
+)
 
 
 def _rechunk(pattern: re.Pattern[str]) -> Operator:
@@ -118,25 +119,27 @@ def _rechunk(pattern: re.Pattern[str]) -> Operator:
             units: list[str] = []
             while (match := pattern.match(buffer)) is not None and match.end() > 0:
                 units.append(match.group())
-                buffer = buffer[match.end():]
+                buffer = buffer[match.end() :]
             final = chunk.finish_reason is not None
             if final and buffer:
                 units.append(buffer)
                 buffer = ""
             if not units:
                 if final:  # nothing left to say, but the ending must still be reported
-                    yield msgspec.structs.replace(chunk, text="", token_ids=tuple(ids),
-                                                  draft="", step=merge_steps(steps))
+                    yield msgspec.structs.replace(
+                        chunk, text="", token_ids=tuple(ids), draft="", step=merge_steps(steps)
+                    )
                 continue
             # The draft after each unit is everything the consumer has not seen as committed.
             rest = buffer
             for i, unit in enumerate(units):
                 last = i == len(units) - 1
-                pending = "".join(units[i + 1:]) + rest
+                pending = "".join(units[i + 1 :]) + rest
                 draft = pending + chunk.draft if previewing and not final else ""
                 if last:
-                    yield msgspec.structs.replace(chunk, text=unit, token_ids=tuple(ids),
-                                                  draft=draft, step=merge_steps(steps))
+                    yield msgspec.structs.replace(
+                        chunk, text=unit, token_ids=tuple(ids), draft=draft, step=merge_steps(steps)
+                    )
                     ids, steps = [], []
                 else:
                     yield Chunk(text=unit, draft=draft)
@@ -188,8 +191,7 @@ class _Tally:
             self.stats = self.stats.add(chunk.step)
 
     def total(self) -> Stats:
-        return msgspec.structs.replace(self.stats,
-                                       total_seconds=time.perf_counter() - self.started)
+        return msgspec.structs.replace(self.stats, total_seconds=time.perf_counter() - self.started)
 
 
 def stop_at(*strings: str, include: bool = False) -> Operator:
@@ -216,9 +218,14 @@ def stop_at(*strings: str, include: bool = False) -> Operator:
                     text += _matched(seen + chunk.text, len(text), strings)
                 await upstream.aclose()  # stop the model work now, not when we are closed
                 # A final upstream chunk knows the real totals; otherwise sum what ran.
-                yield Chunk(text=text, token_ids=chunk.token_ids, finish_reason="stop",
-                            step=chunk.step, usage=chunk.usage,
-                            stats=chunk.stats or tally.total())
+                yield Chunk(
+                    text=text,
+                    token_ids=chunk.token_ids,
+                    finish_reason="stop",
+                    step=chunk.step,
+                    usage=chunk.usage,
+                    stats=chunk.stats or tally.total(),
+                )
                 return
             seen = matcher.held
             if chunk.finish_reason is not None:
@@ -257,8 +264,9 @@ def until(predicate: Callable[[str], bool]) -> Operator:
             parts.append(chunk.text)
             if chunk.finish_reason is None and predicate("".join(parts)):
                 await upstream.aclose()
-                yield msgspec.structs.replace(chunk, draft="", finish_reason="stop",
-                                              stats=chunk.stats or tally.total())
+                yield msgspec.structs.replace(
+                    chunk, draft="", finish_reason="stop", stats=chunk.stats or tally.total()
+                )
                 return
             yield chunk
 
@@ -268,8 +276,9 @@ def until(predicate: Callable[[str], bool]) -> Operator:
 # -- time limits ----------------------------------------------------------------------------
 
 
-def with_timeout(*, first_chunk: float | None = None, idle: float | None = None,
-                 total: float | None = None) -> Operator:
+def with_timeout(
+    *, first_chunk: float | None = None, idle: float | None = None, total: float | None = None
+) -> Operator:
     """Fail with ``APITimeoutError`` when the stream is too slow, and stop the work under it.
 
     ``first_chunk``: seconds from the first read to the first chunk; ``idle``: seconds allowed
@@ -290,8 +299,9 @@ def with_timeout(*, first_chunk: float | None = None, idle: float | None = None,
                 limits.append((start + total - now, f"the generation took longer than {total}s"))
             gap = idle if received else first_chunk
             if gap is not None:
-                what = (f"no chunk for {idle}s" if received
-                        else f"no first chunk within {first_chunk}s")
+                what = (
+                    f"no chunk for {idle}s" if received else f"no first chunk within {first_chunk}s"
+                )
                 limits.append((gap, what))
             deadline, reason = min(limits) if limits else (float("inf"), "")
             chunk: Chunk | None = None
@@ -324,8 +334,10 @@ def map_text(fn: Callable[[str], str], *, draft: bool = True) -> Operator:
     async def transform(upstream: GenerationStream) -> AsyncIterator[Chunk]:
         async for chunk in upstream:
             yield msgspec.structs.replace(
-                chunk, text=fn(chunk.text) if chunk.text else chunk.text,
-                draft=fn(chunk.draft) if draft and chunk.draft else chunk.draft)
+                chunk,
+                text=fn(chunk.text) if chunk.text else chunk.text,
+                draft=fn(chunk.draft) if draft and chunk.draft else chunk.draft,
+            )
 
     return lambda stream: DerivedStream(stream, transform)
 
@@ -385,8 +397,9 @@ class _TeeHub:
     def _blocked_by_other(self, index: int) -> bool:
         if self.limit is None:
             return False
-        return any(b is not None and len(b) >= self.limit
-                   for i, b in enumerate(self.buffers) if i != index)
+        return any(
+            b is not None and len(b) >= self.limit for i, b in enumerate(self.buffers) if i != index
+        )
 
     async def next(self, index: int) -> Chunk:
         while True:
@@ -423,7 +436,8 @@ class _TeeHub:
             else:
                 self.error = StreamInterruptedError(
                     "the generation was cancelled by another branch of tee()",
-                    text=self.upstream.text)
+                    text=self.upstream.text,
+                )
             raise
         for buf in self.buffers:
             if buf is not None:
@@ -461,8 +475,9 @@ class _TeeBranch(DerivedStream):
             await self._hub.close_branch(self._index)
 
 
-def tee(n: int = 2, *, buffer: int | None = 64) -> Callable[[GenerationStream],
-                                                             tuple[DerivedStream, ...]]:
+def tee(
+    n: int = 2, *, buffer: int | None = 64
+) -> Callable[[GenerationStream], tuple[DerivedStream, ...]]:
     """Split one generation into ``n`` streams that each see every chunk.
 
     Each branch buffers at most ``buffer`` chunks that it has not read yet (``None``: no

@@ -4,7 +4,8 @@ A round is one verifier forward over every row of a ``BatchCache``:
 
 ```
 SequenceState x B
-  │ prefill        at most ``prefill_chunk`` prompt tokens per round, one row at a time
+  │ prefill        ``prefill_chunk`` prompt tokens per round while others stream (else
+  │                up to ``MAX_PREFILL``), one row at a time
   │ propose        each decoding row's draft block (DraftProposal; made at the end of the
   │                previous round, so a preview can show it)
   │ score          one forward: rows (B, T) = [newest token, draft...] padded to the widest
@@ -128,7 +129,7 @@ class RoundCore:
         self, cache: BatchCache, states: Sequence[SequenceState], active: Sequence[bool]
     ) -> list[RowOutcome | None]:
         """One round over ``states`` (the cache's rows, in order). Rows marked inactive sit
-        out (fed one padding token whose state is never kept). Returns an outcome for each
+        out (fed padding that their cache lengths never keep). Returns an outcome for each
         row that decoded; None for rows that sat out or are still reading their prompt."""
         outcomes: list[RowOutcome | None] = [None] * len(states)
         # Prompts are read a piece per round while other rows are streaming (so their chunks

@@ -109,8 +109,9 @@ class SSEDecoder:
         self._data, self._event, self._id, self._retry = [], None, None, None
         if not data:
             return None
-        return ServerSentEvent(data="\n".join(data), event=event or None, id=self._last_id,
-                               retry=retry)
+        return ServerSentEvent(
+            data="\n".join(data), event=event or None, id=self._last_id, retry=retry
+        )
 
     @property
     def last_event_id(self) -> str | None:

@@ -55,63 +55,109 @@ examples:
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: the embedded model pair, in process)")
-    group.add_argument("--remote", metavar="URL",
-                       help="use a server instead of local models: dg-stream serve or any "
-                            "OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama)")
-    group.add_argument("--api", choices=["auto", "dg", "openai"], default="auto",
-                       help="protocol for --remote (default: auto, native when offered)")
+    group.add_argument(
+        "--remote",
+        metavar="URL",
+        help="use a server instead of local models: dg-stream serve or any "
+        "OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama)",
+    )
+    group.add_argument(
+        "--api",
+        choices=["auto", "dg", "openai"],
+        default="auto",
+        help="protocol for --remote (default: auto, native when offered)",
+    )
     group.add_argument("--model", help="model name to request from --remote")
-    group.add_argument("--timeout", type=float, metavar="SECONDS",
-                       help="connect/first-chunk/idle time limit for --remote")
-    group.add_argument("--verifier", metavar="PATH",
-                       help="a local transformers causal-LM checkpoint to verify with")
-    group.add_argument("--drafter", metavar="PATH|ngram|none",
-                       help="a diffusion (masked-LM) or small causal-LM checkpoint, 'ngram' for "
-                            "prompt lookup, or 'none' for plain decoding (default: the embedded "
-                            "drafter with the embedded verifier, else ngram)")
-    group.add_argument("--tokenizer", metavar="PATH",
-                       help="tokenizer path (default: the verifier's)")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="connect/first-chunk/idle time limit for --remote",
+    )
+    group.add_argument(
+        "--verifier",
+        metavar="PATH",
+        help="a local transformers causal-LM checkpoint to verify with",
+    )
+    group.add_argument(
+        "--drafter",
+        metavar="PATH|ngram|none",
+        help="a diffusion (masked-LM) or small causal-LM checkpoint, 'ngram' for "
+        "prompt lookup, or 'none' for plain decoding (default: the embedded "
+        "drafter with the embedded verifier, else ngram)",
+    )
+    group.add_argument(
+        "--tokenizer", metavar="PATH", help="tokenizer path (default: the verifier's)"
+    )
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    group.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
 
 
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
-                       help="most tokens to generate (default %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.0,
-                       help="0 is greedy (default %(default)s)")
+    group.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="most tokens to generate (default %(default)s)",
+    )
+    group.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default %(default)s)"
+    )
     group.add_argument("--top-k", type=positive_int)
     group.add_argument("--top-p", type=float)
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
-    group.add_argument("--stop", action="append", metavar="TEXT",
-                       help="end at this text (repeatable; the text is not printed)")
+    group.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end at this text (repeatable; the text is not printed)",
+    )
     spec = _speculative_options(parser, "speculative decoding")
-    spec.add_argument("--confidence", type=float,
-                      help="unmask every draft position above this probability in one step")
+    spec.add_argument(
+        "--confidence",
+        type=float,
+        help="unmask every draft position above this probability in one step",
+    )
 
 
 def _speculative_options(parser: argparse.ArgumentParser, title: str) -> Any:
     spec = parser.add_argument_group(title)
-    spec.add_argument("--block-size", type=positive_int, metavar="K",
-                      help="tokens drafted per verifier call (default: the backend's)")
-    spec.add_argument("--steps", type=positive_int,
-                      help="denoising steps of a diffusion drafter")
-    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
-                      help="choose each call's block size from measured acceptance and costs")
+    spec.add_argument(
+        "--block-size",
+        type=positive_int,
+        metavar="K",
+        help="tokens drafted per verifier call (default: the backend's)",
+    )
+    spec.add_argument("--steps", type=positive_int, help="denoising steps of a diffusion drafter")
+    spec.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose each call's block size from measured acceptance and costs",
+    )
     return spec
 
 
 def _display_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--preview", action="store_true",
-                       help="show the draft as dim provisional text, replaced as it is "
-                            "verified (terminals only; FORCE_COLOR=1 forces it)")
-    group.add_argument("--stats", action="store_true",
-                       help="print tokens/s and mean tokens accepted per verifier call "
-                            "(to stderr)")
+    group.add_argument(
+        "--preview",
+        action="store_true",
+        help="show the draft as dim provisional text, replaced as it is "
+        "verified (terminals only; FORCE_COLOR=1 forces it)",
+    )
+    group.add_argument(
+        "--stats",
+        action="store_true",
+        help="print tokens/s and mean tokens accepted per verifier call (to stderr)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,80 +167,124 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=PROG,
         description="Lossless speculative decoding with a diffusion drafter, streamed. "
-                    "Every command runs the embedded model pair unless given --verifier or "
-                    "--remote.",
-        epilog="Run 'dg-stream COMMAND --help' for a command's options.")
+        "Every command runs the embedded model pair unless given --verifier or "
+        "--remote.",
+        epilog="Run 'dg-stream COMMAND --help' for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser(
-        "generate", help="stream a completion to the terminal",
+        "generate",
+        help="stream a completion to the terminal",
         description="Stream a completion of PROMPT to stdout as it is generated.",
-        epilog=EPILOG_GENERATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG_GENERATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
-    gen.add_argument("--chat", action="store_true",
-                     help="send the prompt as a user message (rendered with the chat template)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message (rendered with the chat template)",
+    )
     gen.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
     _sampling_options(gen)
     _display_options(gen)
-    gen.add_argument("--compare", action="store_true",
-                     help="also decode without a drafter and report the speed-up and whether "
-                          "the outputs are identical (local models; implies --stats)")
-    gen.add_argument("--json", action="store_true",
-                     help='print one JSON event per line: {"event": "chunk", ...} for each '
-                          'chunk, then {"event": "summary", ...} with --stats/--compare')
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="also decode without a drafter and report the speed-up and whether "
+        "the outputs are identical (local models; implies --stats)",
+    )
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON event per line: {"event": "chunk", ...} for each '
+        'chunk, then {"event": "summary", ...} with --stats/--compare',
+    )
     _backend_options(gen)
     gen.set_defaults(func=_cmd_generate)
 
     chat = commands.add_parser(
-        "chat", help="interactive chat with history",
+        "chat",
+        help="interactive chat with history",
         description="An interactive chat: type a message, watch the reply stream in.",
-        epilog=EPILOG_CHAT, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG_CHAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chat.add_argument("--system", metavar="TEXT", help="system message")
-    chat.add_argument("--max-context-tokens", type=positive_int, metavar="N",
-                      help="drop the oldest turns to keep the prompt plus reply under N tokens "
-                           "(default: the model's context)")
+    chat.add_argument(
+        "--max-context-tokens",
+        type=positive_int,
+        metavar="N",
+        help="drop the oldest turns to keep the prompt plus reply under N tokens "
+        "(default: the model's context)",
+    )
     _sampling_options(chat)
     _display_options(chat)
     _backend_options(chat)
     chat.set_defaults(func=_cmd_chat)
 
     serve = commands.add_parser(
-        "serve", help="serve OpenAI-compatible and native streaming endpoints and a chat page",
+        "serve",
+        help="serve OpenAI-compatible and native streaming endpoints and a chat page",
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, the native "
-                    "event stream POST /v1/dg/generate, and a live chat page at /.")
+        "event stream POST /v1/dg/generate, and a live chat page at /.",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     serve.add_argument("--port", type=int, default=8000, help="default %(default)s")
-    serve.add_argument("--api-key", default=os.environ.get("DG_STREAM_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1/* "
-                            "(default: $DG_STREAM_API_KEY; none: open)")
-    serve.add_argument("--max-concurrent", type=positive_int, default=64, metavar="N",
-                       help="generations at once; more are answered 503 with Retry-After "
-                            "(default %(default)s)")
-    serve.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
-                       help="generations batched into one verifier call (local models; "
-                            "1: they take turns; default %(default)s)")
-    serve.add_argument("--max-cached-tokens", type=positive_int, metavar="N",
-                       help="tokens the batched generations may reserve (prompt plus "
-                            "max_tokens each); later requests wait (default: no bound)")
-    serve.add_argument("--served-model-name", metavar="NAME",
-                       help="the model id clients see (default: the verifier folder's name; "
-                            "dg-stream-default for the embedded pair)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("DG_STREAM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* "
+        "(default: $DG_STREAM_API_KEY; none: open)",
+    )
+    serve.add_argument(
+        "--max-concurrent",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="generations at once; more are answered 503 with Retry-After (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="generations batched into one verifier call (local models; "
+        "1: they take turns; default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-cached-tokens",
+        type=positive_int,
+        metavar="N",
+        help="tokens the batched generations may reserve (prompt plus "
+        "max_tokens each); later requests wait (default: no bound)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model id clients see (default: the verifier folder's name; "
+        "dg-stream-default for the embedded pair)",
+    )
     _speculative_options(serve, "speculative decoding defaults")
     _backend_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
     commands.add_parser(
-        "bench", help="benchmarks: speed-up, acceptance and quality against plain decoding",
+        "bench",
+        help="benchmarks: speed-up, acceptance and quality against plain decoding",
         description="Runs dg_stream.bench; 'dg-stream bench --help' lists its options.",
-        add_help=False)
+        add_help=False,
+    )
 
     try:
         train_commands = importlib.import_module("dg_stream.train.commands")
     except ImportError:
         train = commands.add_parser("train", help="train a tokenizer, a verifier or a drafter")
-        train.set_defaults(func=_missing("training", "dg_stream.train.commands",
-                                         "pip install 'dg-stream[train]'"))
+        train.set_defaults(
+            func=_missing("training", "dg_stream.train.commands", "pip install 'dg-stream[train]'")
+        )
     else:
         train_commands.add_parser(commands)
     return parser
@@ -202,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _missing(what: str, module: str, hint: str) -> Callable[[argparse.Namespace], int]:
     def fail(args: argparse.Namespace) -> int:
-        raise _UsageError(f"{what} is not available in this installation ({module} cannot be "
-                          f"imported; {hint})", code=1)
+        raise _UsageError(
+            f"{what} is not available in this installation ({module} cannot be imported; {hint})",
+            code=1,
+        )
 
     return fail
 
@@ -253,9 +345,12 @@ def _make_backend(args: argparse.Namespace, *, quiet: bool = False) -> Any:
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "top_k": args.top_k, "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
         "stop": args.stop,
     }
     for name in ("block_size", "steps", "adaptive", "confidence"):
@@ -272,8 +367,9 @@ def _check_options(args: argparse.Namespace, prompt: Any = "x") -> None:
         SpeculativeConfig(block_size=args.block_size, steps=args.steps, adaptive=args.adaptive)
         return
     options = _generation_options(args)
-    speculative = {name: options.pop(name) for name in SpeculativeConfig.__struct_fields__
-                   if name in options}
+    speculative = {
+        name: options.pop(name) for name in SpeculativeConfig.__struct_fields__ if name in options
+    }
     if getattr(args, "system", None) is not None and isinstance(prompt, str):
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     build_request(prompt, **options, draft_preview=False, speculative_options=speculative)
@@ -399,16 +495,21 @@ class Summary(msgspec.Struct, kw_only=True):
     identical: bool | None = None
 
     def lines(self) -> list[str]:
-        text = [f"{self.tokens} tokens in {self.seconds:.2f} s: "
-                f"{self.tokens_per_second:.1f} tokens/s"]
+        text = [
+            f"{self.tokens} tokens in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s"
+        ]
         if self.verifier_calls:
-            text.append(f"{self.verifier_calls} verifier calls: {self.tokens_per_call:.2f} "
-                        f"tokens per call, {self.mean_accepted:.2f} drafts accepted per call "
-                        f"({100 * (self.acceptance_rate or 0):.0f}% of drafted)")
+            text.append(
+                f"{self.verifier_calls} verifier calls: {self.tokens_per_call:.2f} "
+                f"tokens per call, {self.mean_accepted:.2f} drafts accepted per call "
+                f"({100 * (self.acceptance_rate or 0):.0f}% of drafted)"
+            )
         if self.speedup is not None:
             same = {True: "identical output", False: "outputs differ", None: ""}[self.identical]
-            text.append(f"plain decoding: {self.plain_tokens_per_second:.1f} tokens/s; "
-                        f"speed-up {self.speedup:.2f}x" + (f"; {same}" if same else ""))
+            text.append(
+                f"plain decoding: {self.plain_tokens_per_second:.1f} tokens/s; "
+                f"speed-up {self.speedup:.2f}x" + (f"; {same}" if same else "")
+            )
         return text
 
 
@@ -424,8 +525,9 @@ async def _timed(stream: Any, render: Callable[[Chunk], None] | None) -> tuple[A
 def _summary(stream: Any, seconds: float) -> Summary:
     usage, stats = stream.usage, stream.stats
     tokens = usage.completion_tokens if usage is not None else len(stream.token_ids)
-    summary = Summary(tokens=tokens, seconds=seconds,
-                      tokens_per_second=tokens / seconds if seconds > 0 else 0.0)
+    summary = Summary(
+        tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0
+    )
     if stats is not None and stats.verifier_calls:
         summary.verifier_calls = stats.verifier_calls
         summary.tokens_per_call = stats.tokens_per_call
@@ -447,8 +549,11 @@ def _valid_text(text: str, what: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        print(f"{PROG}: warning: {what} is not valid UTF-8; invalid bytes were replaced "
-              "with U+FFFD", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: warning: {what} is not valid UTF-8; invalid bytes were replaced with U+FFFD",
+            file=sys.stderr,
+            flush=True,
+        )
     return text
 
 
@@ -471,8 +576,9 @@ def _read_prompt(args: argparse.Namespace) -> Any:
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     prompt = _valid_text(prompt, "the prompt")
     if not prompt.strip():
-        raise _UsageError("the prompt is empty" + (" (nothing on stdin)"
-                                                   if args.prompt == "-" else ""))
+        raise _UsageError(
+            "the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else "")
+        )
     if args.chat or args.system:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         return [*messages, {"role": "user", "content": prompt}]
@@ -490,7 +596,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
     out = sys.stdout
     renderer: TextRenderer | JsonRenderer = (
-        JsonRenderer(out) if args.json else TextRenderer(out, preview=args.preview))
+        JsonRenderer(out) if args.json else TextRenderer(out, preview=args.preview)
+    )
     options = _generation_options(args)
 
     async def run() -> int:
@@ -498,10 +605,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             if args.compare:  # first calls pay one-off costs: warm both paths up
-                await generate(prompt, backend=backend, **{**options, "max_new_tokens": 2}
-                               ).collect()
-            stream = generate(prompt, backend=backend, draft_preview=args.preview or args.json,
-                              **options)
+                await generate(
+                    prompt, backend=backend, **{**options, "max_new_tokens": 2}
+                ).collect()
+            stream = generate(
+                prompt, backend=backend, draft_preview=args.preview or args.json, **options
+            )
             try:
                 stream, seconds = await _timed(stream, renderer.chunk)
             finally:
@@ -509,14 +618,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             summary = _summary(stream, seconds)
             if args.compare:
                 plain_backend = _plain_twin(backend)
-                await generate(prompt, backend=plain_backend,
-                               **{**options, "max_new_tokens": 2}).collect()
+                await generate(
+                    prompt, backend=plain_backend, **{**options, "max_new_tokens": 2}
+                ).collect()
                 plain, plain_seconds = await _timed(
-                    generate(prompt, backend=plain_backend, **options), None)
+                    generate(prompt, backend=plain_backend, **options), None
+                )
                 plain_summary = _summary(plain, plain_seconds)
                 summary.plain_tokens_per_second = plain_summary.tokens_per_second
-                summary.speedup = (summary.tokens_per_second / plain_summary.tokens_per_second
-                                   if plain_summary.tokens_per_second else None)
+                summary.speedup = (
+                    summary.tokens_per_second / plain_summary.tokens_per_second
+                    if plain_summary.tokens_per_second
+                    else None
+                )
                 if args.temperature == 0:  # lossless: greedy output must match exactly
                     summary.identical = plain.token_ids == stream.token_ids
             if args.stats or args.compare:
@@ -544,16 +658,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = importlib.import_module("dg_stream.server")
     except ImportError as exc:
-        raise _UsageError(f"the server needs its extra: pip install 'dg-stream[server]' ({exc})",
-                          code=1) from None
+        raise _UsageError(
+            f"the server needs its extra: pip install 'dg-stream[server]' ({exc})", code=1
+        ) from None
     _check_options(args)
     backend = _make_backend(args)
-    print(f"dg-stream: serving on http://{args.host}:{args.port} (chat page at /)",
-          file=sys.stderr, flush=True)
+    print(
+        f"dg-stream: serving on http://{args.host}:{args.port} (chat page at /)",
+        file=sys.stderr,
+        flush=True,
+    )
     # uvicorn re-raises the Ctrl-C it shut down on; for a server that is a normal stop.
     with contextlib.suppress(KeyboardInterrupt):
-        server.serve(backend, host=args.host, port=args.port, api_key=args.api_key,
-                     max_concurrent=args.max_concurrent, model_name=args.served_model_name)
+        server.serve(
+            backend,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_concurrent=args.max_concurrent,
+            model_name=args.served_model_name,
+        )
     return 0
 
 
@@ -562,10 +686,12 @@ def _cmd_bench(argv: Sequence[str]) -> int:
         bench = importlib.import_module("dg_stream.bench")
     except ImportError as exc:
         if getattr(exc, "name", None) not in ("dg_stream.bench", None):
-            raise _UsageError(f"benchmarks need their extra: pip install 'dg-stream[bench]' "
-                              f"({exc})", code=1) from None
-        raise _UsageError("benchmarks are not available in this installation "
-                          "(dg_stream.bench is missing)", code=1) from None
+            raise _UsageError(
+                f"benchmarks need their extra: pip install 'dg-stream[bench]' ({exc})", code=1
+            ) from None
+        raise _UsageError(
+            "benchmarks are not available in this installation (dg_stream.bench is missing)", code=1
+        ) from None
     return int(bench.main(list(argv)) or 0)
 
 
@@ -580,8 +706,16 @@ class ChatLoop:
     main thread cancels only the reply in flight; Ctrl-D at the prompt ends the loop.
     """
 
-    def __init__(self, session: Any, *, stdin: IO[str], stdout: IO[str], stderr: IO[str],
-                 preview: bool = False, stats: bool = False) -> None:
+    def __init__(
+        self,
+        session: Any,
+        *,
+        stdin: IO[str],
+        stdout: IO[str],
+        stderr: IO[str],
+        preview: bool = False,
+        stats: bool = False,
+    ) -> None:
         self.session = session
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.preview, self.stats = preview, stats
@@ -655,10 +789,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     backend = _make_backend(args)
     options = _generation_options(args)
     options.pop("max_new_tokens")
-    session = ChatSession(backend, system=args.system, max_new_tokens=args.max_new_tokens,
-                          max_context_tokens=args.max_context_tokens, **options)
-    loop = ChatLoop(session, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr,
-                    preview=args.preview, stats=args.stats)
+    session = ChatSession(
+        backend,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        max_context_tokens=args.max_context_tokens,
+        **options,
+    )
+    loop = ChatLoop(
+        session,
+        stdin=sys.stdin,
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        preview=args.preview,
+        stats=args.stats,
+    )
     with start_blocking_portal() as portal:
         try:
             return loop.run(portal)
@@ -709,8 +854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, with a way to get the details
         if debug:
             traceback.print_exc()
-        _error(f"internal error: {type(exc).__name__}: {exc} (set DG_STREAM_DEBUG=1 for the "
-               f"traceback)")
+        _error(
+            f"internal error: {type(exc).__name__}: {exc} (set DG_STREAM_DEBUG=1 for the traceback)"
+        )
         return 1
 
 

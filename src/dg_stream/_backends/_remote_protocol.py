@@ -68,8 +68,12 @@ def error_fields(body: object) -> tuple[str | None, str | None, str | None, str 
                 value = error.get(key)
                 return value if isinstance(value, str) else None
 
-            return (str(msg) if msg is not None else None, text("param"), text("type"),
-                    text("code"))
+            return (
+                str(msg) if msg is not None else None,
+                text("param"),
+                text("type"),
+                text("code"),
+            )
         if isinstance(error, str):
             return error, None, None, None
         for key in ("detail", "message"):
@@ -82,8 +86,9 @@ def error_fields(body: object) -> tuple[str | None, str | None, str | None, str 
 
 def _error_body(obj: object) -> ErrorBody:
     message, param, kind, code = error_fields(obj)
-    return ErrorBody(message=message or "server error", type=kind or "server_error",
-                     param=param, code=code)
+    return ErrorBody(
+        message=message or "server error", type=kind or "server_error", param=param, code=code
+    )
 
 
 def event_error(body: ErrorBody) -> DGStreamError:
@@ -107,8 +112,14 @@ def server_info(body: object) -> ServerInfo | None:
 # -- requests --------------------------------------------------------------------------------
 
 
-def openai_body(request: GenerationRequest, *, model: str | None, chat: bool, include_usage: bool,
-                diffusing: bool) -> tuple[str, bytes, bool]:
+def openai_body(
+    request: GenerationRequest,
+    *,
+    model: str | None,
+    chat: bool,
+    include_usage: bool,
+    diffusing: bool,
+) -> tuple[str, bytes, bool]:
     """(path, JSON body, whether it is a chat request) for the OpenAI protocol.
 
     ``chat``: send a text prompt as one user message to ``/v1/chat/completions``.
@@ -121,8 +132,9 @@ def openai_body(request: GenerationRequest, *, model: str | None, chat: bool, in
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
     elif chat:
         if not isinstance(request.prompt, str):
-            raise InvalidRequestError("chat=True needs a text prompt, not token ids",
-                                      param="prompt")
+            raise InvalidRequestError(
+                "chat=True needs a text prompt, not token ids", param="prompt"
+            )
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
@@ -136,8 +148,9 @@ def openai_body(request: GenerationRequest, *, model: str | None, chat: bool, in
             body[name] = value
     if request.stop:
         body["stop"] = list(request.stop)
-    speculative = {k: v for k, v in msgspec.structs.asdict(request.speculative).items()
-                   if v is not None}
+    speculative = {
+        k: v for k, v in msgspec.structs.asdict(request.speculative).items() if v is not None
+    }
     if speculative:
         body["speculative"] = speculative
     body["stream"] = True
@@ -164,8 +177,10 @@ def _usage(value: object) -> Usage | None:
     if not isinstance(value, dict):
         return None
     prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    return Usage(prompt_tokens=prompt if isinstance(prompt, int) else 0,
-                 completion_tokens=completion if isinstance(completion, int) else 0)
+    return Usage(
+        prompt_tokens=prompt if isinstance(prompt, int) else 0,
+        completion_tokens=completion if isinstance(completion, int) else 0,
+    )
 
 
 class NativeParser:
@@ -232,8 +247,9 @@ class OpenAIParser:
         except msgspec.DecodeError:
             raise ProtocolViolation(f"bad JSON in event: {sse.data[:200]!r}") from None
         if sse.event == "error" or (isinstance(obj, dict) and obj.get("error")):
-            raise ServerErrorEvent(_error_body(obj if isinstance(obj, dict) and "error" in obj
-                                               else {"error": obj}))
+            raise ServerErrorEvent(
+                _error_body(obj if isinstance(obj, dict) and "error" in obj else {"error": obj})
+            )
         if not isinstance(obj, dict):
             raise ProtocolViolation(f"expected a JSON object, got {sse.data[:200]!r}")
         return self._object(obj)

@@ -75,8 +75,9 @@ class RemoteTimeout(msgspec.Struct, frozen=True, kw_only=True):
         if value is None:
             return cls(connect=None, first_chunk=None, idle=None, total=None)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InvalidRequestError(f"timeout must be a positive number, got {value!r}",
-                                      param="timeout")
+            raise InvalidRequestError(
+                f"timeout must be a positive number, got {value!r}", param="timeout"
+            )
         seconds = float(value)
         return cls(connect=seconds, first_chunk=seconds, idle=seconds, total=None)
 
@@ -98,8 +99,9 @@ def min_timeout(*values: float | None) -> float | None:
 class _Failure(Exception):
     """A failed attempt: ``error`` is what the caller will see, ``retryable`` whether to retry."""
 
-    def __init__(self, error: DGStreamError, *, retryable: bool,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, error: DGStreamError, *, retryable: bool, retry_after: float | None = None
+    ) -> None:
         super().__init__(str(error))
         self.error = error
         self.retryable = retryable
@@ -233,10 +235,19 @@ class Transport:
     answer is honoured up to ``max_retry_after`` seconds (longer advice ends the retries).
     """
 
-    def __init__(self, base_url: str, *, headers: dict[str, str], timeout: RemoteTimeout,
-                 max_retries: int, retry_backoff: float, retry_max_delay: float,
-                 max_retry_after: float, max_connections: int,
-                 http_client: httpx.AsyncClient | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str],
+        timeout: RemoteTimeout,
+        max_retries: int,
+        retry_backoff: float,
+        retry_max_delay: float,
+        max_retry_after: float,
+        max_connections: int,
+        http_client: httpx.AsyncClient | None,
+    ) -> None:
         self.base_url = base_url
         self.headers = headers
         self.timeout = timeout
@@ -261,9 +272,12 @@ class Transport:
             self._client = httpx.AsyncClient(
                 headers=self.headers,
                 timeout=httpx.Timeout(connect=t.connect, read=None, write=t.connect, pool=None),
-                limits=httpx.Limits(max_connections=self._max_connections,
-                                    max_keepalive_connections=min(20, self._max_connections)),
-                follow_redirects=True)
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=min(20, self._max_connections),
+                ),
+                follow_redirects=True,
+            )
             self._client_loop = loop
         return self._client
 
@@ -285,7 +299,7 @@ class Transport:
             return None
         if failure.retry_after is not None:
             return failure.retry_after if failure.retry_after <= self.max_retry_after else None
-        ceiling = min(self.retry_max_delay, self.retry_backoff * 2 ** attempt)
+        ceiling = min(self.retry_max_delay, self.retry_backoff * 2**attempt)
         return ceiling * (0.5 + random.random() / 2)  # jitter: spread clients that failed together
 
     def _wait(self, attempt: int, failure: _Failure, deadline: float | None) -> float | None:
@@ -321,8 +335,9 @@ class Transport:
             await anyio.sleep(delay)
             attempt += 1
 
-    async def open(self, path: str, body: bytes, make_parser: Callable[[], Parser],
-                   deadline: float | None) -> tuple[Reader, list[Chunk]]:
+    async def open(
+        self, path: str, body: bytes, make_parser: Callable[[], Parser], deadline: float | None
+    ) -> tuple[Reader, list[Chunk]]:
         """POST ``body`` and read up to the first Chunk, retrying what may be retried."""
         attempt = 0
         while True:
@@ -334,9 +349,14 @@ class Transport:
                     with anyio.fail_after(limit):
                         client = self._http()
                         req = client.build_request(
-                            "POST", self.url(path), content=body,
-                            headers={"content-type": "application/json",
-                                     "accept": "text/event-stream"})
+                            "POST",
+                            self.url(path),
+                            content=body,
+                            headers={
+                                "content-type": "application/json",
+                                "accept": "text/event-stream",
+                            },
+                        )
                         response = await client.send(req, stream=True)
                         if not 200 <= response.status_code < 300:
                             await response.aread()
@@ -350,17 +370,22 @@ class Transport:
                         first = await reader.read(None)
                 except TimeoutError:
                     what = "the first chunk" if response is not None else "a response"
-                    raise _Failure(APITimeoutError(
-                        f"no {what} within {limit:.3g}s" if limit is not None else "timed out"),
-                        retryable=False) from None
+                    raise _Failure(
+                        APITimeoutError(
+                            f"no {what} within {limit:.3g}s" if limit is not None else "timed out"
+                        ),
+                        retryable=False,
+                    ) from None
                 except (httpx.HTTPError, httpx.StreamError) as exc:
                     raise _transport_failure(exc) from exc
                 except Truncated as exc:
-                    raise _Failure(APIConnectionError(f"{exc} (before any output)"),
-                                   retryable=True) from None
+                    raise _Failure(
+                        APIConnectionError(f"{exc} (before any output)"), retryable=True
+                    ) from None
                 except ProtocolViolation as exc:
-                    raise _Failure(APIConnectionError(f"protocol error: {exc}"),
-                                   retryable=False) from None
+                    raise _Failure(
+                        APIConnectionError(f"protocol error: {exc}"), retryable=False
+                    ) from None
                 except ServerErrorEvent as exc:
                     raise _Failure(event_error(exc.body), retryable=False) from None
                 return reader, first

@@ -10,8 +10,9 @@ a generation whose mailbox already holds ``backlog`` chunks sits the round out.
 Generations join and leave between rounds. A stream closed or cancelled mid-round is dropped
 when that round ends (its row and drafter state freed), so its work stops within one round.
 Admission is bounded: at most ``max_batch`` rows and ``max_cached_tokens`` reserved tokens
-(prompt plus ``max_new_tokens``, so a running batch can never outgrow it); beyond that,
-requests wait in a queue of ``max_waiting`` and are refused past it.
+(prompt plus ``max_new_tokens``; the cache also pads every row to the longest, see
+``_batch_cache``); beyond that, requests wait in a queue of ``max_waiting`` and are refused
+past it.
 """
 
 from __future__ import annotations

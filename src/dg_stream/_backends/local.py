@@ -56,7 +56,7 @@ class LocalBackend:
     decoding and unseeded sampling (a request may still ask for it explicitly).
 
     Concurrent generations are batched: each verifier call scores the next block of every
-    running generation (one row each, see ``_batch_cache``), and each drafter call serves one
+    running generation (one row each, see ``_batch_cache``), and one drafter call serves them
     row. ``max_batch`` caps the rows of one call and ``max_cached_tokens`` the tokens they may
     hold (each generation reserves its prompt plus ``max_new_tokens``); further requests wait,
     up to ``max_waiting`` of them, then are refused with ``OverloadedError``. While others stream,

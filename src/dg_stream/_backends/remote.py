@@ -87,26 +87,41 @@ class RemoteBackend:
     ``None``: the server renders and tokenizes prompts.
     """
 
-    def __init__(self, base_url: str, model: str | None = None, *, api: Api = "auto",
-                 api_key: str | None = None, timeout: float | RemoteTimeout | None = None,
-                 max_retries: int = 2, diffusing: bool = False, chat: bool = False,
-                 include_usage: bool = True, headers: Mapping[str, str] | None = None,
-                 http_client: httpx.AsyncClient | None = None, retry_backoff: float = 0.5,
-                 retry_max_delay: float = 8.0, max_retry_after: float = 60.0,
-                 max_connections: int = 100) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api: Api = "auto",
+        api_key: str | None = None,
+        timeout: float | RemoteTimeout | None = None,
+        max_retries: int = 2,
+        diffusing: bool = False,
+        chat: bool = False,
+        include_usage: bool = True,
+        headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        retry_backoff: float = 0.5,
+        retry_max_delay: float = 8.0,
+        max_retry_after: float = 60.0,
+        max_connections: int = 100,
+    ) -> None:
         if api not in ("auto", "dg", "openai"):
-            raise InvalidRequestError(f"api must be 'auto', 'dg' or 'openai', got {api!r}",
-                                      param="api")
+            raise InvalidRequestError(
+                f"api must be 'auto', 'dg' or 'openai', got {api!r}", param="api"
+            )
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidRequestError("max_retries must be an integer >= 0", param="max_retries")
         try:
             url = httpx.URL(base_url)
         except (httpx.InvalidURL, TypeError) as exc:
-            raise InvalidRequestError(f"invalid base_url {base_url!r}: {exc}",
-                                      param="base_url") from None
+            raise InvalidRequestError(
+                f"invalid base_url {base_url!r}: {exc}", param="base_url"
+            ) from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise InvalidRequestError(f"base_url must be an http(s) URL, got {base_url!r}",
-                                      param="base_url")
+            raise InvalidRequestError(
+                f"base_url must be an http(s) URL, got {base_url!r}", param="base_url"
+            )
         path = url.path.rstrip("/")
         if path.endswith("/v1"):
             path = path[: -len("/v1")]
@@ -121,11 +136,16 @@ class RemoteBackend:
         if key:
             self._headers["authorization"] = f"Bearer {key}"
         self._transport = Transport(
-            self.base_url, headers=self._headers,
+            self.base_url,
+            headers=self._headers,
             timeout=RemoteTimeout.of(timeout) if timeout is not None else RemoteTimeout(),
-            max_retries=max_retries, retry_backoff=retry_backoff,
-            retry_max_delay=retry_max_delay, max_retry_after=max_retry_after,
-            max_connections=max_connections, http_client=http_client)
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_max_delay=retry_max_delay,
+            max_retry_after=max_retry_after,
+            max_connections=max_connections,
+            http_client=http_client,
+        )
         self._resolved_api: Literal["dg", "openai"] | None = None if api == "auto" else api
         self._resolved_model: str | None = model
         self._model_looked_up = model is not None
@@ -218,21 +238,27 @@ class RemoteBackend:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def _prepare(self, request: GenerationRequest, deadline: float | None
-                       ) -> tuple[str, bytes, Callable[[], Parser]]:
+    async def _prepare(
+        self, request: GenerationRequest, deadline: float | None
+    ) -> tuple[str, bytes, Callable[[], Parser]]:
         """(path, body, parser factory) for the protocol in use."""
         api = await self._api_for(deadline)
         if api == "dg":
             if self.diffusing:
                 raise InvalidRequestError("diffusing=True needs api='openai'", param="diffusing")
             return "/v1/dg/generate", _encoder.encode(request), NativeParser
-        path, body, chat = openai_body(request, model=await self._model_for_openai(deadline),
-                                       chat=self.chat, include_usage=self.include_usage,
-                                       diffusing=self.diffusing)
+        path, body, chat = openai_body(
+            request,
+            model=await self._model_for_openai(deadline),
+            chat=self.chat,
+            include_usage=self.include_usage,
+            diffusing=self.diffusing,
+        )
 
         def parser() -> OpenAIParser:
-            return OpenAIParser(chat=chat, diffusing=self.diffusing,
-                                draft_preview=request.draft_preview)
+            return OpenAIParser(
+                chat=chat, diffusing=self.diffusing, draft_preview=request.draft_preview
+            )
 
         return path, body, parser
 
@@ -257,17 +283,27 @@ class RemoteBackend:
                     chunks = await reader.read(min_timeout(timeout.idle, remaining(deadline)))
                 except TimeoutError:
                     total_hit = deadline is not None and time.monotonic() >= deadline
-                    cause = APITimeoutError("total timeout" if total_hit else
-                                            f"no data for {timeout.idle}s (idle timeout)",
-                                            text="".join(received))
-                    raise StreamInterruptedError(f"stream interrupted: {cause}",
-                                                 text="".join(received)) from cause
-                except (httpx.HTTPError, httpx.StreamError, Truncated,
-                        ProtocolViolation, ServerErrorEvent) as exc:
+                    cause = APITimeoutError(
+                        "total timeout"
+                        if total_hit
+                        else f"no data for {timeout.idle}s (idle timeout)",
+                        text="".join(received),
+                    )
+                    raise StreamInterruptedError(
+                        f"stream interrupted: {cause}", text="".join(received)
+                    ) from cause
+                except (
+                    httpx.HTTPError,
+                    httpx.StreamError,
+                    Truncated,
+                    ProtocolViolation,
+                    ServerErrorEvent,
+                ) as exc:
                     detail = exc.body.message if isinstance(exc, ServerErrorEvent) else str(exc)
                     raise StreamInterruptedError(
                         f"stream interrupted after output had started: {detail or exc!r}",
-                        text="".join(received)) from exc
+                        text="".join(received),
+                    ) from exc
         finally:
             await reader.aclose()
 

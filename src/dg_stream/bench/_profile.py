@@ -86,9 +86,9 @@ def _breakdown(backend: Any, request: GenerationRequest) -> tuple[dict[str, floa
             prefilling[0] = False
 
     forward = verifier.forward
-    verifier.forward = lambda *a, **k: forward(*a, **k) if prefilling[0] else timed(
-        "verification", forward
-    )(*a, **k)
+    verifier.forward = lambda *a, **k: (
+        forward(*a, **k) if prefilling[0] else timed("verification", forward)(*a, **k)
+    )
     core._prefill = timed_prefill
     core._propose = timed("drafting", core._propose)
     core._judge = timed("acceptance", core._judge)

@@ -22,7 +22,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError(
         f"the server needs the 'server' extra: pip install 'dg-stream[server]' ({exc.name} is "
-        "missing)") from exc
+        "missing)"
+    ) from exc
 
 from .._backends.base import Backend
 from .app import create_app
@@ -30,10 +31,18 @@ from .app import create_app
 __all__ = ["create_app", "serve"]
 
 
-def serve(backend: Backend, host: str = "127.0.0.1", port: int = 8000, *,
-          model_name: str | None = None, max_concurrent: int = 64,
-          keepalive_seconds: float = 15.0, api_key: str | None = None,
-          log_level: str = "info", **uvicorn_options: Any) -> None:
+def serve(
+    backend: Backend,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    model_name: str | None = None,
+    max_concurrent: int = 64,
+    keepalive_seconds: float = 15.0,
+    api_key: str | None = None,
+    log_level: str = "info",
+    **uvicorn_options: Any,
+) -> None:
     """Serve ``backend`` over HTTP until interrupted (Ctrl-C or SIGTERM); blocks.
 
     ``host``/``port``: where to listen (``port=0`` picks a free port). ``model_name``: the
@@ -46,8 +55,14 @@ def serve(backend: Backend, host: str = "127.0.0.1", port: int = 8000, *,
     """
     import uvicorn
 
-    app = create_app(backend, model_name=model_name, max_concurrent=max_concurrent,
-                     keepalive_seconds=keepalive_seconds, api_key=api_key, close_backend=True)
+    app = create_app(
+        backend,
+        model_name=model_name,
+        max_concurrent=max_concurrent,
+        keepalive_seconds=keepalive_seconds,
+        api_key=api_key,
+        close_backend=True,
+    )
     options: dict[str, Any] = {"timeout_graceful_shutdown": 10, **uvicorn_options}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **options)
     uvicorn.Server(config).run()

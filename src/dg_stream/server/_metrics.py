@@ -61,8 +61,9 @@ class Metrics:
             self.rounds += 1.0 / max(1, step.rows)
             self.last_rows = step.rows
         # Count committed tokens as they stream: a disconnected client's tokens were still made.
-        self.completion_tokens += len(chunk.token_ids) if chunk.token_ids else (
-            step.committed if step is not None else 0)
+        self.completion_tokens += (
+            len(chunk.token_ids) if chunk.token_ids else (step.committed if step is not None else 0)
+        )
         if chunk.usage is not None:
             self.prompt_tokens += chunk.usage.prompt_tokens
 
@@ -75,55 +76,111 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
 
-        def metric(name: str, kind: str, help_text: str,
-                   samples: list[tuple[tuple[tuple[str, str], ...], float]]) -> None:
+        def metric(
+            name: str,
+            kind: str,
+            help_text: str,
+            samples: list[tuple[tuple[tuple[str, str], ...], float]],
+        ) -> None:
             lines.append(f"# HELP {name} {help_text}")
             lines.append(f"# TYPE {name} {kind}")
             for labels, value in samples:
                 number = repr(float(value)) if isinstance(value, float) else str(value)
                 lines.append(f"{name}{_labels(labels)} {number}")
 
-        metric("dg_stream_http_requests_total", "counter", "HTTP requests by endpoint and status.",
-               sorted(self.requests.items()))
-        metric("dg_stream_generations_total", "counter",
-               "Generations by endpoint and outcome (stop, length, cancelled, error, "
-               "rejected: refused before any output, disconnected).",
-               sorted(self.generations.items()))
-        metric("dg_stream_generations_active", "gauge", "Generations running now.",
-               [((), self.active)])
-        metric("dg_stream_generations_max", "gauge", "The bound on concurrent generations.",
-               [((), self.max_concurrent)])
-        metric("dg_stream_rejected_overload_total", "counter",
-               "Requests refused because the server was at capacity.",
-               [((), self.rejected_overload)])
-        metric("dg_stream_client_disconnects_total", "counter",
-               "Generations stopped because the client went away.", [((), self.disconnects)])
-        metric("dg_stream_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
-               [((), self.prompt_tokens)])
-        metric("dg_stream_completion_tokens_total", "counter", "Tokens generated.",
-               [((), self.completion_tokens)])
-        metric("dg_stream_verifier_calls_total", "counter",
-               "Verifier steps, counted per generation (a batched round counts once per row).",
-               [((), self.steps.verifier_calls)])
+        metric(
+            "dg_stream_http_requests_total",
+            "counter",
+            "HTTP requests by endpoint and status.",
+            sorted(self.requests.items()),
+        )
+        metric(
+            "dg_stream_generations_total",
+            "counter",
+            "Generations by endpoint and outcome (stop, length, cancelled, error, "
+            "rejected: refused before any output, disconnected).",
+            sorted(self.generations.items()),
+        )
+        metric(
+            "dg_stream_generations_active", "gauge", "Generations running now.", [((), self.active)]
+        )
+        metric(
+            "dg_stream_generations_max",
+            "gauge",
+            "The bound on concurrent generations.",
+            [((), self.max_concurrent)],
+        )
+        metric(
+            "dg_stream_rejected_overload_total",
+            "counter",
+            "Requests refused because the server was at capacity.",
+            [((), self.rejected_overload)],
+        )
+        metric(
+            "dg_stream_client_disconnects_total",
+            "counter",
+            "Generations stopped because the client went away.",
+            [((), self.disconnects)],
+        )
+        metric(
+            "dg_stream_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of finished generations.",
+            [((), self.prompt_tokens)],
+        )
+        metric(
+            "dg_stream_completion_tokens_total",
+            "counter",
+            "Tokens generated.",
+            [((), self.completion_tokens)],
+        )
+        metric(
+            "dg_stream_verifier_calls_total",
+            "counter",
+            "Verifier steps, counted per generation (a batched round counts once per row).",
+            [((), self.steps.verifier_calls)],
+        )
         rounds = round(self.rounds)
-        metric("dg_stream_rounds_total", "counter",
-               "Verifier forward passes (rounds), each shared by the generations batched in it.",
-               [((), rounds)])
-        metric("dg_stream_rows_per_round", "gauge",
-               "Generations per verifier forward pass, averaged since start.",
-               [((), self.steps.verifier_calls / self.rounds if self.rounds else 0.0)])
-        metric("dg_stream_rows_last_round", "gauge",
-               "Generations that shared the latest verifier forward pass.",
-               [((), self.last_rows)])
-        metric("dg_stream_drafted_tokens_total", "counter", "Draft tokens proposed.",
-               [((), self.steps.drafted_tokens)])
-        metric("dg_stream_accepted_tokens_total", "counter", "Draft tokens accepted.",
-               [((), self.steps.accepted_tokens)])
-        metric("dg_stream_mean_accepted_per_call", "gauge",
-               "Accepted draft tokens per verifier call since start.",
-               [((), self.steps.mean_accepted)])
-        lines.append("# HELP dg_stream_time_to_first_chunk_seconds "
-                     "From the start of a generation to its first chunk.")
+        metric(
+            "dg_stream_rounds_total",
+            "counter",
+            "Verifier forward passes (rounds), each shared by the generations batched in it.",
+            [((), rounds)],
+        )
+        metric(
+            "dg_stream_rows_per_round",
+            "gauge",
+            "Generations per verifier forward pass, averaged since start.",
+            [((), self.steps.verifier_calls / self.rounds if self.rounds else 0.0)],
+        )
+        metric(
+            "dg_stream_rows_last_round",
+            "gauge",
+            "Generations that shared the latest verifier forward pass.",
+            [((), self.last_rows)],
+        )
+        metric(
+            "dg_stream_drafted_tokens_total",
+            "counter",
+            "Draft tokens proposed.",
+            [((), self.steps.drafted_tokens)],
+        )
+        metric(
+            "dg_stream_accepted_tokens_total",
+            "counter",
+            "Draft tokens accepted.",
+            [((), self.steps.accepted_tokens)],
+        )
+        metric(
+            "dg_stream_mean_accepted_per_call",
+            "gauge",
+            "Accepted draft tokens per verifier call since start.",
+            [((), self.steps.mean_accepted)],
+        )
+        lines.append(
+            "# HELP dg_stream_time_to_first_chunk_seconds "
+            "From the start of a generation to its first chunk."
+        )
         lines.append("# TYPE dg_stream_time_to_first_chunk_seconds histogram")
         cumulative = 0
         name = "dg_stream_time_to_first_chunk_seconds_bucket"

@@ -71,8 +71,12 @@ def sse(data: bytes, event: str | None = None) -> bytes:
 
 
 def error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response:
-    return Response(encode(ErrorResponse(error=body)), status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        encode(ErrorResponse(error=body)),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def renamed_message(message: str, param: str | None, renamed: str | None) -> str:
@@ -83,29 +87,61 @@ def renamed_message(message: str, param: str | None, renamed: str | None) -> str
     return re.sub(rf"\b{re.escape(param)}\b", renamed, message)
 
 
-def error_body_for(exc: BaseException, *, rename: Callable[[str | None], str | None] = lambda p: p,
-                   retry_after: int = 1) -> tuple[int, ErrorBody, dict[str, str] | None]:
+def error_body_for(
+    exc: BaseException,
+    *,
+    rename: Callable[[str | None], str | None] = lambda p: p,
+    retry_after: int = 1,
+) -> tuple[int, ErrorBody, dict[str, str] | None]:
     """(status, body, headers) for an exception raised by a backend."""
     if isinstance(exc, InvalidRequestError):
         code = exc.code or "invalid_value"
         param = rename(exc.param)
-        return 400, ErrorBody(message=renamed_message(exc.message, exc.param, param),
-                              type="invalid_request_error", param=param, code=code), None
+        return (
+            400,
+            ErrorBody(
+                message=renamed_message(exc.message, exc.param, param),
+                type="invalid_request_error",
+                param=param,
+                code=code,
+            ),
+            None,
+        )
     if _is_template_error(exc):
-        return 400, ErrorBody(message=f"the chat template rejected the messages: {exc}",
-                              type="invalid_request_error", param="messages",
-                              code="invalid_messages"), None
+        return (
+            400,
+            ErrorBody(
+                message=f"the chat template rejected the messages: {exc}",
+                type="invalid_request_error",
+                param="messages",
+                code="invalid_messages",
+            ),
+            None,
+        )
     if isinstance(exc, OverloadedError):  # a proxied server is full: pass its advice on
         seconds = int(exc.retry_after) if exc.retry_after is not None else retry_after
-        return 503, ErrorBody(message=str(exc), type="overloaded_error",
-                              code="upstream_overloaded"), {"retry-after": str(max(1, seconds))}
+        return (
+            503,
+            ErrorBody(message=str(exc), type="overloaded_error", code="upstream_overloaded"),
+            {"retry-after": str(max(1, seconds))},
+        )
     if isinstance(exc, APIStatusError):
-        return 502, ErrorBody(message=str(exc), type="upstream_error",
-                              code=f"upstream_{exc.status_code}"), None
+        return (
+            502,
+            ErrorBody(message=str(exc), type="upstream_error", code=f"upstream_{exc.status_code}"),
+            None,
+        )
     if isinstance(exc, DGStreamError):
         return 500, ErrorBody(message=str(exc), type="server_error", code="generation_failed"), None
-    return 500, ErrorBody(message="internal error while generating (see the server log)",
-                          type="server_error", code="internal_error"), None
+    return (
+        500,
+        ErrorBody(
+            message="internal error while generating (see the server log)",
+            type="server_error",
+            code="internal_error",
+        ),
+        None,
+    )
 
 
 def _is_template_error(exc: BaseException) -> bool:
@@ -129,13 +165,19 @@ class Renderer(Protocol):
 def _usage(usage: Usage | None) -> UsageBody | None:
     if usage is None:
         return None
-    return UsageBody(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                     total_tokens=usage.total_tokens)
+    return UsageBody(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
 
 
 def _openai_finish(chunk: Chunk) -> str | None:
-    return None if chunk.finish_reason is None else (
-        "length" if chunk.finish_reason == "length" else "stop")
+    return (
+        None
+        if chunk.finish_reason is None
+        else ("length" if chunk.finish_reason == "length" else "stop")
+    )
 
 
 class NativeRenderer:
@@ -179,24 +221,48 @@ class CompletionRenderer(_OpenAIRenderer):
         finish = _openai_finish(chunk)
         if not chunk.text and finish is None:
             return []
-        return [sse(encode(CompletionResponse(
-            id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(text=chunk.text, finish_reason=finish)])))]
+        return [
+            sse(
+                encode(
+                    CompletionResponse(
+                        id=self.id,
+                        created=self.created,
+                        model=self.model,
+                        choices=[CompletionChoice(text=chunk.text, finish_reason=finish)],
+                    )
+                )
+            )
+        ]
 
     def end(self) -> list[bytes]:
         out = []
         if self.include_usage:
-            out.append(sse(encode(CompletionResponse(
-                id=self.id, created=self.created, model=self.model, choices=[],
-                usage=_usage(self.usage)))))
+            out.append(
+                sse(
+                    encode(
+                        CompletionResponse(
+                            id=self.id,
+                            created=self.created,
+                            model=self.model,
+                            choices=[],
+                            usage=_usage(self.usage),
+                        )
+                    )
+                )
+            )
         return [*out, DONE]
 
     def whole(self, text: str, chunks: list[Chunk]) -> bytes:
         finish = _openai_finish(chunks[-1]) if chunks else "stop"
-        return encode(CompletionResponse(
-            id=self.id, created=self.created, model=self.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
-            usage=self._final_usage(chunks)))
+        return encode(
+            CompletionResponse(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[CompletionChoice(text=text, finish_reason=finish)],
+                usage=self._final_usage(chunks),
+            )
+        )
 
 
 class ChatRenderer(_OpenAIRenderer):
@@ -207,9 +273,16 @@ class ChatRenderer(_OpenAIRenderer):
         self.started = False
 
     def _frame(self, delta: ChatDelta, finish: str | None = None) -> bytes:
-        return sse(encode(ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])))
+        return sse(
+            encode(
+                ChatCompletionChunk(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+                )
+            )
+        )
 
     def chunk(self, chunk: Chunk) -> list[bytes]:
         if chunk.usage is not None:
@@ -228,17 +301,32 @@ class ChatRenderer(_OpenAIRenderer):
     def end(self) -> list[bytes]:
         out = []
         if self.include_usage:
-            out.append(sse(encode(ChatCompletionChunk(
-                id=self.id, created=self.created, model=self.model, choices=[],
-                usage=_usage(self.usage)))))
+            out.append(
+                sse(
+                    encode(
+                        ChatCompletionChunk(
+                            id=self.id,
+                            created=self.created,
+                            model=self.model,
+                            choices=[],
+                            usage=_usage(self.usage),
+                        )
+                    )
+                )
+            )
         return [*out, DONE]
 
     def whole(self, text: str, chunks: list[Chunk]) -> bytes:
         finish = _openai_finish(chunks[-1]) if chunks else "stop"
-        return encode(ChatCompletion(
-            id=self.id, created=self.created, model=self.model,
-            choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)],
-            usage=self._final_usage(chunks)))
+        return encode(
+            ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)],
+                usage=self._final_usage(chunks),
+            )
+        )
 
 
 # -- the response ---------------------------------------------------------------------------------
@@ -246,8 +334,9 @@ class ChatRenderer(_OpenAIRenderer):
 _Item = Chunk | BaseException
 
 
-async def send_plain(send: Send, status: int, body: bytes,
-                     headers: dict[str, str] | None = None) -> None:
+async def send_plain(
+    send: Send, status: int, body: bytes, headers: dict[str, str] | None = None
+) -> None:
     """A complete JSON response, written straight to the ASGI ``send``."""
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -258,10 +347,18 @@ async def send_plain(send: Send, status: int, body: bytes,
 class GenerationResponse:
     """An ASGI response running one generation; ``release`` is called exactly once at its end."""
 
-    def __init__(self, source: AsyncIterator[Chunk], renderer: Renderer, *, stream: bool,
-                 endpoint: str, metrics: Metrics, keepalive_seconds: float,
-                 release: Callable[[], None],
-                 rename: Callable[[str | None], str | None] = lambda p: p) -> None:
+    def __init__(
+        self,
+        source: AsyncIterator[Chunk],
+        renderer: Renderer,
+        *,
+        stream: bool,
+        endpoint: str,
+        metrics: Metrics,
+        keepalive_seconds: float,
+        release: Callable[[], None],
+        rename: Callable[[str | None], str | None] = lambda p: p,
+    ) -> None:
         self.source = source
         self.renderer = renderer
         self.stream = stream
@@ -342,8 +439,9 @@ class GenerationResponse:
 
     # -- writing ------------------------------------------------------------------------------
 
-    async def _first(self, items: MemoryObjectReceiveStream[_Item],
-                     timeout: float | None) -> _Item | None:
+    async def _first(
+        self, items: MemoryObjectReceiveStream[_Item], timeout: float | None
+    ) -> _Item | None:
         """The next item; ``None`` on timeout. EndOfStream becomes a GenerationError."""
         with anyio.move_on_after(timeout):
             try:
@@ -365,8 +463,13 @@ class GenerationResponse:
         if isinstance(item, BaseException):
             await self._send_error_response(send, item)
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()],
+            }
+        )
         while True:
             if item is None:
                 frames = [KEEPALIVE]
@@ -382,10 +485,12 @@ class GenerationResponse:
                     self.outcome = item.finish_reason
                     frames += self.renderer.end()
             if frames:
-                await send({"type": "http.response.body", "body": b"".join(frames),
-                            "more_body": True})
-            if isinstance(item, BaseException) or (isinstance(item, Chunk)
-                                                   and item.finish_reason is not None):
+                await send(
+                    {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+                )
+            if isinstance(item, BaseException) or (
+                isinstance(item, Chunk) and item.finish_reason is not None
+            ):
                 break
             item = await self._first(items, self.keepalive_seconds)
         self.finished = True

@@ -67,9 +67,16 @@ T = TypeVar("T")
 class RequestRejected(Exception):
     """Raised by handlers; becomes an error response with the given status."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = ErrorBody(message=message, type=type, param=param, code=code)
@@ -88,10 +95,11 @@ def _validation_rejection(exc: msgspec.ValidationError) -> RequestRejected:
     cause = exc.__cause__
     if isinstance(cause, InvalidRequestError):  # raised by a Struct's __post_init__
         param = ".".join(p for p in (path, cause.param or "") if p) or None
-        return RequestRejected(400, cause.message, param=param,
-                               code=cause.code or "invalid_value")
-    for marker, code in (("unknown field `", "unknown_field"),
-                         ("missing required field `", "missing_field")):
+        return RequestRejected(400, cause.message, param=param, code=cause.code or "invalid_value")
+    for marker, code in (
+        ("unknown field `", "unknown_field"),
+        ("missing required field `", "missing_field"),
+    ):
         if marker in message:
             field = message.split(marker, 1)[1].split("`", 1)[0]
             param = f"{path}.{field}" if path else field
@@ -123,9 +131,18 @@ def public_model_name(backend: Backend) -> str:
 class _Server:
     """State and handlers of one app."""
 
-    def __init__(self, backend: Backend, *, model_name: str | None, max_concurrent: int,
-                 keepalive_seconds: float, retry_after_seconds: int, api_key: str | None,
-                 default_max_tokens: int, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        model_name: str | None,
+        max_concurrent: int,
+        keepalive_seconds: float,
+        retry_after_seconds: int,
+        api_key: str | None,
+        default_max_tokens: int,
+        max_body_bytes: int,
+    ) -> None:
         self.backend = backend
         self.model_name = model_name or public_model_name(backend)
         self.max_concurrent = max_concurrent
@@ -151,10 +168,15 @@ class _Server:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 self.api_key.encode()):
-            raise RequestRejected(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                  type="authentication_error", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            raise RequestRejected(
+                401,
+                "missing or invalid API key (Authorization: Bearer ...)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def _decode(self, request: Request, kind: type[T]) -> T:
         self._authorize(request)
@@ -162,46 +184,71 @@ class _Server:
         async for part in request.stream():
             body += part
             if len(body) > self.max_body_bytes:
-                raise RequestRejected(413, f"the request body exceeds {self.max_body_bytes} bytes",
-                                      code="request_too_large")
+                raise RequestRejected(
+                    413,
+                    f"the request body exceeds {self.max_body_bytes} bytes",
+                    code="request_too_large",
+                )
         try:
             return msgspec.json.decode(bytes(body), type=kind)
         except msgspec.ValidationError as exc:
             raise _validation_rejection(exc) from None
         except msgspec.DecodeError as exc:
-            raise RequestRejected(400, f"the body is not valid JSON: {exc}",
-                                  code="invalid_json") from None
+            raise RequestRejected(
+                400, f"the body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise RequestRejected(404, f"model {model!r} is not served here; this server serves "
-                                  f"{self.model_name!r}", param="model", code="model_not_found")
+            raise RequestRejected(
+                404,
+                f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def _acquire(self) -> None:
         # A bound, not a queue: past it the client is told to come back later.
         if self.slots >= self.max_concurrent:
             self.metrics.rejected_overload += 1
             raise RequestRejected(
-                503, f"the server is at capacity ({self.max_concurrent} concurrent generations); "
-                "retry later", type="overloaded_error", code="overloaded",
-                headers={"retry-after": str(self.retry_after_seconds)})
+                503,
+                f"the server is at capacity ({self.max_concurrent} concurrent generations); "
+                "retry later",
+                type="overloaded_error",
+                code="overloaded",
+                headers={"retry-after": str(self.retry_after_seconds)},
+            )
         self.slots += 1
 
     def _release(self) -> None:
         self.slots -= 1
 
-    def _generation(self, endpoint: str, request: GenerationRequest, renderer: Renderer, *,
-                    stream: bool, rename: Callable[[str | None], str | None] = lambda p: p,
-                    ) -> GenerationResponse:
+    def _generation(
+        self,
+        endpoint: str,
+        request: GenerationRequest,
+        renderer: Renderer,
+        *,
+        stream: bool,
+        rename: Callable[[str | None], str | None] = lambda p: p,
+    ) -> GenerationResponse:
         self._acquire()
         try:
             source = self.backend.stream(request)
         except BaseException:
             self._release()
             raise
-        return GenerationResponse(source, renderer, stream=stream, endpoint=endpoint,
-                                  metrics=self.metrics, keepalive_seconds=self.keepalive_seconds,
-                                  release=self._release, rename=rename)
+        return GenerationResponse(
+            source,
+            renderer,
+            stream=stream,
+            endpoint=endpoint,
+            metrics=self.metrics,
+            keepalive_seconds=self.keepalive_seconds,
+            release=self._release,
+            rename=rename,
+        )
 
     def _prompt_room(self, request: GenerationRequest) -> int | None:
         """Tokens left in the context after the prompt, when the backend can tell."""
@@ -212,17 +259,25 @@ class _Server:
             # Only counting here: the backend checks token ids against its vocabulary.
             ids = encode_prompt(tokenizer, request, vocab_size=1 << 62)
         except InvalidRequestError as exc:
-            raise RequestRejected(400, exc.message, param=exc.param,
-                                  code=exc.code or "invalid_value") from None
+            raise RequestRejected(
+                400, exc.message, param=exc.param, code=exc.code or "invalid_value"
+            ) from None
         except Exception:  # e.g. a template error: reported when the generation starts
             return None
         return limit - len(ids)
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
-    def _common(self, body: Any, *, max_tokens: int | None, max_tokens_name: str,
-                prompt: str | list[int] | None, messages: list[Message] | None,
-                extra_stop: tuple[str, ...] = ()) -> GenerationRequest:
+    def _common(
+        self,
+        body: Any,
+        *,
+        max_tokens: int | None,
+        max_tokens_name: str,
+        prompt: str | list[int] | None,
+        messages: list[Message] | None,
+        extra_stop: tuple[str, ...] = (),
+    ) -> GenerationRequest:
         """Validate shared OpenAI fields and build the request (raises RequestRejected)."""
         if body.n not in (None, 1):
             raise _unsupported("n", "n > 1 is not supported; send separate requests")
@@ -231,33 +286,47 @@ class _Server:
                 raise _unsupported(name, f"{name} is not supported (use repetition_penalty)")
         if body.logit_bias:
             raise _unsupported("logit_bias", "logit_bias is not supported")
-        stop: tuple[str, ...] = ((body.stop,) if isinstance(body.stop, str)
-                                 else tuple(body.stop or ()))
+        stop: tuple[str, ...] = (
+            (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        )
         renames = {"max_new_tokens": max_tokens_name}
         try:
             sampling = SamplingParams(
                 temperature=1.0 if body.temperature is None else body.temperature,
-                top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                seed=body.seed)
+                top_k=body.top_k,
+                top_p=body.top_p,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
+            )
             request = GenerationRequest(
-                prompt=prompt, messages=messages,
+                prompt=prompt,
+                messages=messages,
                 max_new_tokens=max_tokens if max_tokens is not None else 1,
-                sampling=sampling, speculative=body.speculative or SpeculativeConfig(),
-                stop=stop + tuple(s for s in extra_stop if s not in stop))
+                sampling=sampling,
+                speculative=body.speculative or SpeculativeConfig(),
+                stop=stop + tuple(s for s in extra_stop if s not in stop),
+            )
             if max_tokens is None:  # OpenAI's defaults: 16 for completions, "what fits" for chat
                 room = self._prompt_room(request)
                 default = 16 if messages is None else self.default_max_tokens
                 if room is not None and room < 1:
                     raise RequestRejected(
-                        400, f"the prompt fills the model's context of {self.max_context} tokens",
+                        400,
+                        f"the prompt fills the model's context of {self.max_context} tokens",
                         param="messages" if messages is not None else "prompt",
-                        code="context_length_exceeded")
+                        code="context_length_exceeded",
+                    )
                 request = msgspec.structs.replace(
-                    request, max_new_tokens=default if room is None else min(default, room))
+                    request, max_new_tokens=default if room is None else min(default, room)
+                )
         except InvalidRequestError as exc:
             param = renames.get(exc.param or "", exc.param)
-            raise RequestRejected(400, renamed_message(exc.message, exc.param, param),
-                                  param=param, code=exc.code or "invalid_value") from None
+            raise RequestRejected(
+                400,
+                renamed_message(exc.message, exc.param, param),
+                param=param,
+                code=exc.code or "invalid_value",
+            ) from None
         return request
 
     async def completions(self, http: Request) -> Any:
@@ -272,12 +341,23 @@ class _Server:
         if body.suffix:
             raise _unsupported("suffix", "suffix (fill-in-the-middle) is not supported")
         prompt = _completion_prompt(body.prompt)
-        request = self._common(body, max_tokens=body.max_tokens, max_tokens_name="max_tokens",
-                               prompt=prompt, messages=None)
-        renderer = CompletionRenderer(id=f"cmpl-{uuid.uuid4().hex}", model=self.model_name,
-                                      include_usage=_include_usage(body))
-        return self._generation("completions", request, renderer, stream=body.stream,
-                                rename=lambda p: "max_tokens" if p == "max_new_tokens" else p)
+        request = self._common(
+            body,
+            max_tokens=body.max_tokens,
+            max_tokens_name="max_tokens",
+            prompt=prompt,
+            messages=None,
+        )
+        renderer = CompletionRenderer(
+            id=f"cmpl-{uuid.uuid4().hex}", model=self.model_name, include_usage=_include_usage(body)
+        )
+        return self._generation(
+            "completions",
+            request,
+            renderer,
+            stream=body.stream,
+            rename=lambda p: "max_tokens" if p == "max_new_tokens" else p,
+        )
 
     async def chat_completions(self, http: Request) -> Any:
         body = await self._decode(http, ChatCompletionRequest)
@@ -289,11 +369,13 @@ class _Server:
         if body.tool_choice not in (None, "none"):
             raise _unsupported("tool_choice", "tool calling is not supported")
         if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _unsupported("response_format", "only response_format {'type': 'text'} is "
-                               "supported")
+            raise _unsupported(
+                "response_format", "only response_format {'type': 'text'} is supported"
+            )
         if not body.messages:
-            raise RequestRejected(400, "messages must not be empty", param="messages",
-                                  code="invalid_value")
+            raise RequestRejected(
+                400, "messages must not be empty", param="messages", code="invalid_value"
+            )
         messages = []
         for i, message in enumerate(body.messages):
             content = message.content
@@ -301,24 +383,42 @@ class _Server:
                 texts = []
                 for part in content:
                     if part.type != "text" or part.text is None:
-                        raise _unsupported(f"messages[{i}].content",
-                                           f"content parts of type {part.type!r} are not "
-                                           "supported (text only)")
+                        raise _unsupported(
+                            f"messages[{i}].content",
+                            f"content parts of type {part.type!r} are not supported (text only)",
+                        )
                     texts.append(part.text)
                 content = "".join(texts)
             role = "system" if message.role == "developer" else message.role
             messages.append(Message(role=role, content=content or ""))
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
             else body.max_tokens
+        )
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         # Without a chat template, stop before the model writes the next user turn itself.
         stops = plain_chat_stops(self.backend.tokenizer)
-        request = self._common(body, max_tokens=max_tokens, max_tokens_name=name, prompt=None,
-                               messages=messages, extra_stop=stops)
-        renderer = ChatRenderer(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.model_name,
-                                include_usage=_include_usage(body))
-        return self._generation("chat", request, renderer, stream=body.stream,
-                                rename=lambda p: name if p == "max_new_tokens" else p)
+        request = self._common(
+            body,
+            max_tokens=max_tokens,
+            max_tokens_name=name,
+            prompt=None,
+            messages=messages,
+            extra_stop=stops,
+        )
+        renderer = ChatRenderer(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=self.model_name,
+            include_usage=_include_usage(body),
+        )
+        return self._generation(
+            "chat",
+            request,
+            renderer,
+            stream=body.stream,
+            rename=lambda p: name if p == "max_new_tokens" else p,
+        )
 
     async def models(self, http: Request) -> Response:
         self._authorize(http)
@@ -340,20 +440,28 @@ class _Server:
 
     async def dg_info(self, http: Request) -> Response:
         self._authorize(http)
-        return _json(ServerInfo(dg_stream=__version__, model=self.model_name,
-                                max_context=self.max_context))
+        return _json(
+            ServerInfo(dg_stream=__version__, model=self.model_name, max_context=self.max_context)
+        )
 
     # -- operations -----------------------------------------------------------------------------
 
     async def health(self, http: Request) -> Response:
-        return JSONResponse({
-            "status": "ok", "model": self.model_name, "version": __version__,
-            "active_generations": self.slots, "max_concurrent": self.max_concurrent,
-            "uptime_seconds": round(time.monotonic() - self.started, 3)})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.model_name,
+                "version": __version__,
+                "active_generations": self.slots,
+                "max_concurrent": self.max_concurrent,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+            }
+        )
 
     async def metrics_endpoint(self, http: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def favicon(self, http: Request) -> Response:
         # Browsers ask for it on every page; an empty answer keeps their consoles free of 404s.
@@ -363,10 +471,21 @@ class _Server:
         page = STATIC_DIR / "index.html"
         if page.is_file():
             return FileResponse(page, media_type="text/html")
-        return JSONResponse({"name": "dg-stream", "version": __version__, "model": self.model_name,
-                             "endpoints": ["/v1/completions", "/v1/chat/completions",
-                                           "/v1/models", "/v1/dg/generate", "/health",
-                                           "/metrics"]})
+        return JSONResponse(
+            {
+                "name": "dg-stream",
+                "version": __version__,
+                "model": self.model_name,
+                "endpoints": [
+                    "/v1/completions",
+                    "/v1/chat/completions",
+                    "/v1/models",
+                    "/v1/dg/generate",
+                    "/health",
+                    "/metrics",
+                ],
+            }
+        )
 
 
 def _json(value: Any) -> Response:
@@ -389,21 +508,36 @@ def _completion_prompt(prompt: str | list[Any]) -> str | list[int]:
         raise RequestRejected(400, "the prompt is empty", param="prompt", code="invalid_value")
     if all(type(t) is int for t in prompt):
         if any(t < 0 for t in prompt):
-            raise RequestRejected(400, "token ids must be >= 0", param="prompt",
-                                  code="invalid_value")
+            raise RequestRejected(
+                400, "token ids must be >= 0", param="prompt", code="invalid_value"
+            )
         return list(prompt)
     if all(isinstance(p, (str, list)) for p in prompt):
         raise _unsupported("prompt", "batched prompts are not supported; send one per request")
-    raise RequestRejected(400, "prompt must be a string, a list of token ids, or a one-element "
-                          "list of either", param="prompt", code="invalid_type")
+    raise RequestRejected(
+        400,
+        "prompt must be a string, a list of token ids, or a one-element list of either",
+        param="prompt",
+        code="invalid_type",
+    )
 
 
 class _CountRequests:
     """Counts responses by route and status (pure ASGI: ``receive`` passes through untouched,
     which the disconnect watcher of streaming responses depends on)."""
 
-    _KNOWN = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models",
-                        "/v1/dg/generate", "/v1/dg/info", "/health", "/metrics", "/"})
+    _KNOWN = frozenset(
+        {
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v1/dg/generate",
+            "/v1/dg/info",
+            "/health",
+            "/metrics",
+            "/",
+        }
+    )
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -426,14 +560,22 @@ class _CountRequests:
         finally:
             path, root = scope.get("path", ""), scope.get("root_path", "")
             if root and path.startswith(root):  # mounted under a prefix
-                path = path[len(root):] or "/"
+                path = path[len(root) :] or "/"
             self.metrics.request(path if path in self._KNOWN else "other", status)
 
 
-def create_app(backend: Backend, *, model_name: str | None = None, max_concurrent: int = 64,
-               keepalive_seconds: float = 15.0, retry_after_seconds: int = 1,
-               api_key: str | None = None, default_max_tokens: int = 512,
-               max_body_bytes: int = 4 << 20, close_backend: bool = False) -> Starlette:
+def create_app(
+    backend: Backend,
+    *,
+    model_name: str | None = None,
+    max_concurrent: int = 64,
+    keepalive_seconds: float = 15.0,
+    retry_after_seconds: int = 1,
+    api_key: str | None = None,
+    default_max_tokens: int = 512,
+    max_body_bytes: int = 4 << 20,
+    close_backend: bool = False,
+) -> Starlette:
     """An ASGI app serving ``backend``.
 
     ``model_name``: the id in ``/v1/models`` and responses (default: ``public_model_name``:
@@ -449,10 +591,16 @@ def create_app(backend: Backend, *, model_name: str | None = None, max_concurren
         raise ValueError("max_concurrent must be >= 1")
     if keepalive_seconds <= 0:
         raise ValueError("keepalive_seconds must be > 0")
-    server = _Server(backend, model_name=model_name, max_concurrent=max_concurrent,
-                     keepalive_seconds=keepalive_seconds, retry_after_seconds=retry_after_seconds,
-                     api_key=api_key, default_max_tokens=default_max_tokens,
-                     max_body_bytes=max_body_bytes)
+    server = _Server(
+        backend,
+        model_name=model_name,
+        max_concurrent=max_concurrent,
+        keepalive_seconds=keepalive_seconds,
+        retry_after_seconds=retry_after_seconds,
+        api_key=api_key,
+        default_max_tokens=default_max_tokens,
+        max_body_bytes=max_body_bytes,
+    )
     routes: list[Route | Mount] = [
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
@@ -475,23 +623,37 @@ def create_app(backend: Backend, *, model_name: str | None = None, max_concurren
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, ErrorBody(message=str(exc.detail), type=kind,
-                                                         code=f"http_{exc.status_code}"),
-                              dict(exc.headers or {}))
+        return error_response(
+            exc.status_code,
+            ErrorBody(message=str(exc.detail), type=kind, code=f"http_{exc.status_code}"),
+            dict(exc.headers or {}),
+        )
 
     async def crashed(request: Request, exc: Exception) -> Response:
         logger.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, ErrorBody(message="internal server error (see the server log)",
-                                             type="server_error", code="internal_error"))
+        return error_response(
+            500,
+            ErrorBody(
+                message="internal server error (see the server log)",
+                type="server_error",
+                code="internal_error",
+            ),
+        )
 
     async def lifespan(app: Starlette) -> Any:
         yield
         if close_backend:
             await backend.aclose()
 
-    app = Starlette(routes=routes, lifespan=_asynccontextmanager(lifespan),
-                    exception_handlers={RequestRejected: rejected, HTTPException: http_error,
-                                        Exception: crashed})
+    app = Starlette(
+        routes=routes,
+        lifespan=_asynccontextmanager(lifespan),
+        exception_handlers={
+            RequestRejected: rejected,
+            HTTPException: http_error,
+            Exception: crashed,
+        },
+    )
     app.state.server = server
     app.add_middleware(_CountRequests, metrics=server.metrics)
     return app
