@@ -61,6 +61,18 @@ async def collect(backend: LocalBackend, prompt: list[int], new: int, **options:
     return ids, chunks
 
 
+def drain(batch: Any, sessions: list[Any]) -> None:
+    """Run rounds until every session in ``batch`` has finished: what the scheduler does,
+    without the event loop."""
+    owners = {session.state: session for session in sessions}
+    while len(batch):
+        for state, outcome in zip(list(batch.states), batch.run(), strict=True):
+            if outcome is not None:
+                owners[state].emit(outcome)
+        for state in [s for s in batch.states if s.finished]:
+            batch.remove(state)
+
+
 async def together(backend: LocalBackend, jobs: list[tuple[list[int], int, dict[str, Any]]]) -> Any:
     results: dict[int, Any] = {}
 
@@ -491,14 +503,7 @@ def test_each_row_of_a_mixed_batch_follows_the_verifier(soft_verifier: Any) -> N
                 session = engine.session(request)
                 batch.add(session.state)
                 sessions.append(session)
-        owners = {session.state: session for session in sessions}
-        while len(batch):  # what the scheduler does, without the event loop
-            outcomes = batch.run()
-            for state, outcome in zip(list(batch.states), outcomes, strict=False):
-                if outcome is not None:
-                    owners[state].emit(outcome)
-            for state in [s for s in batch.states if s.finished]:
-                batch.remove(state)
+        drain(batch, sessions)
         for i, session in enumerate(sessions):
             ids = session.state.ids.tolist()
             counts[i % len(KINDS)][ids[-1]] += 1
@@ -619,13 +624,7 @@ def test_eager_attention_reads_the_same_masks(greedy_setups: dict[str, Any], tin
     sessions = [engine.session(GenerationRequest(prompt=p, max_new_tokens=24)) for p in PROMPTS]
     for session in sessions:
         batch.add(session.state)
-    owners = {s.state: s for s in sessions}
-    while len(batch):
-        for state, outcome in zip(list(batch.states), batch.run(), strict=True):
-            if outcome is not None:
-                owners[state].emit(outcome)
-        for state in [s for s in batch.states if s.finished]:
-            batch.remove(state)
+    drain(batch, sessions)
     assert [
         s.state.ids[len(p) :].tolist() for s, p in zip(sessions, PROMPTS, strict=False)
     ] == expected
