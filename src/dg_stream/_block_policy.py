@@ -79,11 +79,9 @@ class CostTable:
         """Enough measured to compare block sizes: two verify sizes and one drafter call."""
         return len(self.verify.sizes) >= 2 and steps in self.draft
 
-    def call_seconds(self, block: int, steps: int = 1, rows: int = 1) -> float:
-        """One row's share of a round in which ``rows`` rows each verify ``block + 1``
-        tokens, plus its own drafting."""
+    def call_seconds(self, block: int, steps: int = 1) -> float:
         draft = self.draft[steps](block) if block > 0 and steps in self.draft else 0.0
-        return self.verify(rows * (block + 1)) / rows + draft
+        return self.verify(block + 1) + draft
 
 
 class AcceptanceEstimate:
@@ -174,12 +172,11 @@ class BlockSizePolicy:
         if self.shared is not None:
             self.shared.observe(drafted, accepted)
 
-    def best(self, rows: int = 1) -> int:
-        """The block size with the most expected tokens per second when ``rows`` rows share
-        each verifier call."""
+    def best(self) -> int:
+        """The block size with the most expected tokens per second."""
         tokens = self.acceptance.expected_tokens_upto(self.max_block)
         rates = [
-            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps, rows))
+            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps))
             for k in range(self.max_block + 1)
         ]
         return max(range(len(rates)), key=rates.__getitem__)
@@ -190,11 +187,11 @@ class BlockSizePolicy:
             return None
         return self._warmup.pop(0) if self._warmup else self.requested
 
-    def next_block(self, rows: int = 1) -> int:
+    def next_block(self) -> int:
         warmup = self.warmup_block()
         if warmup is not None:
             return warmup
-        k = self.best(rows)
+        k = self.best()
         if k == 0:
             self._plain_calls += 1
             if self._plain_calls % self.probe_every == 0:
