@@ -227,11 +227,13 @@ def profile_generation(
     sync_s, async_s = statistics.median(sync_times), statistics.median(async_times)
     thread_s = statistics.median(thread_times)
     async_layer = max(0.0, async_s - sync_s)
-    # Shares of the async generation's wall time: engine parts scaled to the synchronous
-    # time, plus the async layer's own cost.
-    engine_total = median["total"] or 1e-12
-    shares = {p: median[p] / engine_total * sync_s / async_s for p in PARTS}
-    shares["async layer"] = async_layer / async_s
+    # Shares of the async generation's wall time: the async layer's own cost, and the rest
+    # split as the engine's parts split (medians of each part, so normalised by their sum;
+    # an async run faster than the synchronous one, by noise, leaves the layer at zero).
+    layer_share = async_layer / async_s
+    parts_total = sum(median[p] for p in PARTS) or 1e-12
+    shares = {p: median[p] / parts_total * (1.0 - layer_share) for p in PARTS}
+    shares["async layer"] = layer_share
     return {
         "config": {
             "block_size": spec.block_size,
