@@ -375,8 +375,9 @@ async def test_rows_per_round_and_tokens_are_bounded(
     assert max(c.step.rows for _, chunks in results for c in chunks) == 2
 
     capped = LocalBackend(model, None, tokenizer=tiny_tok, max_cached_tokens=60)
-    with pytest.raises(InvalidRequestError, match="max_cached_tokens"):
+    with pytest.raises(InvalidRequestError, match="context of 60 tokens"):
         await collect(capped, PROMPTS[2], 24)  # 40 + 24 tokens can never fit
+    assert capped.context_length == 60  # what generate() checks against
     results = await together(capped, [(p, 24, {}) for p in PROMPTS[:2] + PROMPTS[3:]])
     assert [ids for ids, _ in results] == [expected[0], expected[1], expected[3]]
     # 25 + 31 fit together, the third (32) waits for a row to leave.

@@ -105,14 +105,130 @@ def test_one_reply_at_a_time(tiny_backend: Any) -> None:
         reply = chat.send("read")  # replaces the unstarted one
         with pytest.raises(RuntimeError, match="replaced"):
             await unstarted.collect()
-        await reply.__anext__()
-        with pytest.raises(RuntimeError, match="still streaming"):
-            chat.send("too early")
         await reply.collect()
         chat.send("now fine")
 
     anyio.run(main)
     assert [m.content for m in chat.history if m.role == "user"] == ["read"]
+
+
+class Gated:
+    """Forwards to another backend, holding each stream after its first chunk until
+    ``release`` is set; counts the streams whose work was closed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokenizer, self.context_length = inner.tokenizer, inner.context_length
+        self.model_name = inner.model_name
+        self.release: Any = None  # an anyio.Event, made on the test's loop
+        self.closed = 0
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        source = self.inner.stream(request)
+        try:
+            first = True
+            async for chunk in source:
+                yield chunk
+                if first:
+                    first = False
+                    await self.release.wait()
+        finally:
+            await source.aclose()
+            self.closed += 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("leave", ["break", "pause"])
+def test_a_reply_left_early_is_closed_by_the_next_send(tiny_backend: Any, leave: str) -> None:
+    """Leaving early is a feature: the next send() closes the reply left behind (its partial
+    text dropped from the history) and goes on."""
+    backend = Gated(tiny_backend)
+    chat = ChatSession(backend, max_new_tokens=8)
+
+    async def main() -> None:
+        backend.release = anyio.Event()
+        backend.release.set()
+        await chat.ask("first")
+        backend.closed, backend.release = 0, anyio.Event()
+        left = chat.send("left early")
+        if leave == "break":
+            async for _ in left:
+                break
+        else:
+            await left.__anext__()
+        backend.release.set()
+        assert not left.closed
+        answer = await chat.ask("next")  # no RuntimeError
+        assert left.closed and not left.committed
+        assert backend.closed == 2  # the left reply's work was closed, then the next's ended
+        with pytest.raises(RuntimeError, match="replaced"):
+            await left.__anext__()
+        assert chat.history[-1] == Message("assistant", answer.strip())
+
+    anyio.run(main)
+    assert [m.content for m in chat.history if m.role == "user"] == ["first", "next"]
+
+
+def test_send_while_another_task_reads_the_reply_is_refused(tiny_backend: Any) -> None:
+    backend = Gated(tiny_backend)
+    chat = ChatSession(backend, max_new_tokens=8)
+
+    async def main() -> None:
+        backend.release = anyio.Event()
+        reply = chat.send("one")
+        await reply.__anext__()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reply.collect)  # waits in the gated backend
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(RuntimeError, match="another task"):
+                chat.send("two")
+            backend.release.set()
+        assert reply.committed
+
+    anyio.run(main)
+    assert [m.content for m in chat.history if m.role == "user"] == ["one"]
+
+
+@pytest.mark.parametrize(
+    ("make", "param", "message"),
+    [
+        (lambda chat: chat.send(123), "content", "the message must be a string, got int"),
+        (lambda chat: chat.send(["hi"]), "content", "must be a string, got list"),
+        (lambda chat: chat.send("  "), "content", "the message is empty"),
+        (lambda chat: chat.send("hi", max_new_tokens="abc"), "max_new_tokens", "'abc'"),
+        (lambda chat: chat.send("hi", max_new_tokens=10.7), "max_new_tokens", "10.7"),
+        (lambda chat: chat.send("hi", temperature=-1), "temperature", ">= 0"),
+        (lambda chat: chat.send("hi", blocksize=4), "blocksize", "unknown option"),
+        (lambda chat: ChatSession(chat.backend, max_new_tokens="abc"), "max_new_tokens", "'abc'"),
+        (lambda chat: ChatSession(chat.backend, max_new_tokens=10.7), "max_new_tokens", "10.7"),
+        (lambda chat: ChatSession(chat.backend, max_new_tokens=0), "max_new_tokens", ">= 1"),
+        (lambda chat: ChatSession(chat.backend, top_p=2.0), "top_p", r"\(0, 1\]"),
+        (lambda chat: ChatSession(chat.backend, stop=5), "stop", "stop must be"),
+        (lambda chat: ChatSession(chat.backend, system=3), "system", "must be a string"),
+        (lambda chat: ChatSession(chat.backend, max_context_tokens=0), "max_context_tokens", ">="),
+    ],
+)
+def test_chat_validates_as_generate_does(
+    tiny_backend: Any, make: Any, param: str, message: str
+) -> None:
+    chat = ChatSession(tiny_backend, max_new_tokens=4)
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        make(chat)
+    assert info.value.param == param
+    assert chat.history == ()
+
+
+def test_chat_and_generate_refuse_max_new_tokens_alike(tiny_backend: Any) -> None:
+    chat = ChatSession(tiny_backend)
+    values: list[Any] = [10.7, 10.5, "abc", 0, True]
+    for value in values:
+        with pytest.raises(InvalidRequestError) as direct:
+            dg_stream.generate("hi", backend=tiny_backend, max_new_tokens=value)
+        with pytest.raises(InvalidRequestError) as via_chat:
+            chat.send("hi", max_new_tokens=value)
+        assert str(via_chat.value) == str(direct.value)
 
 
 def test_oldest_turns_are_trimmed_to_fit(tiny_backend: Any) -> None:

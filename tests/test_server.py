@@ -538,6 +538,24 @@ BAD_REQUESTS = [
         "max_tokens",
         "context_length_exceeded",
     ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]}',
+        "messages[1].role",
+        "invalid_value",
+    ),
+    (
+        "/v1/dg/generate",
+        b'{"messages": [{"role": "wizard", "content": "y"}]}',
+        "messages[0]",
+        "invalid_value",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi\\ud800"}]}',
+        None,
+        "invalid_json",
+    ),
 ]
 
 
@@ -563,6 +581,24 @@ async def test_bad_requests_are_400_with_an_error_body(
                 assert re.search(rf"\b{param}\b", error["message"]), error
             if path != "/v1/dg/generate":
                 assert "max_new_tokens" not in error["message"], error
+
+
+@pytest.mark.parametrize(
+    ("content", "escape"),
+    [(b"hi\\ud800", "\\ud800"), (b"\\udc00!", "\\udc00"), (b"\\ud83d\\u0041", "\\ud83d")],
+)
+async def test_an_unpaired_surrogate_is_named_as_such(
+    server: Any, content: bytes, escape: str
+) -> None:
+    body = b'{"messages": [{"role": "user", "content": "' + content + b'"}]}'
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert f"{escape} at byte" in message and "unpaired UTF-16 surrogate" in message, message
+    assert "truncated" not in message
 
 
 class Refusing:

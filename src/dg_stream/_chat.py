@@ -7,9 +7,9 @@ from typing import Any
 
 from ._backends.base import Backend
 from ._chunks import Chunk
-from ._config import GenerationRequest, Message
+from ._config import GenerationRequest, Message, check_text
 from ._errors import InvalidRequestError
-from ._generate import _get_default_backend, generate
+from ._generate import _get_default_backend, generate, request_for
 from ._operators import DerivedStream
 from ._prompt import encode_prompt, plain_chat_stops
 from ._stream import GenerationStream
@@ -22,21 +22,29 @@ class ChatReply(DerivedStream):
 
     The exchange is added to the session's history just before the final chunk is handed
     out, and only if the reply ended normally (``finish_reason`` ``"stop"`` or ``"length"``);
-    a reply that was closed early, cancelled or failed leaves the history as it was.
+    a reply that was closed early, cancelled, failed or left behind by a later ``send()``
+    leaves the history as it was.
     """
 
     def __init__(
-        self, session: ChatSession, user: Message, upstream: GenerationStream, version: int
+        self,
+        session: ChatSession,
+        user: Message,
+        upstream: GenerationStream,
+        version: int,
+        previous: ChatReply | None,
     ) -> None:
         self.session = session
         self.user = user
         self.started = False
         self.superseded = False
         self.committed = False
+        self.reading = False  # inside __anext__: some task is waiting for the next chunk
+        # A reply left behind (``break``) is closed here, where there is a loop to await on.
+        self._previous = previous
 
         async def transform(up: GenerationStream) -> AsyncIterator[Chunk]:
-            if self.superseded:
-                raise RuntimeError("this reply was replaced by a later send() before it started")
+            await self._close_previous()
             self.started = True
             async for chunk in up:
                 if chunk.finish_reason in ("stop", "length"):
@@ -44,6 +52,26 @@ class ChatReply(DerivedStream):
                 yield chunk
 
         super().__init__(upstream, transform)
+
+    async def _close_previous(self) -> None:
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            await previous.aclose()
+
+    async def __anext__(self) -> Chunk:
+        if self.superseded:
+            raise RuntimeError("this reply was replaced by a later send()")
+        self.reading = True
+        try:
+            return await super().__anext__()
+        finally:
+            self.reading = False
+
+    async def aclose(self) -> None:
+        try:
+            await self._close_previous()
+        finally:
+            await super().aclose()
 
     @property
     def active(self) -> bool:
@@ -87,8 +115,19 @@ class ChatSession:
         count_tokens: Callable[[Sequence[Message]], int] | None = None,
         **generation_options: Any,
     ) -> None:
-        if max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
+        if system is not None:
+            check_text(system, "the system message", "system")
+        if max_context_tokens is not None and (
+            not isinstance(max_context_tokens, int)
+            or isinstance(max_context_tokens, bool)
+            or max_context_tokens < 1
+        ):
+            raise InvalidRequestError(
+                f"max_context_tokens must be an integer >= 1, got {max_context_tokens!r}",
+                param="max_context_tokens",
+            )
+        # The same checks and errors as generate(), now rather than at the first send().
+        request_for("x", max_new_tokens=max_new_tokens, **generation_options)
         self._backend = backend
         self.system = system
         self.max_new_tokens = max_new_tokens
@@ -188,23 +227,26 @@ class ChatSession:
     def send(self, content: str, **overrides: Any) -> ChatReply:
         """Add a user message and return the stream of the assistant's reply.
 
-        The exchange joins the history when the reply completes. Only one reply streams at a
-        time: sending while another reply is streaming raises ``RuntimeError``; a reply that
-        was never started is simply replaced. Raises ``InvalidRequestError`` for an empty
-        message or one that cannot fit the context even with the history trimmed away.
+        The exchange joins the history when the reply completes. One reply streams at a time:
+        a previous reply that was left unfinished (``break``, or never started) is replaced,
+        closed when this one starts (or closes), and its partial text is dropped: the history
+        keeps complete exchanges only. Sending while another task is reading the previous
+        reply raises ``RuntimeError``. Options are checked as ``generate()`` checks them;
+        raises ``InvalidRequestError`` for a message that is not text, is empty, or cannot fit
+        the context even with the history trimmed away.
         """
-        if not isinstance(content, str) or not content.strip():
+        check_text(content, "the message", "content")
+        if not content.strip():
             raise InvalidRequestError("the message is empty", param="content")
-        if self._reply is not None:
-            if self._reply.active:
-                raise RuntimeError(
-                    "a reply is still streaming: read it to the end or close it "
-                    "before sending the next message"
-                )
-            if not self._reply.started:
-                self._reply.superseded = True
-        options = {**self.options, **overrides}
-        max_new_tokens = int(options.pop("max_new_tokens", self.max_new_tokens))
+        options = {"max_new_tokens": self.max_new_tokens, **self.options, **overrides}
+        request_for("x", **options)  # before anything changes: a bad override leaves all be
+        previous = self._reply
+        if previous is not None and previous.reading:
+            raise RuntimeError(
+                "a reply is still streaming in another task: read it to the end or close "
+                "it before sending the next message"
+            )
+        max_new_tokens = options.pop("max_new_tokens")
         stop = options.pop("stop", None)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stops += [s for s in self._default_stop() if s not in stops]
@@ -217,7 +259,11 @@ class ChatSession:
             stop=stops or None,
             **options,
         )
-        self._reply = ChatReply(self, user, upstream, self._version)
+        if previous is not None and not previous.closed:
+            previous.superseded = True
+        else:
+            previous = None
+        self._reply = ChatReply(self, user, upstream, self._version, previous)
         return self._reply
 
     async def ask(self, content: str, **overrides: Any) -> str:

@@ -10,7 +10,11 @@ import msgspec
 
 from ._errors import InvalidRequestError
 
-__all__ = ["GenerationRequest", "Message", "SamplingParams", "SpeculativeConfig"]
+__all__ = ["ROLES", "GenerationRequest", "Message", "SamplingParams", "SpeculativeConfig"]
+
+#: The roles a chat message may have. Chat templates and the plain format know these three;
+#: any other (a typo, "wizard") would reach the model as text it was never trained on.
+ROLES = ("system", "user", "assistant")
 
 
 def _check(condition: bool, message: str, param: str) -> None:
@@ -151,7 +155,11 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 
     def __post_init__(self) -> None:
         check_text(self.role, "a message's role", "messages")
-        _check(self.role != "", "a message's role is empty", "messages")
+        _check(
+            self.role in ROLES,
+            f"a message's role must be one of {', '.join(map(repr, ROLES))}, got {self.role!r}",
+            "messages",
+        )
         check_text(self.content, "a message's content", "messages")
 
 

@@ -6,7 +6,9 @@ import threading
 from typing import Any
 
 from ._backends.base import Backend
-from ._config import build_request
+from ._config import GenerationRequest, build_request
+from ._errors import InvalidRequestError
+from ._prompt import check_against_backend
 from ._stream import GenerationStream
 
 __all__ = ["generate"]
@@ -23,6 +25,49 @@ def _get_default_backend() -> Backend:
 
             _default_backend = LocalBackend.default()
         return _default_backend
+
+
+def resolve_backend(backend: object) -> Backend:
+    """``backend``, or the default one for ``None``; anything without ``stream()`` is refused
+    now rather than with an AttributeError when the stream starts."""
+    if backend is None:
+        return _get_default_backend()
+    if not callable(getattr(backend, "stream", None)):
+        raise InvalidRequestError(
+            f"backend must be a dg_stream backend (LocalBackend(...), RemoteBackend(url), or "
+            f"None for the embedded pair), got {type(backend).__name__} {backend!r:.40}",
+            param="backend",
+        )
+    return backend  # type: ignore[return-value]
+
+
+def request_for(
+    prompt: Any,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    draft_preview: bool = False,
+    **speculative_options: Any,
+) -> GenerationRequest:
+    """The request ``generate()`` makes of these arguments (raises InvalidRequestError); for
+    callers that take ``generate()``'s options and must check them the same way."""
+    return build_request(
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        draft_preview=draft_preview,
+        speculative_options=speculative_options,
+    )
 
 
 def generate(
@@ -49,14 +94,16 @@ def generate(
     Speculative options (``block_size``, ``steps``, ``adaptive``, ``confidence``) override the
     backend's defaults for this call.
 
-    Parameters are validated now (``InvalidRequestError``); the model work starts when the
-    stream is first iterated or entered::
+    Everything is validated now (``InvalidRequestError``): the options, the backend, the token
+    ids and chat messages against its tokenizer, the prompt plus ``max_new_tokens`` against
+    its context (the default backend is loaded for that on the first call). The model work
+    starts when the stream is first iterated or entered::
 
         async with dg_stream.generate("def fibonacci(n):", max_new_tokens=64) as stream:
             async for chunk in stream:
                 print(chunk.text, end="", flush=True)
     """
-    request = build_request(
+    request = request_for(
         prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -66,11 +113,8 @@ def generate(
         seed=seed,
         stop=stop,
         draft_preview=draft_preview,
-        speculative_options=speculative_options,
+        **speculative_options,
     )
-    chosen = backend
-
-    def open_source() -> Any:
-        return (chosen or _get_default_backend()).stream(request)
-
-    return GenerationStream(open_source)
+    chosen = resolve_backend(backend)
+    check_against_backend(chosen, request)
+    return GenerationStream(lambda: chosen.stream(request))

@@ -8,7 +8,13 @@ from typing import Any
 from ._config import GenerationRequest, Message
 from ._errors import InvalidRequestError
 
-__all__ = ["PLAIN_CHAT_STOP", "encode_prompt", "plain_chat_stops", "render_plain_chat"]
+__all__ = [
+    "PLAIN_CHAT_STOP",
+    "check_against_backend",
+    "encode_prompt",
+    "plain_chat_stops",
+    "render_plain_chat",
+]
 
 #: Where a reply in the plain chat format ends: the model would otherwise go on to write the
 #: user's next turn itself.
@@ -41,7 +47,7 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest, vocab_size: int) -
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"token id {bad[0]} is outside the verifier's vocabulary of {vocab_size}",
+                f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}",
                 param="prompt",
             )
         return ids
@@ -66,3 +72,51 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest, vocab_size: int) -
     if not ids:
         raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
     return ids
+
+
+def _is_template_error(exc: BaseException) -> bool:
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # pragma: no cover - jinja2 ships with transformers
+        return False
+    return isinstance(exc, TemplateError)
+
+
+def check_against_backend(backend: Any, request: GenerationRequest) -> None:
+    """What can be checked before any model work with what every backend tells (its
+    ``tokenizer`` and ``context_length``): token ids within the tokenizer's vocabulary,
+    messages the chat template accepts, and the prompt plus ``max_new_tokens`` within the
+    context. Raises InvalidRequestError; what a backend does not tell is left to it (a
+    remote backend has no tokenizer: its server checks text prompts).
+    """
+    tokenizer = getattr(backend, "tokenizer", None)
+    limit = getattr(backend, "context_length", None)
+    if tokenizer is not None:
+        try:
+            size = len(tokenizer)
+        except TypeError:  # not a Hugging Face tokenizer: no vocabulary to check against
+            size = 1 << 62
+        try:
+            prompt_tokens = len(encode_prompt(tokenizer, request, size))
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            if _is_template_error(exc):
+                raise InvalidRequestError(
+                    f"the chat template rejected the messages: {exc}",
+                    param="messages",
+                    code="invalid_messages",
+                ) from None
+            raise
+    elif isinstance(request.prompt, list):
+        prompt_tokens = len(request.prompt)
+    else:
+        return
+    if limit is not None and prompt_tokens + request.max_new_tokens > limit:
+        raise InvalidRequestError(
+            f"the prompt ({prompt_tokens} token{'' if prompt_tokens == 1 else 's'}) plus "
+            f"max_new_tokens ({request.max_new_tokens}) exceeds this backend's context of "
+            f"{limit} tokens (its context_length)",
+            param="max_new_tokens",
+            code="context_length_exceeded",
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from .._backends.base import Backend
-from .._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig
+from .._config import ROLES, GenerationRequest, Message, SamplingParams, SpeculativeConfig
 from .._errors import InvalidRequestError
 from .._prompt import encode_prompt, plain_chat_stops
 from .._wire import ErrorBody, ServerInfo, encode
@@ -94,7 +95,10 @@ def _validation_rejection(exc: msgspec.ValidationError) -> RequestRejected:
     path = at.rstrip("`").removeprefix("$").lstrip(".") if at else ""
     cause = exc.__cause__
     if isinstance(cause, InvalidRequestError):  # raised by a Struct's __post_init__
-        param = ".".join(p for p in (path, cause.param or "") if p) or None
+        if path.split(".")[-1].split("[")[0] == cause.param:  # "messages[0]" for "messages"
+            param: str | None = path
+        else:
+            param = ".".join(p for p in (path, cause.param or "") if p) or None
         return RequestRejected(400, cause.message, param=param, code=cause.code or "invalid_value")
     for marker, code in (
         ("unknown field `", "unknown_field"),
@@ -194,8 +198,10 @@ class _Server:
         except msgspec.ValidationError as exc:
             raise _validation_rejection(exc) from None
         except msgspec.DecodeError as exc:
+            # msgspec calls a lone surrogate escape "truncated" input: say what it is.
+            detail = _unpaired_surrogate(bytes(body)) or str(exc)
             raise RequestRejected(
-                400, f"the body is not valid JSON: {exc}", code="invalid_json"
+                400, f"the body is not valid JSON: {detail}", code="invalid_json"
             ) from None
 
     def _check_model(self, model: str | None) -> None:
@@ -390,7 +396,20 @@ class _Server:
                     texts.append(part.text)
                 content = "".join(texts)
             role = "system" if message.role == "developer" else message.role
-            messages.append(Message(role=role, content=content or ""))
+            if role not in ROLES:
+                raise RequestRejected(
+                    400,
+                    f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))} or "
+                    f"'developer', got {message.role!r}",
+                    param=f"messages[{i}].role",
+                    code="invalid_value",
+                )
+            try:
+                messages.append(Message(role=role, content=content or ""))
+            except InvalidRequestError as exc:
+                raise RequestRejected(
+                    400, exc.message, param=f"messages[{i}].content", code="invalid_value"
+                ) from None
         max_tokens = (
             body.max_completion_tokens
             if body.max_completion_tokens is not None
@@ -486,6 +505,35 @@ class _Server:
                 ],
             }
         )
+
+
+_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+
+
+def _unpaired_surrogate(body: bytes) -> str | None:
+    """Where ``body`` has a ``\\uD800``-style escape that is half of a UTF-16 surrogate pair
+    without its other half (JSON allows the escape; no text holds it); ``None`` if nowhere."""
+    high: re.Match[bytes] | None = None  # a high surrogate waiting for its low half
+    for escape in _ESCAPE.finditer(body):
+        code = int(escape.group(1), 16) if escape.group(1) else None
+        is_low = code is not None and 0xDC00 <= code <= 0xDFFF
+        if high is not None:
+            if is_low and escape.start() == high.end():
+                high = None
+                continue
+            break
+        if code is not None and 0xD800 <= code <= 0xDBFF:
+            high = escape
+        elif is_low:
+            high = escape
+            break
+    if high is None:
+        return None
+    text = high.group().decode()
+    return (
+        f"{text} at byte {high.start()} is an unpaired UTF-16 surrogate (half of a pair, not "
+        "a character): send the whole pair or the character itself"
+    )
 
 
 def _json(value: Any) -> Response:
