@@ -262,9 +262,10 @@ async def test_streams_join_and_leave_mid_generation(
     assert results["joiner"] == expected[0]
     assert results["leaver"] == expected[2][: len(results["leaver"])]
     assert 2 in scheduler_rows and max(scheduler_rows) >= 3
-    scheduler = backend._scheduler_var.get()
-    assert len(scheduler.batch) == 0 and not scheduler.running and not scheduler.waiting
-    assert all(layer.keys is None for layer in scheduler.batch.cache.layers)  # memory freed
+    assert backend.model_thread.sync(10)
+    batch = backend.model_thread.batch
+    assert batch is not None and len(batch) == 0 and backend.model_thread.counts == (0, 0, 0)
+    assert all(layer.keys is None for layer in batch.cache.layers)  # memory freed
 
 
 async def test_a_cancelled_stream_stops_within_a_round(
@@ -297,8 +298,9 @@ async def test_a_cancelled_stream_stops_within_a_round(
             tg.start_soon(victim, scope)
             tg.start_soon(survivor)
     assert got["ids"] == expected[1]
-    scheduler = backend._scheduler_var.get()
-    assert len(scheduler.batch) == 0
+    assert backend.model_thread.sync(10)
+    batch = backend.model_thread.batch
+    assert batch is not None and len(batch) == 0
     before = drafter.calls
     await anyio.sleep(0.05)
     assert drafter.calls == before  # nothing runs for anyone any more
@@ -655,8 +657,8 @@ async def test_a_queued_stream_that_leaves_frees_its_place(
             # Its place in the queue is free again: one more may wait without a refusal.
             tg.start_soon(runner, PROMPTS[2])
     assert sorted(map(tuple, done)) == sorted(map(tuple, expected[:3]))
-    scheduler = backend._scheduler_var.get()
-    assert not scheduler.waiting and not scheduler.running
+    assert backend.model_thread.sync(10)
+    assert backend.model_thread.counts == (0, 0, 0)
 
 
 async def test_adaptive_rows_of_different_block_sizes_keep_their_own_limit(

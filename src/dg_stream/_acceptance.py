@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Verdict", "accept_greedy", "accept_sampled"]
+__all__ = ["Verdict", "accept_greedy", "accept_greedy_batch", "accept_sampled"]
 
 
 class Verdict(NamedTuple):
@@ -33,6 +33,24 @@ def accept_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> Verdict:
     return Verdict(accepted, int(choice[accepted]))
 
 
+def accept_greedy_batch(
+    target_logits: torch.Tensor, drafts: torch.Tensor, sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``accept_greedy`` for many rows at once, on their device, with no host sync.
+
+    target_logits: (B, W, V) for [newest token, draft...] padded to W; drafts: (B, W - 1),
+    each row's first ``sizes[b]`` entries its draft (the rest padding, never accepted).
+    Returns (accepted (B,), token (B,)).
+    """
+    choice = target_logits.argmax(dim=-1)  # (B, W)
+    width = drafts.shape[1]
+    within = torch.arange(width, device=drafts.device)[None, :] < sizes[:, None]  # (B, W-1)
+    matches = ((choice[:, :width] == drafts) & within).to(torch.int64)
+    accepted = matches.cumprod(dim=1).sum(dim=1)  # (B,)
+    token = choice.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, token
+
+
 def accept_sampled(
     p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, generator: torch.Generator | None
 ) -> Verdict:
@@ -49,7 +67,9 @@ def accept_sampled(
     positions = torch.arange(k, device=p.device)
     p_draft = p[positions, draft]  # (k,)
     q_draft = q[positions, draft] if q is not None else torch.ones_like(p_draft)
-    u = torch.rand(k, generator=generator, device="cpu").to(p.device)
+    # Drawn where the generator lives (the verifier's device: no host round trip).
+    device = generator.device if generator is not None else p.device
+    u = torch.rand(k, generator=generator, device=device).to(p.device)
     # u <= p/q, written without the division so q == 0 (never drawn) cannot produce NaN.
     ok = (u * q_draft <= p_draft).to(torch.int64)
     accepted = int(ok.cumprod(dim=0).sum()) if k else 0

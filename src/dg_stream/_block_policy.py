@@ -14,8 +14,10 @@ batch the fewer drafts pay.
 ``a_i`` is estimated per generation from what the verifier accepted, starting from what earlier
 generations of the same engine saw; the costs are measured on the running machine and shared by
 all generations of one engine (they belong to the models and the hardware, not to the prompt).
-All of it forgets old observations, so the choice follows a change of regime (a repetitive
-stretch of text, a longer context).
+The costs are medians of recent calls by size (robust to the slow call in ten that a busy
+machine makes), the acceptance a forgetting average: both follow a change of regime (a
+repetitive stretch of text, a longer context, a loaded machine) without jumping at one
+outlier.
 
 Block sizes then depend on measured timings: greedy output is identical to plain decoding
 whatever they are (in float32; in reduced precision, differently shaped verifier calls can
@@ -25,45 +27,73 @@ seeded sampled generation is reproducible token for token only with a fixed bloc
 
 from __future__ import annotations
 
+import itertools
+import statistics
+from collections import deque
+
 __all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable", "shared_block"]
 
 
-class _Line:
-    """``y = a + b x`` fitted by least squares to observations whose weights decay by
-    ``decay`` at each new one, so an early outlier (a first, slow call) fades instead of
-    sticking to the size it was measured at. The slope is never negative."""
+class _Curve:
+    """``y(x)``, non-decreasing, from noisy timings: each size bucket keeps its last ``keep``
+    observations, and the curve runs through the buckets' medians (piecewise linear, and
+    beyond the largest measured size along the slope of the last two buckets).
 
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-        self.w = self.sx = self.sxx = self.sy = self.sxy = 0.0
-        self.sizes: set[int] = set()
+    Medians, not means or a least-squares line: on a busy machine one call in ten can take
+    twice as long, and a single such call must not switch drafting off (or on). Buckets are
+    powers of two apart, so a few sizes seen often cover the whole range.
+    """
+
+    def __init__(self, keep: int = 9) -> None:
+        self.keep = keep
+        self._xs: dict[int, deque[int]] = {}
+        self._ys: dict[int, deque[float]] = {}
+        self._points: list[tuple[float, float]] | None = None
+
+    @property
+    def sizes(self) -> set[int]:
+        return set(self._xs)
 
     def add(self, x: int, y: float) -> None:
-        d = self.decay
-        self.w, self.sx, self.sxx = d * self.w + 1, d * self.sx + x, d * self.sxx + x * x
-        self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
-        self.sizes.add(x)
+        bucket = max(1, x).bit_length()
+        self._xs.setdefault(bucket, deque(maxlen=self.keep)).append(x)
+        self._ys.setdefault(bucket, deque(maxlen=self.keep)).append(y)
+        self._points = None
+
+    def _curve(self) -> list[tuple[float, float]]:
+        if self._points is None:
+            points, top = [], 0.0
+            for bucket in sorted(self._xs):
+                top = max(top, statistics.median(self._ys[bucket]))  # never cheaper when larger
+                points.append((float(statistics.median(self._xs[bucket])), top))
+            self._points = points
+        return self._points
 
     def __call__(self, x: int) -> float:
-        if self.w == 0:
+        points = self._curve()
+        if not points:
             return 0.0
-        mean_x, mean_y = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mean_x * mean_x
-        slope = max(0.0, (self.sxy / self.w - mean_x * mean_y) / var) if var > 1e-9 else 0.0
-        return max(0.0, mean_y + slope * (x - mean_x))
+        if len(points) == 1 or x <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-9)
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        return y1 + (y1 - y0) / max(x1 - x0, 1e-9) * (x - x1)
 
 
 class CostTable:
-    """Seconds of a verifier call against tokens fed, and of a drafter call against block size
-    (one line per number of denoising steps), each a forgetting least-squares line. The first
+    """Seconds of a verifier call against tokens fed (all rows together), and of drafting one
+    row against its block size (one curve per number of denoising steps): robust curves of
+    what the running machine measured (``_Curve``), refreshed by every call. The first
     ``skip`` verifier calls are not counted: they pay one-off costs (allocations, kernel
     selection) that later calls do not."""
 
-    def __init__(self, decay: float = 0.9, skip: int = 2) -> None:
-        self.decay = decay
+    def __init__(self, keep: int = 9, skip: int = 2) -> None:
+        self.keep = keep
         self.skip = skip
-        self.verify = _Line(decay)
-        self.draft: dict[int, _Line] = {}
+        self.verify = _Curve(keep)
+        self.draft: dict[int, _Curve] = {}
 
     def observe_verify(self, tokens: int, seconds: float) -> None:
         if self.skip > 0:
@@ -73,7 +103,7 @@ class CostTable:
 
     def observe_draft(self, block: int, seconds: float, steps: int = 1) -> None:
         if block > 0:
-            self.draft.setdefault(steps, _Line(self.decay)).add(block, seconds)
+            self.draft.setdefault(steps, _Curve(self.keep)).add(block, seconds)
 
     def ready(self, steps: int = 1) -> bool:
         """Enough measured to compare block sizes: two verify sizes and one drafter call."""

@@ -6,14 +6,17 @@ validates, owns the ``SequenceState`` the round core advances, and turns each ro
 ``RowOutcome`` into a ``Chunk`` (detokenized text, stop strings, draft preview, stats, finish).
 The round core never sees text; this layer never sees the cache.
 
-``session.step()`` runs rounds of a private batch of one on the calling thread; a scheduler
-(``LocalBackend``) instead adds the session's state to a shared ``Batch`` and hands each
-outcome to ``session.emit``.
+``session.step()`` runs rounds of a private batch of one on the calling thread; a backend
+(``LocalBackend``) instead adds the session's state to the shared ``Batch`` of its model
+thread and hands each outcome to ``session.emit`` on the event loop that reads the stream.
+``emit`` never touches the ``SequenceState`` (the model thread owns it): what it shows comes
+in the outcome.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any
 
@@ -54,6 +57,9 @@ class Engine:
         # belong to these models on this machine, not to one prompt.
         self.acceptance = {greedy: AcceptanceEstimate(64, decay=0.98) for greedy in (True, False)}
         self.core = RoundCore(verifier, drafter, CostTable(), prefill_chunk)
+        # Event loops in different threads may encode and decode at once; a fast tokenizer
+        # is not safe for that.
+        self.tokenizer_lock = threading.Lock()
 
     @property
     def costs(self) -> CostTable:
@@ -78,7 +84,8 @@ class GenerationSession:
         self.engine = engine
         self.request = request
         verifier = engine.verifier
-        self.prompt_ids = encode_prompt(engine.tokenizer, request, verifier.vocab_size)
+        with engine.tokenizer_lock:
+            self.prompt_ids = encode_prompt(engine.tokenizer, request, verifier.vocab_size)
         limit = verifier.max_length
         if limit is not None and len(self.prompt_ids) + request.max_new_tokens > limit:
             n = len(self.prompt_ids)
@@ -111,24 +118,29 @@ class GenerationSession:
                 steps=self.steps,
                 shared=engine.acceptance[self.params.greedy],
             )
+        device = verifier.device
         self.state = SequenceState(
-            ids=torch.tensor(self.prompt_ids, dtype=torch.long),
+            prompt=torch.tensor(self.prompt_ids, dtype=torch.long, device=device),
             max_new_tokens=request.max_new_tokens,
             params=self.params,
-            generator=torch.Generator().manual_seed(seed),
+            # On the verifier's device: draws happen where the probabilities are.
+            generator=torch.Generator(device=device).manual_seed(seed),
             block_size=self.block_size,
             steps=self.steps,
             confidence=self.confidence,
-            draft_session=engine.drafter.session() if engine.drafter is not None else None,
+            drafting=engine.drafter is not None,  # its session opens when the row joins
+            preview=request.draft_preview,
             policy=policy,
         )
-        self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
+        with engine.tokenizer_lock:
+            self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         self.stops = StopMatcher(request.stop)
         self.stats = Stats()
         self.started = time.perf_counter()
         self.finished = False
         self.text_parts: list[str] = []
         self._own_batch: Batch | None = None
+        self._emitted = 0
 
     @property
     def policy(self) -> BlockSizePolicy | None:
@@ -136,7 +148,8 @@ class GenerationSession:
 
     @property
     def generated(self) -> int:
-        return self.state.generated
+        """Tokens emitted so far (the output layer's count)."""
+        return self._emitted
 
     # -- driving it alone -------------------------------------------------------------------
 
@@ -149,39 +162,46 @@ class GenerationSession:
             self._own_batch.add(self.state)
         while True:
             outcome = self._own_batch.run()[0]
+            if isinstance(outcome, Exception):
+                self.close()
+                raise outcome
             if outcome is not None:  # None while a long prompt is still being read
-                return self.emit(outcome)
+                chunk = self.emit(outcome)
+                if self.finished:
+                    self.close()
+                return chunk
 
     # -- the output layer -------------------------------------------------------------------
 
     def emit(self, outcome: RowOutcome) -> Chunk:
         """The chunk for what a round committed: text, stop strings, preview, stats."""
         new, step = outcome.tokens, outcome.step
+        self._emitted += len(new)
         eos = self.engine.verifier.eos_ids
-        text = self.stops.feed(self.detok.feed([t for t in new if t not in eos]))
+        with self.engine.tokenizer_lock:
+            text = self.stops.feed(self.detok.feed([t for t in new if t not in eos]))
         finish: FinishReason | None = "stop" if self.stops.stopped else outcome.finish
         self.stats = self.stats.add(step)
         if finish is not None:
             return self._finish(text, new, step, finish)
         self.text_parts.append(text)
         preview = ""
-        proposal = self.state.proposal
-        if self.request.draft_preview and proposal is not None:
-            preview = self.stops.held + self.detok.peek(proposal.tokens.tolist())
+        if self.request.draft_preview and outcome.preview is not None:
+            with self.engine.tokenizer_lock:
+                preview = self.stops.held + self.detok.peek(outcome.preview)
         return Chunk(text=text, token_ids=tuple(new), draft=preview, step=step)
 
     def _finish(self, text: str, new: list[int], step: StepStats, finish: FinishReason) -> Chunk:
         self.finished = True
-        self.state.finished = True
         if not self.stops.stopped:
-            text += self.stops.feed(self.detok.flush())
+            with self.engine.tokenizer_lock:
+                text += self.stops.feed(self.detok.flush())
             text += self.stops.flush()
         self.text_parts.append(text)
         self.stats = msgspec.structs.replace(
             self.stats, total_seconds=time.perf_counter() - self.started
         )
         usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.generated)
-        self.close()
         return Chunk(
             text=text,
             token_ids=tuple(new),
@@ -192,8 +212,8 @@ class GenerationSession:
         )
 
     def close(self) -> None:
-        """Free the drafter state, and the cache row when this session drives itself
-        (idempotent; a scheduler frees the rows of its shared batch)."""
+        """Free the cache row and drafter state when this session drives itself with
+        ``step()`` (idempotent). Under a backend its model thread frees them instead."""
         self.finished = True
         if self._own_batch is not None:
             self._own_batch.remove(self.state)

@@ -8,12 +8,17 @@ SequenceState x B
   │                up to ``MAX_PREFILL``), one row at a time
   │ propose        each decoding row's draft block (DraftProposal; made at the end of the
   │                previous round, so a preview can show it)
-  │ score          one forward: rows (B, T) = [newest token, draft...] padded to the widest
-  │ judge          pure, per row: Verdict(accepted, token)
+  │ score          one forward: rows (B, T) = [newest token, draft...] padded to the widest,
+  │                built on the verifier's device
+  │ judge          greedy rows at once (argmax, first mismatch), sampled rows each with its
+  │                own generator on the device; one host sync brings back every verdict
   │ commit         per row: its cache length, ids, features; end of sequence and length
   ▼
-RowOutcome per decoding row (new ids, finish, StepStats) ─▶ the output layer (_engine.py)
+RowOutcome per decoding row (new ids, finish, StepStats, preview) ─▶ the output layer
 ```
+
+A failure in one row's drafting, judging or committing ends that row only (its outcome is
+the exception); only a failed verifier forward ends every row of the round.
 
 A batch of one is single-stream decoding: there is no other path. Nothing here knows about
 threads, event loops, text or stop strings. Every row keeps its own generator, drafter
@@ -27,12 +32,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
 
-from ._acceptance import Verdict, accept_greedy, accept_sampled
+from ._acceptance import Verdict, accept_greedy, accept_greedy_batch, accept_sampled
 from ._batch_cache import BatchCache
 from ._block_policy import BlockSizePolicy, CostTable, shared_block
 from ._chunks import FinishReason, StepStats
@@ -52,13 +57,15 @@ MAX_PREFILL = 4096
 class SequenceState:
     """One generation as the round core sees it: ids, options, randomness, drafter state."""
 
-    ids: torch.Tensor  # (n,) committed ids, the prompt included
+    prompt: InitVar[torch.Tensor]  # (n,) prompt ids, on the device the ids will live on
     max_new_tokens: int
     params: SamplingParams
     generator: torch.Generator
     block_size: int
     steps: int = 1
     confidence: float | None = None
+    drafting: bool = False  # whether a drafter session is opened when the row joins a batch
+    preview: bool = False  # whether each outcome carries the next draft's ids
     draft_session: DraftSession | None = None
     policy: BlockSizePolicy | None = None
     row: int = -1  # its row in the batch's cache; -1 while outside a batch
@@ -67,13 +74,39 @@ class SequenceState:
     proposal: DraftProposal | None = None  # the draft the next round verifies
     draft_seconds: float = 0.0  # what making that draft cost
     finished: bool = False
+    last: int = field(init=False, default=0)  # the newest id, on the host
+    _buffer: torch.Tensor = field(init=False, repr=False)  # committed ids, room to grow
+    _length: int = field(init=False, repr=False, default=0)
+    _cached: int = field(default=0, repr=False)  # mirror of the cache row's length
+
+    def __post_init__(self, prompt: torch.Tensor) -> None:
+        # Room for the whole generation (capped: a huge max_new_tokens grows by doubling),
+        # so that appending a round's tokens never copies what came before.
+        room = prompt.shape[0] + min(self.max_new_tokens, 4096) + 1
+        self._buffer = torch.empty(room, dtype=torch.long, device=prompt.device)
+        self._buffer[: prompt.shape[0]] = prompt
+        self._length = prompt.shape[0]
+        self.last = int(prompt[-1]) if self._length else 0
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """(n,) committed ids, the prompt included (a view: valid until the next commit)."""
+        return self._buffer[: self._length]
+
+    def append(self, new: list[int]) -> None:
+        end = self._length + len(new)
+        if end > self._buffer.shape[0]:
+            grown = self._buffer.new_empty(max(end, 2 * self._buffer.shape[0]))
+            grown[: self._length] = self._buffer[: self._length]
+            self._buffer = grown
+        self._buffer[self._length : end] = torch.tensor(new, dtype=torch.long)
+        self._length = end
+        self.last = new[-1]
 
     @property
     def prompt_pending(self) -> bool:
         """Whether part of the prompt is still to be read (everything but the newest id)."""
-        return self.row >= 0 and self._cached < self.ids.shape[0] - 1
-
-    _cached: int = field(default=0, repr=False)  # mirror of the cache row's length
+        return self.row >= 0 and self._cached < self._length - 1
 
     def close(self) -> None:
         self.finished = True
@@ -91,6 +124,7 @@ class RowOutcome:
     tokens: list[int]
     finish: FinishReason | None
     step: StepStats
+    preview: list[int] | None = None  # the next draft, for rows that asked (a copy)
 
 
 class RoundCore:
@@ -117,9 +151,6 @@ class RoundCore:
         self.raw_features = bool(getattr(drafter, "raw_features", False))
         self.probe_every = 8
         self._plain_rounds = 0
-        # Tokens per second of whole rounds, drafted or plain, by batch size (rows rounded
-        # to a power of two): what the cost model predicts, measured (a forgetting average).
-        self._round_rates: dict[tuple[int, bool], float] = {}
         pad = getattr(verifier.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
 
@@ -127,11 +158,12 @@ class RoundCore:
 
     def run(
         self, cache: BatchCache, states: Sequence[SequenceState], active: Sequence[bool]
-    ) -> list[RowOutcome | None]:
+    ) -> list[RowOutcome | Exception | None]:
         """One round over ``states`` (the cache's rows, in order). Rows marked inactive sit
-        out (fed padding that their cache lengths never keep). Returns an outcome for each
-        row that decoded; None for rows that sat out or are still reading their prompt."""
-        outcomes: list[RowOutcome | None] = [None] * len(states)
+        out (fed padding that their cache lengths never keep). Returns, per row, its outcome,
+        the exception that ended it alone, or None (sat out, or still reading its prompt).
+        Raises when the verifier forward fails (every row's cache is then undefined)."""
+        outcomes: list[RowOutcome | Exception | None] = [None] * len(states)
         # Prompts are read a piece per round while other rows are streaming (so their chunks
         # keep coming); with nobody waiting, a prompt is read in pieces as large as one
         # forward may be.
@@ -159,17 +191,12 @@ class RoundCore:
             made = [p for i in decoding if (p := states[i].proposal) is not None]
             width = 1 + max((p.tokens.shape[0] for p in made), default=0)
             block = self._plan([states[i] for i in fresh], others=len(made), width=width)
-            spent = self._propose([states[i] for i in fresh], block)
-            for i, seconds in zip(fresh, spent, strict=True):
-                draft_seconds[i] += seconds
-        proposals = [states[i].proposal for i in decoding]
-        width = 1 + max(p.tokens.shape[0] for p in proposals if p is not None)
-        fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
-        for i in decoding:
-            state = states[i]
-            assert state.proposal is not None
-            block_ids = torch.cat([state.ids[-1:], state.proposal.tokens.cpu()])
-            fed[i, : block_ids.shape[0]] = block_ids
+            for i, spent in self._propose(states, fresh, block, outcomes).items():
+                draft_seconds[i] += spent
+            decoding = [i for i in decoding if outcomes[i] is None]
+            if not decoding:
+                return outcomes
+        fed, sizes = self._feed(states, decoding)
         started = time.perf_counter()
         logits, features = self.verifier.forward(
             fed, cache, 0, self.feature_layers, self.raw_features
@@ -177,29 +204,29 @@ class RoundCore:
         if logits.is_cuda:  # time the work, not its launch
             torch.cuda.synchronize(logits.device)
         verify_seconds = time.perf_counter() - started
-        self.costs.observe_verify(len(states) * width, verify_seconds)
-        round_seconds = verify_seconds + sum(states[i].draft_seconds for i in decoding)
+        self.costs.observe_verify(len(states) * fed.shape[1], verify_seconds)
+        verdicts = self._judge_all(states, decoding, logits, fed, sizes, outcomes)
         committed: dict[int, tuple[list[int], FinishReason | None, int, int]] = {}
-        for i in decoding:
-            state = states[i]
-            proposal = state.proposal
-            assert proposal is not None
-            k = proposal.tokens.shape[0]
-            verdict = self._judge(logits[i, : k + 1], proposal, state)
-            row_features = features[i, : verdict.accepted + 1] if features is not None else None
-            new, finish = self._commit(cache, state, verdict, row_features)
+        for i, verdict in verdicts.items():
+            state, k = states[i], sizes[i]
+            try:
+                row_features = features[i, : verdict.accepted + 1] if features is not None else None
+                new, finish = self._commit(cache, state, verdict, row_features)
+            except Exception as exc:  # this row alone ends
+                outcomes[i] = _row_failed(state, exc)
+                continue
             if state.policy is not None and finish is None:
                 state.policy.observe(k, verdict.accepted)
             committed[i] = (new, finish, k, verdict.accepted)
-        tokens = sum(len(new) for new, *_ in committed.values())
-        self._observe_round(rows, width > 1, tokens, round_seconds)
         # The next round's drafts, now, so that each chunk can preview its row's.
-        going = [i for i in decoding if not states[i].finished]
+        going = [i for i in committed if not states[i].finished]
         block = self._plan([states[i] for i in going])
-        spent = self._propose([states[i] for i in going], block)
-        for i, seconds in zip(going, spent, strict=True):
-            draft_seconds[i] += seconds
+        for i, spent in self._propose(states, going, block, outcomes).items():
+            draft_seconds[i] += spent
         for i, (new, finish, k, accepted) in committed.items():
+            if outcomes[i] is not None:  # its next draft failed
+                continue
+            state = states[i]
             step = StepStats(
                 drafted=k,
                 accepted=accepted,
@@ -208,15 +235,69 @@ class RoundCore:
                 verify_seconds=verify_seconds,
                 rows=rows,
             )
-            outcomes[i] = RowOutcome(new, finish, step)
+            preview = None
+            if state.preview and state.proposal is not None:
+                preview = state.proposal.tokens.tolist()
+            outcomes[i] = RowOutcome(new, finish, step, preview)
         return outcomes
 
     # -- phases -----------------------------------------------------------------------------
 
-    def _judge(
-        self, logits: torch.Tensor, proposal: DraftProposal, state: SequenceState
-    ) -> Verdict:
-        return judge(logits, proposal, state.params, state.ids, state.generator)
+    def _feed(
+        self, states: Sequence[SequenceState], decoding: list[int]
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """The forward's input (B, W) on the verifier's device: each decoding row's newest
+        id and draft, padding elsewhere; and each row's draft size."""
+        sizes: dict[int, int] = {}
+        for i in decoding:
+            proposal = states[i].proposal
+            assert proposal is not None
+            sizes[i] = int(proposal.tokens.shape[0])
+        width = 1 + max(sizes.values())
+        fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
+        fed[decoding, 0] = torch.tensor([states[i].last for i in decoding], dtype=torch.long)
+        fed = fed.to(self.verifier.device)
+        for i in decoding:
+            proposal = states[i].proposal
+            assert proposal is not None
+            if sizes[i]:
+                fed[i, 1 : 1 + sizes[i]] = proposal.tokens
+        return fed, sizes
+
+    def _judge_all(
+        self,
+        states: Sequence[SequenceState],
+        decoding: list[int],
+        logits: torch.Tensor,
+        fed: torch.Tensor,
+        sizes: dict[int, int],
+        outcomes: list[RowOutcome | Exception | None],
+    ) -> dict[int, Verdict]:
+        """Every decoding row's verdict: plain greedy rows in one batched comparison, the
+        others (sampling, repetition penalty) one by one with their own generators; one host
+        sync for the batched ones. A row whose judging fails gets its exception instead."""
+        verdicts: dict[int, Verdict] = {}
+        batched = [i for i in decoding if _plain_greedy(states[i].params)]
+        if batched:
+            index = torch.tensor(batched, device=logits.device)
+            k = torch.tensor([sizes[i] for i in batched], device=logits.device)
+            accepted, token = accept_greedy_batch(logits[index], fed[index, 1:], k)
+            for i, a, t in zip(batched, *torch.stack([accepted, token]).tolist(), strict=True):
+                verdicts[i] = Verdict(a, t)
+        for i in decoding:
+            if i in verdicts:
+                continue
+            state = states[i]
+            proposal = state.proposal
+            assert proposal is not None
+            try:
+                k = sizes[i]
+                verdicts[i] = judge(
+                    logits[i, : k + 1], proposal, state.params, state.ids, state.generator
+                )
+            except Exception as exc:
+                outcomes[i] = _row_failed(state, exc)
+        return verdicts
 
     def _prefill(self, cache: BatchCache, state: SequenceState, budget: int) -> int:
         """Read up to ``budget`` more prompt tokens into the state's row; returns how many."""
@@ -250,8 +331,6 @@ class RoundCore:
         if any(w is not None for w in warmups):
             return max(w for w in warmups if w is not None)
         block = shared_block(policies, self.costs, others=others, width=width)
-        if block > 0 and self._drafting_loses(len(states) + others):
-            block = 0  # the model says drafting pays, the rounds measured say it does not
         if block == 0:
             # While plain decoding wins, draft now and then anyway to notice the drafter
             # agreeing: all rows in the same round (one wider call), and the more rows, the
@@ -262,26 +341,20 @@ class RoundCore:
                 return max(1, min(policy.requested for policy in policies) // 2)
         return block
 
-    def _observe_round(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
-        key = (rows.bit_length(), drafted)
-        rate = tokens / max(seconds, 1e-9)
-        old = self._round_rates.get(key)
-        self._round_rates[key] = rate if old is None else 0.8 * old + 0.2 * rate
-
-    def _drafting_loses(self, rows: int) -> bool:
-        """Whether drafted rounds of about this many rows made fewer tokens per second than
-        plain ones, as measured (unknown until both were seen)."""
-        bucket = rows.bit_length()
-        drafted = self._round_rates.get((bucket, True))
-        plain = self._round_rates.get((bucket, False))
-        return drafted is not None and plain is not None and drafted < plain
-
-    def _propose(self, states: Sequence[SequenceState], block: int | None) -> list[float]:
-        """Set each state's next proposal (``block``: the adaptive rows' size), in one
-        drafter call where the drafter batches; returns each row's share of the seconds."""
-        seconds = [0.0] * len(states)
+    def _propose(
+        self,
+        states: Sequence[SequenceState],
+        chosen: list[int],
+        block: int | None,
+        outcomes: list[RowOutcome | Exception | None],
+    ) -> dict[int, float]:
+        """Set the next proposal of each state in ``chosen`` (``block``: the adaptive rows'
+        size), in one drafter call where the drafter batches; returns each row's share of
+        the seconds. A failed drafter call ends the rows it was drafting for."""
+        seconds = dict.fromkeys(chosen, 0.0)
         wanted: list[tuple[int, SequenceState, int]] = []
-        for i, state in enumerate(states):
+        for i in chosen:
+            state = states[i]
             remaining = state.max_new_tokens - state.generated
             size = state.block_size
             if state.policy is not None and block is not None:
@@ -289,15 +362,21 @@ class RoundCore:
             # The verifier always adds one token, so drafting past remaining - 1 is wasted.
             k = min(size, remaining - 1)
             if state.draft_session is None or k <= 0:
-                state.proposal = empty_proposal()
+                state.proposal = empty_proposal(self.verifier.device)
                 state.draft_seconds = 0.0
             else:
                 wanted.append((i, state, k))
         batched = getattr(self.drafter, "propose_batch", None)
         if len(wanted) > 1 and batched is not None:
             started = time.perf_counter()
-            requests = [self._request(state, k) for _, state, k in wanted]
-            for (_, state, _), proposal in zip(wanted, batched(requests), strict=True):
+            try:
+                requests = [self._request(state, k) for _, state, k in wanted]
+                proposals = batched(requests)
+            except Exception as exc:
+                for i, state, _ in wanted:
+                    outcomes[i] = _row_failed(state, exc)
+                return seconds
+            for (_, state, _), proposal in zip(wanted, proposals, strict=True):
                 state.proposal = proposal
             share = (time.perf_counter() - started) / len(wanted)
             for i, state, k in wanted:
@@ -309,15 +388,19 @@ class RoundCore:
             request = self._request(state, k)
             # Features go only to drafters that read them (older drafters lack the keyword).
             extra = {"features": request.features} if self.feature_layers else {}
-            state.proposal = state.draft_session.propose(
-                request.context,
-                k,
-                request.params,
-                request.generator,
-                steps=request.steps,
-                confidence=request.confidence,
-                **extra,
-            )
+            try:
+                state.proposal = state.draft_session.propose(
+                    request.context,
+                    k,
+                    request.params,
+                    request.generator,
+                    steps=request.steps,
+                    confidence=request.confidence,
+                    **extra,
+                )
+            except Exception as exc:
+                outcomes[i] = _row_failed(state, exc)
+                continue
             seconds[i] = self._drafted(state, k, time.perf_counter() - started)
         return seconds
 
@@ -349,14 +432,25 @@ class RoundCore:
         state._cached = cache.lengths[state.row] = state.ids.shape[0] + verdict.accepted
         if features is not None:
             keep(state, features, self.feature_window)
-        new = [*state.proposal.tokens[: verdict.accepted].tolist(), verdict.token]
+        drafted = state.proposal.tokens[: verdict.accepted].tolist() if verdict.accepted else []
+        new = [*drafted, verdict.token]
         state.proposal = None
         finish = truncate(new, self.verifier.eos_ids, state.max_new_tokens - state.generated)
-        state.ids = torch.cat([state.ids, torch.tensor(new, dtype=torch.long)])
+        state.append(new)
         state.generated += len(new)
         if finish is not None:
             state.finished = True
         return new, finish
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return params.greedy and (params.repetition_penalty is None or params.repetition_penalty == 1.0)
+
+
+def _row_failed(state: SequenceState, exc: Exception) -> Exception:
+    state.finished = True
+    state.proposal = None
+    return exc
 
 
 class Batch:
@@ -372,6 +466,8 @@ class Batch:
 
     def add(self, state: SequenceState) -> None:
         row = self.cache.add_row()
+        if state.drafting and state.draft_session is None and self.core.drafter is not None:
+            state.draft_session = self.core.drafter.session()  # on the thread that drafts
         state.row, state._cached = row, 0
         self.states.append(state)
 
@@ -388,7 +484,7 @@ class Batch:
         state.row = -1
         state.close()
 
-    def run(self, active: Sequence[bool] | None = None) -> list[RowOutcome | None]:
+    def run(self, active: Sequence[bool] | None = None) -> list[RowOutcome | Exception | None]:
         return self.core.run(
             self.cache, self.states, [True] * len(self.states) if active is None else active
         )

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import threading
+import weakref
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Any
 
-import anyio
 import anyio.to_thread
-from anyio.lowlevel import RunVar
 
 from .._chunks import Chunk
 from .._config import GenerationRequest, SpeculativeConfig
@@ -27,10 +25,7 @@ from .._loading import (
     require_local_extra,
     resolve_device_dtype,
 )
-from ._scheduler import BatchLimits, RoundScheduler
-
-if TYPE_CHECKING:
-    from .._engine import GenerationSession
+from ._model_thread import BatchLimits, ModelThread
 
 __all__ = ["LocalBackend", "default_model_dir"]
 
@@ -121,11 +116,9 @@ class LocalBackend:
         if not self.verifier.batchable:
             max_batch = 1  # see Verifier.batchable: these generations take turns
         self.limits = BatchLimits(max_batch, max_cached_tokens, max_waiting)
-        # Rounds are scheduled per event loop (anyio primitives belong to the loop that made
-        # them); a lock keeps loops in different threads from running the model at once.
-        self._scheduler_var: RunVar[RoundScheduler] = RunVar("dg_stream_round_scheduler")
-        self._limiter_var: RunVar[anyio.CapacityLimiter] = RunVar("dg_stream_local_limiter")
-        self._model_lock = threading.Lock()
+        # Every round of every event loop runs on this one thread (started on first use).
+        self.model_thread = ModelThread(self.engine, self.limits)
+        weakref.finalize(self, self.model_thread.close)
         self.model_name = (
             str(verifier) if isinstance(verifier, (str, os.PathLike)) else type(model).__name__
         )
@@ -257,67 +250,73 @@ class LocalBackend:
     # -- running ----------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Chunks of one generation; rounds run on a worker thread."""
+        """Chunks of one generation; its rounds run on the model thread, shared with every
+        other generation of this backend."""
         session = self.engine.session(request)  # validates and tokenizes: no model work
-        if self.limits.max_batch > 1:
-            async with aclosing(self._scheduler().stream(session)) as chunks:
-                async for batched in chunks:
-                    yield batched
-            return
+        ticket = self.model_thread.submit(session)  # refused here when it cannot be queued
         try:
             while True:
+                item = await ticket.next()
+                if isinstance(item, BaseException):
+                    raise _failure(item, session.text)
                 try:
-                    chunk = await anyio.to_thread.run_sync(
-                        self._locked_step, session, limiter=self._limiter()
-                    )
+                    chunk = session.emit(item)
                 except DGStreamError:
                     raise
                 except Exception as exc:
-                    raise GenerationError(f"model work failed: {exc!r}", text=session.text) from exc
-                if chunk is None:
-                    return
+                    raise _failure(exc, session.text) from exc
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
         finally:
-            session.close()
-
-    def _scheduler(self) -> RoundScheduler:
-        try:
-            return self._scheduler_var.get()
-        except LookupError:
-            scheduler = RoundScheduler(self.engine, self.limits, self._model_lock)
-            self._scheduler_var.set(scheduler)
-            return scheduler
-
-    def _limiter(self) -> anyio.CapacityLimiter:
-        try:
-            return self._limiter_var.get()
-        except LookupError:
-            limiter = anyio.CapacityLimiter(1)
-            self._limiter_var.set(limiter)
-            return limiter
-
-    def _locked_step(self, session: GenerationSession) -> Chunk | None:
-        with self._model_lock:
-            return session.step()
+            self.model_thread.cancel(ticket)
+            # Closing returns once no work for this generation runs (at most the round under
+            # way finishes), even when the closer is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await ticket.wait_left()
 
     @property
     def context_length(self) -> int | None:
         """The most tokens one generation may span, prompt and completion together (None:
         unknown): the verifier's context, or less where ``max_cached_tokens`` is lower."""
         limit = self.verifier.max_length
-        cap = self.limits.max_cached_tokens if self.limits.max_batch > 1 else None
+        cap = self.limits.max_cached_tokens
         if cap is None:
             return limit
         return cap if limit is None else min(limit, cap)
 
     async def aclose(self) -> None:
-        """Nothing to release beyond what each stream releases; present for the protocol."""
-        return None
+        """Stop the model thread (after its current round); streams still running end with
+        an error. The backend cannot be used afterwards."""
+        await anyio.to_thread.run_sync(self.model_thread.close)
+
+    def close(self) -> None:
+        """``aclose`` for synchronous code."""
+        self.model_thread.close()
+
+    async def __aenter__(self) -> LocalBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
         drafter = type(self.drafter).__name__ if self.drafter is not None else None
         return (
             f"LocalBackend(verifier={self.model_name!r}, drafter={drafter}, device={self.device})"
         )
+
+
+def _failure(exc: BaseException, text: str) -> BaseException:
+    """What a reader sees of a failure: dg_stream's own errors as they are, anything else
+    as a ``GenerationError`` with the text produced so far."""
+    if isinstance(exc, (DGStreamError, anyio.get_cancelled_exc_class())):
+        return exc
+    error = GenerationError(f"model work failed: {exc!r}", text=text)
+    error.__cause__ = exc
+    return error

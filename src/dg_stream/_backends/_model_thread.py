@@ -1,0 +1,387 @@
+"""The model thread: every piece of a ``LocalBackend``'s torch work, on one long-lived thread.
+
+```
+event loop(s) ── submit(session) ──► [inbox] ──► model thread: admit → round → publish
+      ▲                                               │ (one Batch, one cache, one set of limits)
+      └── Ticket.next() ◄── outcomes / errors ◄───────┘
+          then GenerationSession.emit on the loop: text, stop strings, preview (output layer)
+```
+
+Why one thread. On a few cores, torch work issued from two threads makes two OpenMP teams
+fight for the same cores (measured: a thread that had done torch work slowed later work on
+another by up to an order of magnitude on 2 cores), and rounds that hop between worker threads
+pay a hand-off each. So prefill, drafting, verification, judging and committing all run here,
+whatever the number of event loops (an app, LangChain's sync portal, the server) that share
+the backend: they share its batch too. Text never reaches this thread; tokenizing and
+detokenizing stay with the loop that reads the stream.
+
+Hand-offs. Event loops send commands through a thread-safe queue (``submit`` decides admission
+at once, under a lock, so a refusal is raised in the caller). Each generation's outcomes go to
+its ``Ticket``; a consumer with nothing to read parks on an ``anyio.Event`` that this thread
+sets through the consumer's own event loop without waiting for it, so a busy or finished loop
+never stalls the rounds of the others.
+
+Flow control. A generation whose ticket holds ``backlog`` unread outcomes sits rounds out (a
+slow reader does not make the others wait, nor buffer without bound). A stream that is closed
+or cancelled sends ``cancel``: its row leaves at the next round boundary, so its work stops
+within one round. When no admitted generation wants a round, the thread sleeps on its inbox.
+The thread starts on first use and stops on ``close()`` (or when its backend is collected).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.lowlevel import EventLoopToken, current_token
+
+from .._errors import GenerationError, InvalidRequestError, OverloadedError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from .._engine import Engine, GenerationSession
+    from .._rounds import Batch, RowOutcome, SequenceState
+
+    Item: TypeAlias = RowOutcome | BaseException
+
+__all__ = ["BatchLimits", "ModelThread", "Ticket"]
+
+logger = logging.getLogger("dg_stream.model_thread")
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much one backend runs at once (see ``LocalBackend``)."""
+
+    max_batch: int = 32
+    max_cached_tokens: int | None = None
+    max_waiting: int = 256
+    backlog: int = 4
+
+
+class BackendClosedError(GenerationError):
+    """The backend was closed while this generation was queued or running."""
+
+
+class Ticket:
+    """One generation's mailbox between the model thread and the event loop reading it."""
+
+    def __init__(self, session: GenerationSession, reserved: int, owner: ModelThread) -> None:
+        self.session = session
+        self.reserved = reserved
+        self._owner = owner
+        self._token: EventLoopToken = current_token()
+        self._items: deque[Item] = deque()
+        self._lock = threading.Lock()
+        self._event: anyio.Event | None = None
+        self.closed = False  # set by the consumer; read by the model thread
+        self.admitted = False  # model thread only
+        self.left = False  # set by the model thread once it holds nothing of this generation
+
+    @property
+    def state(self) -> SequenceState:
+        return self.session.state
+
+    # -- the consumer's side (its event loop) ------------------------------------------------
+
+    async def next(self) -> Item:
+        """The next outcome or error, waiting for a round to make it."""
+        while True:
+            with self._lock:
+                if self._items:
+                    item = self._items.popleft()
+                    if len(self._items) == self._owner.limits.backlog - 1:
+                        self._owner.kick()  # it may have sat rounds out for this reader
+                    return item
+                event = self._event = anyio.Event()
+            await event.wait()
+
+    async def wait_left(self) -> None:
+        """Wait until the model thread has let go of this generation (its row freed: at
+        most the round under way), so that no work for it runs after a stream closes."""
+        while True:
+            with self._lock:
+                if self.left or not self._owner.alive:
+                    return
+                event = self._event = anyio.Event()
+            await event.wait()
+
+    # -- the model thread's side -------------------------------------------------------------
+
+    def wants_round(self) -> bool:
+        return not self.closed and len(self._items) < self._owner.limits.backlog
+
+    def put(self, item: Item) -> None:
+        with self._lock:
+            self._items.append(item)
+            event, self._event = self._event, None
+        self._wake(event)
+
+    def mark_left(self) -> None:
+        with self._lock:
+            self.left = True
+            event, self._event = self._event, None
+        self._wake(event)
+
+    def _wake(self, event: anyio.Event | None) -> None:
+        if event is not None:
+            # Without waiting for the consumer's loop: a busy one must not stall the rounds.
+            # (anyio's own cross-thread calls are built on this backend method.)
+            try:
+                self._token.backend_class.run_sync_soon(event.set, (), self._token.native_token)
+            except Exception:  # the consumer's loop has ended: nobody is left to wake
+                logger.debug("a finished event loop could not be woken", exc_info=True)
+
+
+class _Cancel:
+    __slots__ = ("ticket",)
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+
+
+class _Barrier:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_KICK = object()
+_STOP = object()
+
+
+class ModelThread:
+    """Runs the rounds of one ``Engine`` on one thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, limits: BatchLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the counts below and starting/stopping
+        self._queued = 0  # submitted, not yet admitted (nor gone)
+        self._running = 0  # admitted rows
+        self._reserved = 0  # tokens the admitted rows reserve
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Model-thread state.
+        self._batch: Batch | None = None
+        self._waiting: deque[Ticket] = deque()
+        self._rows: dict[SequenceState, Ticket] = {}
+
+    # -- event-loop side ---------------------------------------------------------------------
+
+    def submit(self, session: GenerationSession) -> Ticket:
+        """Queue a generation; refused at once when it can never fit or the queue is full."""
+        reserved = len(session.prompt_ids) + session.request.max_new_tokens
+        cap = self.limits.max_cached_tokens
+        if cap is not None and reserved > cap:
+            raise InvalidRequestError(
+                f"the prompt plus max_new_tokens ({reserved} tokens) exceeds this backend's "
+                f"max_cached_tokens ({cap})",
+                param="max_new_tokens",
+                code="context_length_exceeded",
+            )
+        ticket = Ticket(session, reserved, self)
+        with self._lock:
+            if self._closed:
+                raise BackendClosedError("the backend is closed")
+            # Only those beyond the rows of a round count as queued.
+            queued = self._queued + self._running - self.limits.max_batch
+            if queued >= self.limits.max_waiting:
+                raise OverloadedError(
+                    f"{queued} generations are already waiting for this backend",
+                    status_code=503,
+                    retry_after=1.0,
+                )
+            self._queued += 1
+            self._start()
+        self._inbox.put(ticket)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The consumer has gone: free its place (queued) or row (at the round's end)."""
+        if not ticket.closed:
+            ticket.closed = True
+            self._inbox.put(_Cancel(ticket))
+
+    def kick(self) -> None:
+        self._inbox.put(_KICK)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread after the round under way; queued and running generations end
+        with an error. Idempotent."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._inbox.put(_STOP)
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has handled every command sent before this call (leaving
+        streams freed, say); True when it has (or is not running)."""
+        if not self.alive:
+            return True
+        barrier = _Barrier()
+        self._inbox.put(barrier)
+        return barrier.done.wait(timeout)
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(rows running, generations queued, tokens reserved) as of now."""
+        with self._lock:
+            return self._running, self._queued, self._reserved
+
+    @property
+    def batch(self) -> Batch | None:
+        """The shared batch (for inspection; only the model thread changes it)."""
+        return self._batch
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ident(self) -> int | None:
+        """The model thread's id once started (every forward runs on it)."""
+        return self._thread.ident if self._thread is not None else None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="dg-stream-model", daemon=True)
+            self._thread.start()
+
+    # -- the model thread ----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._batch = self.engine.batch()
+            while self._handle(self._commands(block=not self._runnable())):
+                self._admit()
+                if self._runnable():
+                    self._round()
+        except BaseException as exc:  # never leave a reader waiting on a dead thread
+            logger.exception("the model thread failed")
+            self._fail_all(exc)
+            raise
+        self._fail_all(BackendClosedError("the backend was closed"))
+
+    def _commands(self, block: bool) -> list[object]:
+        commands = [self._inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _handle(self, commands: list[object]) -> bool:
+        """Apply commands; False on stop."""
+        for command in commands:
+            if command is _STOP:
+                return False
+            if isinstance(command, Ticket):
+                if command.closed:
+                    self._forget(command)
+                else:
+                    self._waiting.append(command)
+            elif isinstance(command, _Cancel):
+                self._leave(command.ticket)
+            elif isinstance(command, _Barrier):
+                command.done.set()
+        return True
+
+    def _runnable(self) -> bool:
+        return any(ticket.wants_round() for ticket in self._rows.values())
+
+    def _admit(self) -> None:
+        """Move waiting generations into the batch while the limits allow (in order)."""
+        assert self._batch is not None
+        cap = self.limits.max_cached_tokens
+        while self._waiting:
+            ticket = self._waiting[0]
+            if self._rows and (
+                len(self._rows) >= self.limits.max_batch
+                or (cap is not None and self._reserved + ticket.reserved > cap)
+            ):
+                return
+            self._waiting.popleft()
+            try:
+                self._batch.add(ticket.state)
+            except Exception as exc:  # e.g. out of memory growing the cache: this one fails
+                self._forget(ticket)
+                ticket.put(exc)
+                continue
+            self._rows[ticket.state] = ticket
+            ticket.admitted = True
+            with self._lock:
+                self._queued -= 1
+                self._running += 1
+                self._reserved += ticket.reserved
+
+    def _round(self) -> None:
+        assert self._batch is not None
+        tickets = [self._rows[state] for state in self._batch.states]
+        active = [ticket.wants_round() for ticket in tickets]
+        try:
+            outcomes = self._batch.run(active)
+        except Exception as exc:
+            # A failed forward leaves the rows' caches undefined: every row of it ends.
+            for ticket, on in zip(tickets, active, strict=True):
+                if on:
+                    self._leave(ticket)
+                    ticket.put(exc)
+            return
+        for ticket, outcome in zip(tickets, outcomes, strict=True):
+            if outcome is None:
+                continue
+            ticket.put(outcome)
+            if isinstance(outcome, BaseException) or outcome.finish is not None:
+                self._leave(ticket)
+
+    def _leave(self, ticket: Ticket) -> None:
+        """Free a ticket's row or place in the queue (idempotent)."""
+        if ticket.admitted:
+            assert self._batch is not None
+            ticket.admitted = False
+            self._rows.pop(ticket.state, None)
+            try:
+                self._batch.remove(ticket.state)
+            except Exception:  # a drafter session that fails to close frees the rest
+                logger.exception("freeing a finished generation failed")
+            with self._lock:
+                self._running -= 1
+                self._reserved -= ticket.reserved
+            ticket.mark_left()
+        elif ticket in self._waiting:
+            self._waiting.remove(ticket)
+            self._forget(ticket)
+
+    def _forget(self, ticket: Ticket) -> None:
+        """A ticket that never got a row leaves the queue's count."""
+        ticket.state.close()
+        with self._lock:
+            self._queued -= 1
+        ticket.mark_left()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for ticket in [*self._rows.values(), *self._waiting]:
+            self._leave(ticket)
+            ticket.put(error)
+        while True:  # tickets submitted after the stop
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, Ticket):
+                self._forget(command)
+                command.put(error)
+            elif isinstance(command, _Barrier):
+                command.done.set()
