@@ -82,7 +82,13 @@ def cosine_lr(step: int, progress: float, peak: float, warmup: int) -> float:
 
 
 class Checkpointer:
-    """Periodic training checkpoints in ``out_dir/checkpoint.pt``; resumes from the last one."""
+    """Periodic training checkpoints in ``out_dir/checkpoint.pt``; resumes from the last one.
+
+    A checkpoint holds everything a continued run needs to take the same steps an
+    uninterrupted one would: weights, optimizer moments, the data generator, and torch's and
+    Python's global random states (dropout draws from torch's). Only tensors and plain Python
+    values, so it loads with ``weights_only=True`` (no code runs on load).
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "checkpoint.pt"
@@ -102,6 +108,7 @@ class Checkpointer:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
+            "torch_random": torch.get_rng_state(),
             "python_random": random.getstate(),
             "extra": extra or {},
         }
@@ -115,16 +122,24 @@ class Checkpointer:
         """Restore the last checkpoint, returning its step (0 when there is none)."""
         if not self.path.exists():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-        random.setstate(state["python_random"])
+        if "torch_random" in state:  # checkpoints written before it was kept lack it
+            torch.set_rng_state(state["torch_random"])
+        random.setstate(_as_random_state(state["python_random"]))
         self.extra = dict(state.get("extra") or {})
         return int(state["step"])
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _as_random_state(state: Any) -> tuple[Any, ...]:
+    """``random.setstate`` wants tuples; a checkpoint may hand back lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 def progress(total: int, initial: int, desc: str) -> Any:
@@ -171,6 +186,11 @@ def optimize(
     checkpoint_every: int,
     desc: str,
     time_budget: float | None = None,
+    stop_after: float | None = None,
+    stop_at: int | None = None,
+    checkpoint_seconds: float | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> int:
     """The optimisation loop both models share: cosine schedule, clipping, progress, checkpoints.
 
@@ -179,6 +199,14 @@ def optimize(
     first, and the learning-rate schedule follows whichever is further along, so it has fully
     decayed either way (a run is never cut off at a high learning rate). Returns the number
     of steps done.
+
+    For runs that span sessions the schedule must depend on the step alone, or a resumed run
+    would not take the steps an uninterrupted one takes: ``stop_after`` (seconds of this
+    call) or ``stop_at`` (a step) ends the call without touching the schedule, and the next
+    call resumes from the checkpoint written on the way out. ``checkpoint_seconds`` also
+    checkpoints on the clock, ``extra_state()`` adds to what a checkpoint carries (e.g.
+    examples seen), and ``on_checkpoint(step)`` runs after each checkpoint but the last (e.g.
+    an evaluation).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -201,7 +229,17 @@ def optimize(
             fraction = max(fraction, seconds() / time_budget)
         return fraction
 
-    while (progress_ := done()) < 1.0:
+    def stopped() -> bool:
+        if stop_at is not None and step >= stop_at:
+            return True
+        return stop_after is not None and time.perf_counter() - started >= stop_after
+
+    def save() -> None:
+        state = {"seconds": seconds(), **(extra_state() if extra_state else {})}
+        checkpoints.save(step, model, optimizer, generator, state)
+
+    last_save = time.perf_counter()
+    while (progress_ := done()) < 1.0 and not stopped():
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, progress_, peak_lr, warmup)
         loss, tokens = batch_loss()
@@ -212,11 +250,21 @@ def optimize(
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate.add(tokens):,.0f}")
-        if step % checkpoint_every == 0 and done() < 1.0:
-            checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})
+        due = step % checkpoint_every == 0 or (
+            checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
+        )
+        if due and done() < 1.0 and not stopped():
+            save()
+            if on_checkpoint is not None:
+                model.eval()
+                on_checkpoint(step)
+                model.train()
+            last_save = time.perf_counter()
     if step > start_step:
-        checkpoints.save(step, model, optimizer, generator, {"seconds": seconds()})
-    if step < steps:
+        save()
+    if stopped() and done() < 1.0:
+        bar.write(f"{desc}: stopped after {step} of {steps} steps; resumable")
+    elif step < steps:
         bar.write(f"{desc}: time budget of {time_budget:.0f}s spent after {step} steps")
     bar.close()
     model.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._argtypes import int_list
+from ._distil_cli import add_distil_command
 
 __all__ = ["add_parser"]
 
@@ -269,4 +270,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="held-out prompts for the final acceptance evaluation (0: skip)",
     )
     dra.set_defaults(func=_drafter)
+    add_distil_command(commands)
     return train
