@@ -1,6 +1,6 @@
 """A Gradio chat app streaming from a dg_stream backend, with draft previews.
 
-    pip install 'dg-stream[local]' 'gradio>=6'
+    pip install '.[local]' 'gradio>=6'   # in a dg_stream checkout (not on PyPI)
     python examples/gradio_chat.py            # then open http://127.0.0.1:7860
 
 Committed text is shown as it is verified; the drafter's provisional continuation follows it

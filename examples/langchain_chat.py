@@ -1,6 +1,6 @@
 """LangChain: a prompt-template chain over ChatDGStream, streamed as it is verified.
 
-    pip install 'dg-stream[local,langchain]'
+    pip install '.[local,langchain]'   # in a dg_stream checkout (not on PyPI)
     python examples/langchain_chat.py ["your question"]
 
 ``ChatDGStream`` is a LangChain chat model over any dg_stream backend: here the embedded model

@@ -289,6 +289,19 @@ def test_other_models_and_unknown_options_are_refused(tiny_backend: Any) -> None
         model.invoke("hi", max_tokens=0)  # dg_stream's own validation, before any work
 
 
+@pytest.mark.parametrize("value", [0, -3])
+def test_a_bad_max_tokens_is_named_max_tokens(tiny_backend: Any, value: Any) -> None:
+    """The user set ``max_tokens``: the error names it, not generate()'s ``max_new_tokens``."""
+    for model, options in (
+        (ChatDGStream(backend=tiny_backend, max_tokens=value), {}),
+        (ChatDGStream(backend=tiny_backend), {"max_tokens": value}),
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            model.invoke("hi", **options)
+        assert info.value.param == "max_tokens"
+        assert str(info.value).startswith("max_tokens must be") and "max_new" not in str(info.value)
+
+
 def test_drafts_go_to_on_draft_never_into_the_message(tiny_backend: Any) -> None:
     model = ChatDGStream(backend=tiny_backend, max_tokens=LIMIT, block_size=4)
     plain = model.invoke("hello").content

@@ -42,6 +42,26 @@ class MissingDependencyError(DGStreamError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
+def install_hint(*extras: str) -> str:
+    """The command that installs ``extras``, for every hint and doc that names one.
+
+    dg_stream is not on PyPI, so a command naming the package finds nothing there: the
+    extras are installed from a checkout of the repository.
+    """
+    return f"pip install '.[{','.join(extras)}]' in a dg_stream checkout"
+
+
+def missing_extra(what: str, extras: tuple[str, ...], exc: ImportError) -> MissingDependencyError:
+    """The error for ``what`` needing ``extras`` that ``exc`` shows are not installed."""
+    # A MissingDependencyError already (from a module that checks its own extra) names the
+    # missing module only in its cause.
+    cause = exc.__cause__ if exc.name is None else None
+    module = exc.name or (cause.name if isinstance(cause, ImportError) else None)
+    # The distribution, not the submodule that happened to be imported first.
+    name = module.partition(".")[0] if module else str(exc)
+    return MissingDependencyError(f"{what} needs {name}: {install_hint(*extras)}")
+
+
 class ModelLoadError(DGStreamError):
     """A model, tokenizer or checkpoint could not be loaded."""
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._errors import MissingDependencyError, ModelLoadError, VocabularyMismatchError
+from ._errors import ModelLoadError, VocabularyMismatchError, missing_extra
 
 __all__ = [
     "check_vocabularies",
@@ -24,15 +24,17 @@ __all__ = [
 #: maps the verifier's features into its embedding space.
 FEATURE_PROJECTION_FILE = "feature_projection.safetensors"
 
-LOCAL_HINT = "the local backend needs torch and transformers: pip install 'dg-stream[local]'"
 
-
-def require_local_extra() -> None:
+def require_local_extra(
+    what: str = "the local backend", extras: tuple[str, ...] = ("local",)
+) -> None:
+    """Raise MissingDependencyError naming the extra to install when torch or transformers
+    is missing (``what`` needs them: the local backend, training, ...)."""
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise MissingDependencyError(f"{LOCAL_HINT} ({exc})") from exc
+        raise missing_extra(what, extras, exc) from exc
 
 
 def resolve_device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:

@@ -25,7 +25,7 @@ import msgspec
 
 from ._argtypes import OneLineErrorParser, positive_int
 from ._chunks import Chunk
-from ._errors import DGStreamError, InvalidRequestError
+from ._errors import DGStreamError, InvalidRequestError, install_hint, missing_extra
 
 __all__ = ["main"]
 
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         train = commands.add_parser("train", help="train a tokenizer, a verifier or a drafter")
         train.set_defaults(
-            func=_missing("training", "dg_stream.train.commands", "pip install 'dg-stream[train]'")
+            func=_missing("training", "dg_stream.train.commands", install_hint("train"))
         )
     else:
         train_commands.add_parser(commands)
@@ -658,9 +658,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = importlib.import_module("dg_stream.server")
     except ImportError as exc:
-        raise _UsageError(
-            f"the server needs its extra: pip install 'dg-stream[server]' ({exc})", code=1
-        ) from None
+        # Serving local models needs them too: one command installs both.
+        extras = ("server",) if args.remote else ("local", "server")
+        raise missing_extra("dg-stream serve", extras, exc) from None
     _check_options(args)
     backend = _make_backend(args)
     print(
@@ -686,9 +686,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
         bench = importlib.import_module("dg_stream.bench")
     except ImportError as exc:
         if getattr(exc, "name", None) not in ("dg_stream.bench", None):
-            raise _UsageError(
-                f"benchmarks need their extra: pip install 'dg-stream[bench]' ({exc})", code=1
-            ) from None
+            raise missing_extra("dg-stream bench", ("bench",), exc) from None
         raise _UsageError(
             "benchmarks are not available in this installation (dg_stream.bench is missing)", code=1
         ) from None

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._argtypes import OneLineErrorParser, int_list
+from .._errors import missing_extra
 from ._config import FULL, QUICK, BenchConfig
 
 __all__ = ["build_parser", "config_from_args", "fresh_out_dir", "main"]
@@ -228,7 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = write_prompts(make_prompts(), args.write_prompts)
         print(f"wrote {path}")
         return 0
-    config = _ensure_prompts(config_from_args(args))
+    config = config_from_args(args)
+    if config.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:  # said now, not after the whole run
+            raise missing_extra("dg-stream bench's plots (or --no-plots)", ("bench",), exc) from exc
+    config = _ensure_prompts(config)
     if args.train_assistant and config.assistant is not None and not config.assistant.exists():
         _ensure_assistant(config)
 

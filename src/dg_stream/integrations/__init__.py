@@ -4,5 +4,5 @@ Each adapter is a module of its own with its own extra, imported explicitly so t
 ``import dg_stream`` never imports a framework:
 
 - ``dg_stream.integrations.langchain``: ``ChatDGStream``, a LangChain chat model
-  (``pip install 'dg-stream[langchain]'``).
+  (``pip install '.[langchain]'`` in a dg_stream checkout).
 """

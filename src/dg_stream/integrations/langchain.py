@@ -1,6 +1,7 @@
 """``ChatDGStream``: a LangChain chat model over any dg_stream backend, local or remote.
 
-Needs the ``langchain`` extra (``pip install 'dg-stream[langchain]'``: langchain-core only)::
+Needs the ``langchain`` extra (``pip install '.[langchain]'`` in a dg_stream checkout:
+langchain-core only)::
 
     from dg_stream import LocalBackend
     from dg_stream.integrations.langchain import ChatDGStream
@@ -21,6 +22,7 @@ continuation after every step.
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +34,7 @@ from anyio.from_thread import BlockingPortal
 
 from .._backends.base import Backend
 from .._chunks import Chunk, Stats
-from .._errors import InvalidRequestError, MissingDependencyError
+from .._errors import InvalidRequestError, missing_extra
 from .._generate import _get_default_backend, generate
 from .._prompt import plain_chat_stops
 from .._stream import GenerationStream
@@ -57,10 +59,7 @@ try:
     from langchain_core.utils import from_env, secret_from_env
     from pydantic import ConfigDict, Field, SecretStr
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise MissingDependencyError(
-        "the LangChain chat model needs the 'langchain' extra: pip install "
-        f"'dg-stream[langchain]' ({exc.name} is missing)"
-    ) from exc
+    raise missing_extra("the LangChain chat model", ("langchain",), exc) from exc
 
 __all__ = ["ChatDGStream", "DraftCallback", "to_dg_messages"]
 
@@ -366,15 +365,25 @@ class ChatDGStream(BaseChatModel):
         max_tokens = options.pop("max_tokens")
         on_draft = options.pop("on_draft")
         speculative = {name: options.pop(name) for name in _SPECULATIVE}
-        stream = generate(
-            dg_messages,
-            backend=backend,
-            max_new_tokens=256 if max_tokens is None else max_tokens,
-            stop=stops or None,
-            draft_preview=on_draft is not None,
-            **options,
-            **{name: value for name, value in speculative.items() if value is not None},
-        )
+        try:
+            stream = generate(
+                dg_messages,
+                backend=backend,
+                max_new_tokens=256 if max_tokens is None else max_tokens,
+                stop=stops or None,
+                draft_preview=on_draft is not None,
+                **options,
+                **{name: value for name, value in speculative.items() if value is not None},
+            )
+        except InvalidRequestError as exc:
+            if exc.param != "max_new_tokens":
+                raise
+            # The user set ChatDGStream's max_tokens: name that, not generate()'s argument.
+            raise InvalidRequestError(
+                re.sub(r"\bmax_new_tokens\b", "max_tokens", exc.message),
+                param="max_tokens",
+                code=exc.code,
+            ) from None
         return _Call(stream, backend if owned else None, on_draft)
 
     def _to_generation_chunk(self, chunk: Chunk, call: _Call) -> ChatGenerationChunk:

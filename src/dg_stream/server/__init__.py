@@ -1,6 +1,7 @@
 """``dg-stream serve``: an OpenAI-compatible HTTP server with dg_stream's native event stream.
 
-Needs the ``server`` extra (``pip install 'dg-stream[server]'``: starlette and uvicorn)::
+Needs the ``server`` extra (``pip install '.[server]'`` in a dg_stream checkout: starlette and
+uvicorn; ``'.[local,server]'`` to serve local models)::
 
     from dg_stream import LocalBackend
     from dg_stream.server import serve
@@ -14,16 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._errors import MissingDependencyError
+from .._errors import missing_extra
 
 try:
     import starlette  # noqa: F401
     import uvicorn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise MissingDependencyError(
-        f"the server needs the 'server' extra: pip install 'dg-stream[server]' ({exc.name} is "
-        "missing)"
-    ) from exc
+    raise missing_extra("the server", ("server",), exc) from exc
 
 from .._backends.base import Backend
 from .app import create_app

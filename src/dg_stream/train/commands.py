@@ -15,6 +15,25 @@ __all__ = ["add_parser"]
 
 RUNS = Path("runs")
 
+#: The embedded verifier, where ``LocalBackend.default()`` loads it from (found here without
+#: importing the backend, so that ``--help`` needs no torch).
+DEFAULT_VERIFIER = Path(__file__).resolve().parent.parent / "default_model" / "verifier"
+
+
+def _require_extra() -> None:
+    """Training needs torch and transformers: without them, say which extra to install."""
+    from .._loading import require_local_extra
+
+    require_local_extra("training", ("train",))
+
+
+def _local(path: str, what: str) -> str:
+    """``path`` when it exists, else the one-line ModelLoadError that loading a model gives:
+    transformers would take a missing path for a hub id and try to download it."""
+    from .._loading import _check_path
+
+    return str(_check_path(path, what))
+
 
 def _corpus(args: argparse.Namespace) -> Any:
     from .corpus import file_corpus, stdlib_corpus
@@ -32,6 +51,7 @@ def _threads(n: int | None) -> None:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
+    _require_extra()
     from .tokenizer import train_tokenizer
 
     started = time.perf_counter()
@@ -44,6 +64,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _verifier(args: argparse.Namespace) -> int:
+    _require_extra()
+    tokenizer = _local(args.tokenizer, "tokenizer")
     from .verifier import VerifierTrainingConfig, train_verifier
 
     _threads(args.threads)
@@ -60,12 +82,15 @@ def _verifier(args: argparse.Namespace) -> int:
         seed=args.seed,
         time_budget=args.time_budget,
     )
-    metrics = train_verifier(_corpus(args), args.tokenizer, args.out, config, args.device)
+    metrics = train_verifier(_corpus(args), tokenizer, args.out, config, args.device)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _drafter(args: argparse.Namespace) -> int:
+    _require_extra()
+    verifier = _local(args.verifier, "verifier")
+    init_from = _local(args.init_from, "drafter") if args.init_from else None
     from .corpus import Corpus
     from .drafter import DrafterTrainingConfig, train_drafter
     from .evaluate import evaluate_pair, held_out_prompts
@@ -90,16 +115,16 @@ def _drafter(args: argparse.Namespace) -> int:
         feature_layers=tuple(args.feature_layers),
         cpu_bf16=args.cpu_bf16,
         feature_window=args.feature_window,
-        init_from=args.init_from,
+        init_from=init_from,
         context_tokens=args.context_tokens,
         blocks_per_row=args.blocks_per_row,
         max_block=(args.block_size or (16 if args.architecture == "dflash" else 17)) - 1,
     )
     corpus: Corpus = _corpus(args)
-    metrics = train_drafter(corpus, args.verifier, args.out, config, args.device)
+    metrics = train_drafter(corpus, verifier, args.out, config, args.device)
     if args.eval_prompts:
         prompts = held_out_prompts(corpus.held_out, count=args.eval_prompts)
-        metrics["acceptance"] = evaluate_pair(args.verifier, args.out, prompts)
+        metrics["acceptance"] = evaluate_pair(verifier, args.out, prompts)
         (Path(args.out) / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return 0
@@ -155,7 +180,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     ver = commands.add_parser("verifier", help="a small Llama-architecture causal LM")
     common(ver, steps=1600, lr=3e-3)
-    ver.add_argument("--tokenizer", default=str(RUNS / "tokenizer"))
+    ver.add_argument(
+        "--tokenizer",
+        default=str(RUNS / "tokenizer"),
+        metavar="PATH",
+        help="a tokenizer folder, as 'train tokenizer' writes (default %(default)s)",
+    )
     ver.add_argument("--out", default=str(RUNS / "verifier"))
     ver.add_argument("--hidden-size", type=int, default=256)
     ver.add_argument("--layers", type=int, default=6)
@@ -172,8 +202,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     common(dra, steps=2000, lr=2e-3)
     dra.add_argument(
         "--verifier",
-        default=str(RUNS / "verifier"),
-        help="local causal-LM checkpoint (with its tokenizer) to distil from",
+        default=str(DEFAULT_VERIFIER),
+        metavar="PATH",
+        help="local causal-LM checkpoint (with its tokenizer) to distil from (default: the "
+        "embedded verifier)",
     )
     dra.add_argument("--out", default=str(RUNS / "drafter"))
     dra.add_argument(

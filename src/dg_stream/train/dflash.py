@@ -129,8 +129,10 @@ def train_dflash(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    tokenizer: Any = AutoTokenizer.from_pretrained(verifier_dir)
-    verifier: Any = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32)
+    tokenizer: Any = AutoTokenizer.from_pretrained(verifier_dir, local_files_only=True)
+    verifier: Any = AutoModelForCausalLM.from_pretrained(
+        verifier_dir, dtype=torch.float32, local_files_only=True
+    )
     verifier = verifier.to(dev).eval().requires_grad_(False)
     depth = int(verifier.config.num_hidden_layers)
     block_size = config.max_block + 1

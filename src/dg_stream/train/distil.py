@@ -137,7 +137,9 @@ def _load_verifier(verifier_dir: str | Path, dtype: torch.dtype, dev: torch.devi
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):  # loading draws; the run's draws start later
-        verifier: Any = AutoModelForCausalLM.from_pretrained(str(verifier_dir), dtype=dtype)
+        verifier: Any = AutoModelForCausalLM.from_pretrained(
+            str(verifier_dir), dtype=dtype, local_files_only=True
+        )
     return verifier.to(dev).eval()
 
 
@@ -177,7 +179,9 @@ def run_distillation(
     from transformers import AutoTokenizer
 
     dev = pick_device(device)
-    tokenizer, _ = ensure_mask_token(AutoTokenizer.from_pretrained(str(verifier_dir)))
+    tokenizer, _ = ensure_mask_token(
+        AutoTokenizer.from_pretrained(str(verifier_dir), local_files_only=True)
+    )
 
     # 1. Data: shards the run does not have yet, in the generation precision.
     missing = [i for i in range(config.shards) if not shard_path(out / "data", i).exists()]

@@ -343,7 +343,9 @@ def _warm_start(config: DrafterTrainingConfig, tokenizer: Any) -> tuple[Any, Dra
     from transformers import AutoModelForMaskedLM
 
     assert config.init_from is not None
-    model = AutoModelForMaskedLM.from_pretrained(config.init_from, dtype=torch.float32)
+    model = AutoModelForMaskedLM.from_pretrained(
+        config.init_from, dtype=torch.float32, local_files_only=True
+    )
     if int(model.config.vocab_size) != len(tokenizer):
         raise ValueError(
             f"{config.init_from} has a vocabulary of {model.config.vocab_size} ids, the "
@@ -434,7 +436,7 @@ def train_drafter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    tokenizer: Any = AutoTokenizer.from_pretrained(verifier_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(verifier_dir, local_files_only=True)
     added = False
     if not causal:  # a causal assistant needs no mask token: it keeps the verifier's vocabulary
         tokenizer, added = ensure_mask_token(tokenizer)
@@ -446,7 +448,9 @@ def train_drafter(
     start: Any = None
     if config.init_from:
         start, config = _warm_start(config, tokenizer)
-    verifier: Any = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32)
+    verifier: Any = AutoModelForCausalLM.from_pretrained(
+        verifier_dir, dtype=torch.float32, local_files_only=True
+    )
     verifier = verifier.to(dev).eval()
     _check_config(config, verifier)
     generator = torch.Generator().manual_seed(config.seed)
