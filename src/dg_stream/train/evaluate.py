@@ -54,6 +54,10 @@ def acceptance(
     return {
         "block_size": block_size,
         "steps": steps,
+        # The totals too, so that results over several prompt sets can be summed exactly.
+        "verifier_calls": calls,
+        "accepted_tokens": accepted,
+        "committed_tokens": committed,
         "mean_accepted_per_call": round(accepted / max(1, calls), 3),
         "tokens_per_call": round(committed / max(1, calls), 3),
         # Share of calls that kept slot i given they drafted it: slot 1 is the drafter's
