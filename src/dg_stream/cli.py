@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import msgspec
 
-from ._argtypes import OneLineErrorParser, positive_int
+from ._argtypes import OneLineErrorParser, non_negative_float, positive_int
 from ._chunks import Chunk
 from ._errors import DGStreamError, InvalidRequestError, install_hint, missing_extra
 
@@ -260,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens the batched generations may reserve (prompt plus "
         "max_tokens each); later requests wait (default: no bound)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, let running generations finish for this long, then end "
+        "them with an error event that says the server is shutting down (default "
+        "%(default)s; a second Ctrl-C: at once)",
     )
     serve.add_argument(
         "--served-model-name",
@@ -677,6 +686,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_concurrent=args.max_concurrent,
             model_name=args.served_model_name,
+            shutdown_timeout=args.shutdown_timeout,
         )
     return 0
 

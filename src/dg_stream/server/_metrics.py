@@ -98,7 +98,8 @@ class Metrics:
             "dg_stream_generations_total",
             "counter",
             "Generations by endpoint and outcome (stop, length, cancelled, error, "
-            "rejected: refused before any output, disconnected).",
+            "rejected: refused before any output, disconnected, shutdown: ended by the "
+            "server stopping).",
             sorted(self.generations.items()),
         )
         metric(

@@ -49,6 +49,7 @@ __all__ = [
     "CompletionRenderer",
     "GenerationResponse",
     "NativeRenderer",
+    "ServerShuttingDown",
     "error_body_for",
     "error_response",
 ]
@@ -62,6 +63,13 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",  # nginx: do not buffer the stream
 }
+
+
+class ServerShuttingDown(GenerationError):
+    """Ends a generation the server is not waiting for as it shuts down."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: retry the request later or elsewhere")
 
 
 def sse(data: bytes, event: str | None = None) -> bytes:
@@ -117,6 +125,12 @@ def error_body_for(
                 code="invalid_messages",
             ),
             None,
+        )
+    if isinstance(exc, ServerShuttingDown):
+        return (
+            503,
+            ErrorBody(message=str(exc), type="server_error", code="server_shutting_down"),
+            {"retry-after": str(retry_after)},
         )
     if isinstance(exc, OverloadedError):  # a proxied server is full: pass its advice on
         seconds = int(exc.retry_after) if exc.retry_after is not None else retry_after
@@ -358,6 +372,7 @@ class GenerationResponse:
         keepalive_seconds: float,
         release: Callable[[], None],
         rename: Callable[[str | None], str | None] = lambda p: p,
+        running: set[GenerationResponse] | None = None,
     ) -> None:
         self.source = source
         self.renderer = renderer
@@ -371,9 +386,18 @@ class GenerationResponse:
         self.disconnected = False
         self.finished = False
         self.outcome = "disconnected"
+        self.running = running if running is not None else set()
+        # The model work; cancelled by stop(), after which the client is told why.
+        self._work = anyio.CancelScope()
+
+    def stop(self) -> None:
+        """End the generation now with a final error saying the server is shutting down
+        (an error event when streaming, a 503 before any output)."""
+        self._work.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         out, items = anyio.create_memory_object_stream[_Item](1)
+        self.running.add(self)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._produce, out)
@@ -389,6 +413,7 @@ class GenerationResponse:
                 self.finished = True
                 tg.cancel_scope.cancel()
         finally:
+            self.running.discard(self)
             if self.disconnected:
                 self.metrics.disconnects += 1
             self.metrics.generation_done(self.endpoint, self.outcome)
@@ -401,21 +426,24 @@ class GenerationResponse:
         self.metrics.active += 1
         try:
             async with out:
-                while True:
-                    try:
-                        chunk = await self.source.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    except Exception as exc:
-                        await out.send(exc)
-                        return
-                    if first:
-                        first = False
-                        self.metrics.first_chunk(time.perf_counter() - started)
-                    self.metrics.chunk(chunk)
-                    await out.send(chunk)
-                    if chunk.finish_reason is not None:
-                        return
+                with self._work:
+                    while True:
+                        try:
+                            chunk = await self.source.__anext__()
+                        except StopAsyncIteration:
+                            return
+                        except Exception as exc:
+                            await out.send(exc)
+                            return
+                        if first:
+                            first = False
+                            self.metrics.first_chunk(time.perf_counter() - started)
+                        self.metrics.chunk(chunk)
+                        await out.send(chunk)
+                        if chunk.finish_reason is not None:
+                            return
+                # Only stop() gets here (the loop leaves by return): say why it ends.
+                await out.send(ServerShuttingDown())
         finally:
             # Shielded: the backend must release its session even when we are being cancelled.
             with anyio.CancelScope(shield=True):
@@ -450,11 +478,17 @@ class GenerationResponse:
                 return GenerationError("the generation ended without a final chunk")
         return None
 
+    def _outcome_of(self, exc: BaseException, status: int, when: str) -> str:
+        """The metrics outcome of a generation ended by ``exc``; logs what is a failure."""
+        if isinstance(exc, ServerShuttingDown):
+            return "shutdown"  # asked for, not a failure: no traceback in the log
+        if status >= 500:
+            logger.error("generation failed%s: %r", when, exc, exc_info=exc)
+        return "rejected" if status < 500 else "error"
+
     async def _send_error_response(self, send: Send, exc: BaseException) -> None:
         status, body, headers = error_body_for(exc, rename=self.rename)
-        if status >= 500:
-            logger.error("generation failed: %r", exc, exc_info=exc)
-        self.outcome = "rejected" if status < 500 else "error"
+        self.outcome = self._outcome_of(exc, status, "")
         self.status_code = status
         await send_plain(send, status, encode(ErrorResponse(error=body)), headers)
 
@@ -475,9 +509,8 @@ class GenerationResponse:
                 frames = [KEEPALIVE]
             elif isinstance(item, BaseException):
                 status, body, _ = error_body_for(item, rename=self.rename)
-                if status >= 500:
-                    logger.error("generation failed mid-stream: %r", item, exc_info=item)
-                self.outcome = "error"
+                outcome = self._outcome_of(item, status, " mid-stream")
+                self.outcome = "error" if outcome == "rejected" else outcome
                 frames = [self.renderer.error(body)]
             else:
                 frames = self.renderer.chunk(item)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -63,6 +64,11 @@ logger = logging.getLogger("dg_stream.server")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 T = TypeVar("T")
+
+# Shutdown: how often to look whether the generations have ended, and how long a response
+# that was told to end may still take (a client that stopped reading holds it up).
+_POLL_SECONDS = 0.02
+_ENDING_SECONDS = 5.0
 
 
 class RequestRejected(Exception):
@@ -159,6 +165,30 @@ class _Server:
         self.slots = 0
         self.created = int(time.time())
         self.started = time.monotonic()
+        self.running: set[GenerationResponse] = set()  # responses sending a generation
+        self.stopping = False
+
+    async def shutdown(self, grace: float, *, force: Callable[[], bool] = lambda: False) -> None:
+        """Refuse new generations, give the running ones ``grace`` seconds to finish (less when
+        ``force()`` turns true: a second Ctrl-C), then end the rest with a final error event
+        (a 503 before any output) that says the server is shutting down; returns once every
+        response has been sent, or after ``_ENDING_SECONDS`` more for a client that does not
+        read."""
+        self.stopping = True
+        if self.running:
+            logger.info(
+                "shutting down: %d generation(s) running, ending them within %gs",
+                len(self.running),
+                grace,
+            )
+        with anyio.move_on_after(grace):
+            while self.running and not force():
+                await anyio.sleep(_POLL_SECONDS)
+        for response in list(self.running):
+            response.stop()
+        with anyio.move_on_after(_ENDING_SECONDS):
+            while self.running:  # each ends within one model step
+                await anyio.sleep(_POLL_SECONDS)
 
     @property
     def max_context(self) -> int | None:
@@ -214,6 +244,14 @@ class _Server:
             )
 
     def _acquire(self) -> None:
+        if self.stopping:  # a kept-alive connection may still send requests while draining
+            raise RequestRejected(
+                503,
+                "the server is shutting down: retry the request later or elsewhere",
+                type="server_error",
+                code="server_shutting_down",
+                headers={"retry-after": str(self.retry_after_seconds)},
+            )
         # A bound, not a queue: past it the client is told to come back later.
         if self.slots >= self.max_concurrent:
             self.metrics.rejected_overload += 1
@@ -254,6 +292,7 @@ class _Server:
             keepalive_seconds=self.keepalive_seconds,
             release=self._release,
             rename=rename,
+            running=self.running,
         )
 
     def _prompt_room(self, request: GenerationRequest) -> int | None:
