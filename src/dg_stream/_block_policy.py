@@ -27,7 +27,6 @@ seeded sampled generation is reproducible token for token only with a fixed bloc
 
 from __future__ import annotations
 
-import itertools
 import statistics
 from collections import deque
 
@@ -35,51 +34,92 @@ __all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable", "shared_block"]
 
 
 class _Curve:
-    """``y(x)``, non-decreasing, from noisy timings: each size bucket keeps its last ``keep``
-    observations, and the curve runs through the buckets' medians (piecewise linear, and
-    beyond the largest measured size along the slope of the last two buckets).
+    """``y(x) = a + b x + c x^2`` with ``b, c >= 0`` from noisy timings: each size bucket keeps
+    its last ``keep`` observations, and the curve is fitted through the buckets' medians.
 
-    Medians, not means or a least-squares line: on a busy machine one call in ten can take
-    twice as long, and a single such call must not switch drafting off (or on). Buckets are
-    powers of two apart, so a few sizes seen often cover the whole range.
+    Medians, not means: on a busy machine one call in ten can take twice as long, and a single
+    such call must not switch drafting off (or on). A smooth fit, not a curve through every
+    bucket: bucket medians of a loaded machine still jitter by tens of percent, and a step
+    between two neighbouring sizes would pin the choice to one side of it. The square term
+    lets the cost of a call grow faster once the hardware is saturated (a CPU turning
+    compute-bound at a few dozen tokens), never slower. Buckets are powers of two apart, so a
+    few sizes seen often cover the whole range; each bucket counts once.
     """
 
     def __init__(self, keep: int = 9) -> None:
         self.keep = keep
         self._xs: dict[int, deque[int]] = {}
         self._ys: dict[int, deque[float]] = {}
-        self._points: list[tuple[float, float]] | None = None
+        self._coefficients: tuple[float, float, float] | None = None
 
     @property
     def sizes(self) -> set[int]:
         return set(self._xs)
 
+    def buckets_with(self, observations: int) -> int:
+        """How many size buckets hold at least this many observations."""
+        return sum(len(xs) >= observations for xs in self._xs.values())
+
     def add(self, x: int, y: float) -> None:
         bucket = max(1, x).bit_length()
         self._xs.setdefault(bucket, deque(maxlen=self.keep)).append(x)
         self._ys.setdefault(bucket, deque(maxlen=self.keep)).append(y)
-        self._points = None
+        self._coefficients = None
 
-    def _curve(self) -> list[tuple[float, float]]:
-        if self._points is None:
-            points, top = [], 0.0
-            for bucket in sorted(self._xs):
-                top = max(top, statistics.median(self._ys[bucket]))  # never cheaper when larger
-                points.append((float(statistics.median(self._xs[bucket])), top))
-            self._points = points
-        return self._points
+    def _fit(self) -> tuple[float, float, float]:
+        if self._coefficients is None:
+            xs = [float(statistics.median(self._xs[b])) for b in sorted(self._xs)]
+            ys = [statistics.median(self._ys[b]) for b in sorted(self._xs)]
+            self._coefficients = _nonnegative_fit(xs, ys)
+        return self._coefficients
 
     def __call__(self, x: int) -> float:
-        points = self._curve()
-        if not points:
+        if not self._xs:
             return 0.0
-        if len(points) == 1 or x <= points[0][0]:
-            return points[0][1]
-        for (x0, y0), (x1, y1) in itertools.pairwise(points):
-            if x <= x1:
-                return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-9)
-        (x0, y0), (x1, y1) = points[-2], points[-1]
-        return y1 + (y1 - y0) / max(x1 - x0, 1e-9) * (x - x1)
+        a, b, c = self._fit()
+        return max(0.0, a + b * x + c * x * x)
+
+
+def _nonnegative_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Least squares ``y = a + b x + c x^2`` with ``b, c >= 0`` (``a`` free): the best of the
+    fits on each subset of the terms whose coefficients come out non-negative. Points at
+    most as many as the terms are fitted by fewer terms (no curve through two points)."""
+    best: tuple[float, tuple[float, float, float]] | None = None
+    for powers in ((), (1,), (2,), (1, 2)):
+        if len(powers) + 1 > max(1, len(xs) - (1 if len(powers) == 2 else 0)):
+            continue
+        columns = [[1.0] * len(xs)] + [[x**p for x in xs] for p in powers]
+        solution = _least_squares(columns, ys)
+        if solution is None or any(v < 0 for v in solution[1:]):
+            continue
+        full = dict(zip((0, *powers), solution, strict=True))
+        coefficients = (full.get(0, 0.0), full.get(1, 0.0), full.get(2, 0.0))
+        a, b, c = coefficients
+        error = sum((a + b * x + c * x * x - y) ** 2 for x, y in zip(xs, ys, strict=True))
+        if best is None or error < best[0] - 1e-15:
+            best = (error, coefficients)
+    assert best is not None  # the constant always fits
+    return best[1]
+
+
+def _least_squares(columns: list[list[float]], ys: list[float]) -> list[float] | None:
+    """Solve the normal equations of a tiny least-squares problem (None when singular)."""
+    n = len(columns)
+    matrix = [
+        [sum(u * v for u, v in zip(columns[i], columns[j], strict=True)) for j in range(n)]
+        + [sum(u * y for u, y in zip(columns[i], ys, strict=True))]
+        for i in range(n)
+    ]
+    for i in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(i, n), key=lambda r: abs(matrix[r][i]))
+        if abs(matrix[pivot][i]) < 1e-12 * max(1.0, abs(matrix[i][i])):
+            return None
+        matrix[i], matrix[pivot] = matrix[pivot], matrix[i]
+        for r in range(n):
+            if r != i:
+                factor = matrix[r][i] / matrix[i][i]
+                matrix[r] = [a - factor * b for a, b in zip(matrix[r], matrix[i], strict=True)]
+    return [matrix[i][n] / matrix[i][i] for i in range(n)]
 
 
 class CostTable:
@@ -106,8 +146,10 @@ class CostTable:
             self.draft.setdefault(steps, _Curve(self.keep)).add(block, seconds)
 
     def ready(self, steps: int = 1) -> bool:
-        """Enough measured to compare block sizes: two verify sizes and one drafter call."""
-        return len(self.verify.sizes) >= 2 and steps in self.draft
+        """Enough measured to compare block sizes: two verify sizes and the drafter, each
+        three times (one call can be an outlier; a median of three rarely is)."""
+        draft = self.draft.get(steps)
+        return self.verify.buckets_with(3) >= 2 and draft is not None and draft.buckets_with(3) >= 1
 
     def call_seconds(self, block: int, steps: int = 1) -> float:
         draft = self.draft[steps](block) if block > 0 and steps in self.draft else 0.0
@@ -135,25 +177,41 @@ class AcceptanceEstimate:
         """Drafts ``1..accepted`` were accepted; draft ``accepted + 1`` (if any) was not."""
         if drafted == 0:
             return
-        self.hits = [h * self.decay for h in self.hits]
-        self.trials = [t * self.decay for t in self.trials]
+        # Only the positions this call tested forget: a position that short blocks never
+        # reach keeps what was last seen of it, instead of fading to the prior and making
+        # short blocks look right forever (a censoring trap that kept drafting small).
+        tested = min(accepted + 1, drafted, len(self.hits))
+        for i in range(tested):
+            self.hits[i] *= self.decay
+            self.trials[i] *= self.decay
         for i in range(min(accepted, len(self.hits))):
             self.hits[i] += 1.0
             self.trials[i] += 1.0
         if accepted < drafted and accepted < len(self.trials):
             self.trials[accepted] += 1.0
 
+    def rates(self, count: int) -> list[float]:
+        """``rate(0) .. rate(count - 1)``. Each position's prior is the estimate of the one
+        before it (the first's is ``prior``): a position seldom tested looks like its
+        neighbour rather than like a coin, so that blocks longer than the ones tried so far
+        get tried when the tested positions agree well (and are dropped when the test says
+        otherwise)."""
+        w, prior, out = self.prior_weight, self.prior, []
+        for i in range(count):
+            prior = (self.hits[i] + prior * w) / (self.trials[i] + w)
+            out.append(prior)
+        return out
+
     def rate(self, i: int) -> float:
         """Chance that draft ``i + 1`` is accepted when drafts ``1..i`` were."""
-        w = self.prior_weight
-        return (self.hits[i] + self.prior * w) / (self.trials[i] + w)
+        return self.rates(i + 1)[i]
 
     def expected_tokens_upto(self, largest: int) -> list[float]:
         """Tokens a verifier call keeps on average with 0..``largest`` drafts (its own
         included), in one pass."""
         totals, chain = [1.0], 1.0
-        for i in range(largest):
-            chain *= self.rate(i)
+        for rate in self.rates(largest):
+            chain *= rate
             totals.append(totals[-1] + chain)
         return totals
 
@@ -170,7 +228,7 @@ class BlockSizePolicy:
     same engine saw) and follows its own text more quickly; every observation also updates
     ``shared``. Until the costs are known it measures them (``warmup_block``): the requested
     block size, half of it, then one plain call. Alone (``next_block``), while plain decoding
-    wins, every ``probe_every``-th call drafts anyway (half the requested block), so that a
+    wins, every ``probe_every``-th call drafts anyway (the requested block), so that a
     drafter that starts to agree again (repeated text, say) is noticed; in a batch the round
     core chooses for all rows at once (``shared_block``) and probes for them together.
     """
@@ -183,7 +241,7 @@ class BlockSizePolicy:
         *,
         steps: int = 1,
         shared: AcceptanceEstimate | None = None,
-        probe_every: int = 8,
+        probe_every: int = 4,
     ) -> None:
         self.requested = max(1, min(requested, max_block))
         self.max_block = max_block
@@ -194,7 +252,7 @@ class BlockSizePolicy:
             shared.copy(decay=0.9) if shared is not None else AcceptanceEstimate(max_block)
         )
         self.probe_every = probe_every
-        self._warmup = [self.requested, max(1, self.requested // 2), 0]
+        self._warmup = [self.requested, max(1, self.requested // 2), 0] * 3
         self._plain_calls = 0
 
     def observe(self, drafted: int, accepted: int) -> None:
@@ -225,7 +283,7 @@ class BlockSizePolicy:
         if k == 0:
             self._plain_calls += 1
             if self._plain_calls % self.probe_every == 0:
-                return max(1, self.requested // 2)
+                return self.requested
         return k
 
 

@@ -149,7 +149,7 @@ class RoundCore:
         # once; it reads them raw when its own projection normalises them.
         self.feature_stream = bool(getattr(drafter, "feature_stream", False))
         self.raw_features = bool(getattr(drafter, "raw_features", False))
-        self.probe_every = 8
+        self.probe_every = 4
         self._plain_rounds = 0
         pad = getattr(verifier.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
@@ -338,7 +338,7 @@ class RoundCore:
             self._plain_rounds += 1
             every = self.probe_every * math.ceil(math.sqrt(len(states) + others))
             if self._plain_rounds % every == 0:
-                return max(1, min(policy.requested for policy in policies) // 2)
+                return min(policy.requested for policy in policies)
         return block
 
     def _propose(
