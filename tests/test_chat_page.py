@@ -239,7 +239,7 @@ HEADER_LINES = """
   const walker = document.createTreeWalker(document.querySelector('header'),
                                            NodeFilter.SHOW_TEXT);
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-    if (!node.textContent.trim()) continue;
+    if (!node.textContent.trim() || node.parentElement.closest('[hidden]')) continue;
     const range = document.createRange();
     range.selectNodeContents(node);
     const tops = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
@@ -293,3 +293,62 @@ def test_the_header_stays_on_one_line(
     assert [text for text, n in lines if n != 1] == [], lines
     assert max(rows) - min(rows) <= 4, rows  # one row
     assert shown == ["  def f():\n", "\tx", "", "", "abc\n\n", "  a"]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_backend: Any) -> Iterator[str]:
+    """The app behind an API key, as ``dg-stream serve --api-key sesame`` runs it."""
+    import uvicorn
+
+    from dg_stream.server import create_app
+
+    port = _free_port()
+    app = create_app(tiny_backend, model_name="tiny-keyed", api_key="sesame")
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+LAST_STATE = "[...document.querySelectorAll('.msg.assistant')].pop().dataset.state"
+
+
+def test_a_server_with_an_api_key_can_be_used_from_the_page(page: Any, keyed_server: str) -> None:
+    browser = page.context.browser
+    context = browser.new_context(viewport={"width": 1000, "height": 720})
+    try:
+        page = context.new_page()
+        page.goto(keyed_server + "/")
+        # The server answered 401: the page asks for the key.
+        page.wait_for_function("!document.getElementById('key-field').hidden")
+        assert "needs an API key" in (page.text_content("#model") or "")
+        page.fill("#max-tokens", "6")
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_function(f"{LAST_STATE} === 'error'")
+        assert "API key" in (page.locator(".msg.assistant .note").last.text_content() or "")
+
+        page.fill("#api-key", "sesame")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('keyed')")
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_function(f"{LAST_STATE} !== 'streaming'")
+        assert page.evaluate(LAST_STATE) == "done"
+
+        # Kept for this tab (a reload keeps it), in sessionStorage only.
+        storage = page.evaluate("[{...sessionStorage}, {...localStorage}]")
+        assert storage == [{"dg-stream-api-key": "sesame"}, {}]
+        page.reload()
+        page.wait_for_function("document.getElementById('model').textContent.includes('keyed')")
+        assert page.input_value("#api-key") == "sesame"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat_page_api_key.png"))
+    finally:
+        context.close()

@@ -74,6 +74,13 @@ def test_every_example_is_tested() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
+def test_every_example_is_in_the_readmes_table() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    table = readme[readme.index("## Examples") : readme.index("\n## ", readme.index("## Examples"))]
+    listed = set(re.findall(r"^\| `examples/([^`]+)` \|", table, re.MULTILINE))
+    assert listed == {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".md")}
+
+
 def test_quickstart(
     model_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,

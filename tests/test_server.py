@@ -725,6 +725,18 @@ async def test_health_models_metrics_and_index(server: Any) -> None:
         assert "/v1/chat/completions" in index.json()["endpoints"]
 
 
+async def test_the_chat_page_has_a_field_for_the_api_key(local: LocalBackend) -> None:
+    """Without one, a server started with --api-key answers every message of the page 401.
+    (tests/test_chat_page.py drives it in a browser where one is installed.)"""
+    with ServerThread(create_app(local, api_key="sesame")) as keyed:
+        async with httpx.AsyncClient(base_url=keyed.url) as client:
+            page = (await client.get("/")).text
+    assert re.search(r'<input type="password" id="api-key"', page)
+    assert "sessionStorage" in page and "localStorage" not in page  # this tab only
+    assert "authorization: `Bearer ${key}`" in page
+    assert page.count("...authHeaders()") + page.count("headers: authHeaders()") == 2
+
+
 async def test_the_model_id_is_the_folder_name_not_the_servers_path(
     tmp_path: Path, tiny_verifier: Any, tiny_tok: Any
 ) -> None:
