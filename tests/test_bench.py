@@ -6,6 +6,7 @@ must hold is the harness's bookkeeping and the losslessness of every dg_stream m
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -103,9 +104,14 @@ def test_quick_bench_writes_json_plots_and_table(
     ]
     # The grid: block sizes 2 and 4 at 1 and 2 steps, plus the adaptive setting.
     hybrids = sorted(
-        (r["block_size"], r["steps"]) for r in greedy.values() if r["family"] == "hybrid"
+        (r["block_size"], r["steps"])
+        for r in greedy.values()
+        if r["family"] == "hybrid" and r["method"] != "dg_stream default"
     )
     assert hybrids == [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1)]
+    # The headline: generate() with the backend's default options, through the stream.
+    assert greedy["dg_stream default"]["identical"] == greedy["dg_stream default"]["generations"]
+    assert result["headline"]["greedy_speedup"] == greedy["dg_stream default"]["speedup"]
     assert "transformers assisted (default)" in greedy
     assert "transformers prompt lookup" in greedy
     for row in greedy.values():
@@ -298,3 +304,50 @@ def test_runs_write_a_fresh_folder_and_report_the_repeats_that_ran(
         box = label.get_window_extent(renderer)
         assert not box.overlaps(legend)
         assert ax.get_window_extent(renderer).contains(box.x1 - 1, box.y0 + 1), label.get_text()
+
+
+def test_the_blocks_plot_labels_methods_of_equal_speedup_apart() -> None:
+    """Two methods at 1.07× (as in a quick run: ngram k=8 and transformers prompt lookup) and
+    a third close by: each name readable, none on another, all inside the axes."""
+    from dg_stream.bench._report import blocks_figure
+
+    def hybrid(k: int, speedup: float) -> dict[str, Any]:
+        return {
+            "method": f"dg_stream k={k}",
+            "family": "hybrid",
+            "adaptive": False,
+            "steps": 1,
+            "block_size": k,
+            "mean_accepted_per_call": k / 3,
+            "speedup": speedup,
+        }
+
+    def line(method: str, family: str, speedup: float) -> dict[str, Any]:
+        return {"method": method, "family": family, "adaptive": False, "speedup": speedup}
+
+    greedy = [
+        hybrid(4, 1.21),
+        hybrid(8, 1.30),
+        line("dg_stream ngram k=8", "ngram", 1.07),
+        line("transformers prompt lookup", "transformers", 1.07),
+        line("transformers assisted (causal)", "transformers", 1.08),
+        line("dg_stream causal assistant", "causal", 1.45),
+        line("transformers generate", "transformers", 1.0),
+    ]
+    fig = blocks_figure({"name": "quick", "results": {"greedy": greedy}})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    right = fig.axes[1]
+    labels = [t for t in right.texts if t.get_text()]
+    assert sorted(t.get_text() for t in labels) == sorted(
+        r["method"] for r in greedy if r["family"] != "hybrid" and "generate" not in r["method"]
+    )
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for (a, box_a), (b, box_b) in itertools.combinations(zip(labels, boxes, strict=True), 2):
+        assert not box_a.overlaps(box_b), (a.get_text(), b.get_text())
+    area = right.get_window_extent(renderer)
+    for label, box in zip(labels, boxes, strict=True):
+        assert area.contains(box.x0 + 1, box.y1 - 1), label.get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -30,12 +30,14 @@ The thread starts on first use and stops on ``close()`` (or when its backend is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     Item: TypeAlias = RowOutcome | BaseException
 
 __all__ = ["BatchLimits", "ModelThread", "Ticket"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("dg_stream.model_thread")
 
@@ -146,6 +150,14 @@ class _Cancel:
         self.ticket = ticket
 
 
+class _Call:
+    __slots__ = ("args", "fn", "future")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
 class _Barrier:
     __slots__ = ("done",)
 
@@ -202,7 +214,8 @@ class ModelThread:
                 )
             self._queued += 1
             self._start()
-        self._inbox.put(ticket)
+            # Under the lock: a command is either queued before a stop or refused.
+            self._inbox.put(ticket)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
@@ -220,10 +233,24 @@ class ModelThread:
         with self._lock:
             self._closed = True
             thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._inbox.put(_STOP)
-            if thread is not threading.current_thread():
-                thread.join(timeout)
+            if thread is not None and thread.is_alive():
+                self._inbox.put(_STOP)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread between two rounds and return its result
+        (from any thread but that one): torch work of one's own (a synchronous engine loop,
+        a measurement) without a second OpenMP team competing for the cores."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        command = _Call(fn, args)
+        with self._lock:
+            if self._closed:
+                raise BackendClosedError("the backend is closed")
+            self._start()
+            self._inbox.put(command)
+        return command.future.result()  # type: ignore[no-any-return]
 
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until the thread has handled every command sent before this call (leaving
@@ -284,8 +311,10 @@ class ModelThread:
 
     def _handle(self, commands: list[object]) -> bool:
         """Apply commands; False on stop."""
-        for command in commands:
+        for index, command in enumerate(commands):
             if command is _STOP:
+                for later in commands[index + 1 :]:  # answered by _fail_all
+                    self._inbox.put(later)
                 return False
             if isinstance(command, Ticket):
                 if command.closed:
@@ -296,6 +325,11 @@ class ModelThread:
                 self._leave(command.ticket)
             elif isinstance(command, _Barrier):
                 command.done.set()
+            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                try:
+                    command.future.set_result(command.fn(*command.args))
+                except BaseException as exc:
+                    command.future.set_exception(exc)
         return True
 
     def _runnable(self) -> bool:
@@ -385,3 +419,5 @@ class ModelThread:
                 command.put(error)
             elif isinstance(command, _Barrier):
                 command.done.set()
+            elif isinstance(command, _Call):
+                command.future.set_exception(error)

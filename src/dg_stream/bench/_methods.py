@@ -1,10 +1,11 @@
 """The methods under test: each turns prompt ids into generated ids, timed the same way.
 
-Every method runs on the *same* verifier model object. dg_stream methods drive the engine's
-synchronous step loop (what the local backend's worker thread runs; the async layer's cost
-is measured apart, in the profile). transformers methods call ``model.generate`` with a
-streamer that notes the time of the first generated token, and a forward hook that counts
-the verifier's forward passes.
+Every method runs on the *same* verifier model object. dg_stream methods go the way users
+go: ``dg_stream.generate()`` on a ``LocalBackend`` read to the end as an async stream (the
+rounds on the backend's model thread; the synchronous engine loop is measured beside it in
+the profile). transformers methods call ``model.generate`` with a streamer that notes the
+time of the first generated token, and a forward hook that counts the verifier's forward
+passes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .._config import GenerationRequest, SamplingParams, SpeculativeConfig
+from .._config import SpeculativeConfig
 
 __all__ = ["DgMethod", "Generation", "HFMethod", "Method", "Sampling"]
 
@@ -81,31 +82,43 @@ class DgMethod(Method):
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int
     ) -> Generation:
-        request = GenerationRequest(
-            prompt=list(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(temperature=sampling.temperature, seed=seed),
-            speculative=self.spec,
-        )
+        import anyio
+
+        from .._generate import generate
+
+        options = {
+            name: getattr(self.spec, name)
+            for name in self.spec.__struct_fields__
+            if getattr(self.spec, name) is not None
+        }
         device = self.backend.verifier.device
-        tokens: list[int] = []
-        first = 0.0
-        _sync(device)
-        started = time.perf_counter()
-        session = self.backend.engine.session(request)
-        try:
-            while (chunk := session.step()) is not None:
-                if not tokens:
-                    first = time.perf_counter() - started
-                tokens.extend(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    break
+
+        async def read() -> Generation:
+            tokens: list[int] = []
+            first = 0.0
+            _sync(device)
+            started = time.perf_counter()
+            stream = generate(
+                list(prompt_ids),
+                backend=self.backend,
+                max_new_tokens=max_new_tokens,
+                temperature=sampling.temperature,
+                seed=seed,
+                **options,
+            )
+            async with stream:
+                async for chunk in stream:
+                    if not tokens:
+                        first = time.perf_counter() - started
+                    tokens.extend(chunk.token_ids)
             _sync(device)
             seconds = time.perf_counter() - started
-        finally:
-            session.close()
-        stats = session.stats
-        return Generation(tokens, seconds, first, stats.verifier_calls, stats.accepted_tokens)
+            stats = stream.stats
+            calls = stats.verifier_calls if stats is not None else 0
+            accepted = stats.accepted_tokens if stats is not None else 0
+            return Generation(tokens, seconds, first, calls, accepted)
+
+        return anyio.run(read)
 
 
 class _FirstToken:
