@@ -30,7 +30,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-__all__ = ["AcceptanceEstimate", "BlockSizePolicy", "CostTable", "shared_block"]
+__all__ = ["MARGIN", "AcceptanceEstimate", "BlockSizePolicy", "CostTable", "shared_block"]
 
 
 class _Curve:
@@ -267,7 +267,7 @@ class BlockSizePolicy:
             tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps))
             for k in range(self.max_block + 1)
         ]
-        return max(range(len(rates)), key=rates.__getitem__)
+        return _choose(rates)
 
     def warmup_block(self) -> int | None:
         """While the costs are not yet known, the next size to measure them at (else None)."""
@@ -311,4 +311,17 @@ def shared_block(
                 seconds += costs.draft[policy.steps](block)
         return tokens / max(1e-9, seconds)
 
-    return max(range(largest + 1), key=rate)
+    return _choose([rate(k) for k in range(largest + 1)])
+
+
+#: How much faster than plain decoding drafting must be predicted to be before it is chosen:
+#: the costs and acceptance are estimates (an acceptance of a few percent never quite reaches
+#: zero, a flat cost fit makes a one-token draft look free), and a prediction within that
+#: margin is as likely a loss as a gain.
+MARGIN = 1.03
+
+
+def _choose(rates: list[float]) -> int:
+    """The block size of the highest rate, plain decoding unless drafting clearly wins."""
+    k = max(range(len(rates)), key=rates.__getitem__)
+    return k if rates[k] >= MARGIN * rates[0] else 0
