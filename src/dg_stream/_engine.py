@@ -197,6 +197,8 @@ class GenerationSession:
             with self.engine.tokenizer_lock:
                 text += self.stops.feed(self.detok.flush())
             text += self.stops.flush()
+            if self.stops.stopped:  # a stop string completed in the last text
+                finish = "stop"
         self.text_parts.append(text)
         self.stats = msgspec.structs.replace(
             self.stats, total_seconds=time.perf_counter() - self.started

@@ -280,8 +280,8 @@ class RoundCore:
         batched = [i for i in decoding if _plain_greedy(states[i].params)]
         if batched:
             index = torch.tensor(batched, device=logits.device)
-            k = torch.tensor([sizes[i] for i in batched], device=logits.device)
-            accepted, token = accept_greedy_batch(logits[index], fed[index, 1:], k)
+            drafted = torch.tensor([sizes[i] for i in batched], device=logits.device)
+            accepted, token = accept_greedy_batch(logits[index], fed[index, 1:], drafted)
             for i, a, t in zip(batched, *torch.stack([accepted, token]).tolist(), strict=True):
                 verdicts[i] = Verdict(a, t)
         for i in decoding:
@@ -291,9 +291,8 @@ class RoundCore:
             proposal = state.proposal
             assert proposal is not None
             try:
-                k = sizes[i]
                 verdicts[i] = judge(
-                    logits[i, : k + 1], proposal, state.params, state.ids, state.generator
+                    logits[i, : sizes[i] + 1], proposal, state.params, state.ids, state.generator
                 )
             except Exception as exc:
                 outcomes[i] = _row_failed(state, exc)

@@ -11,7 +11,9 @@ class StopMatcher:
     """Feed text, get back what is safe to emit.
 
     Text that could be the start of a stop string is held back until the next feed proves it
-    is not; at the first full match everything from the match on is dropped.
+    is not; at the first full match everything from the match on is dropped. "First" is by
+    where a match starts, as in the whole text: a complete match is acted on only once no
+    longer stop string can still complete at an earlier position.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -25,14 +27,18 @@ class StopMatcher:
         if not self._stops:
             return text
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
-        if hits:
+        hit = self._first_match(buffer)
+        pending = len(buffer) - self._longest_partial_suffix(buffer)  # may still become one
+        if hit is not None and hit <= pending:
             self.stopped = True
             self._held = ""
-            return buffer[: min(hits)]
-        keep = self._longest_partial_suffix(buffer)
-        self._held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep]
+            return buffer[:hit]
+        self._held = buffer[pending:]
+        return buffer[:pending]
+
+    def _first_match(self, buffer: str) -> int | None:
+        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
 
     def _longest_partial_suffix(self, buffer: str) -> int:
         """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
@@ -50,5 +56,12 @@ class StopMatcher:
         return self._held
 
     def flush(self) -> str:
+        """The text held back, at the end of the text (cut at a match it holds)."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        hit = self._first_match(held)
+        if hit is not None:
+            self.stopped = True
+            return held[:hit]
+        return held

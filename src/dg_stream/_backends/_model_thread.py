@@ -250,7 +250,7 @@ class ModelThread:
                 raise BackendClosedError("the backend is closed")
             self._start()
             self._inbox.put(command)
-        return command.future.result()  # type: ignore[no-any-return]
+        return command.future.result()
 
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until the thread has handled every command sent before this call (leaving
