@@ -99,7 +99,11 @@ def _export(model: Any, tokenizer: Any, folder: Path) -> None:
 
 
 def _measure(
-    verifier_dir: str | Path, drafter_dir: Path, prompts: Sequence[str], config: DistilRunConfig
+    verifier_dir: str | Path,
+    drafter_dir: Path,
+    prompts: Sequence[str],
+    config: DistilRunConfig,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Accepted per verifier call at ``eval_block``, greedy, on ``prompts``; random states
     untouched (loading models draws from torch's), so training goes on as if it never ran."""
@@ -107,9 +111,10 @@ def _measure(
     from .evaluate import acceptance
 
     python_state = random.getstate()
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=[]):
-            backend = LocalBackend(str(verifier_dir), str(drafter_dir), device="cpu")
+        with torch.random.fork_rng(devices=devices):
+            backend = LocalBackend(str(verifier_dir), str(drafter_dir), device=str(device))
             return acceptance(
                 backend, prompts, config.eval_block, max_new_tokens=config.eval_tokens
             )
@@ -266,7 +271,7 @@ def run_distillation(
         tick, wall_tick = time.process_time(), time.perf_counter()
         _export(model, tokenizer, out / "drafter")
         try:
-            measured: dict[str, Any] = _measure(verifier_dir, out / "drafter", prompts, config)
+            measured: dict[str, Any] = _measure(verifier_dir, out / "drafter", prompts, config, dev)
         except Exception as error:  # a broken evaluation must not end training
             measured = {"error": f"{type(error).__name__}: {error}"}
         eval_cpu_now += time.process_time() - tick
