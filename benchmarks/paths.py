@@ -60,7 +60,8 @@ def _sync(backend: Any, prompt: list[int], new: int, options: dict[str, Any]) ->
                 break
         return ids, session.stats.verifier_calls, session.stats.accepted_tokens
 
-    return backend.model_thread.call(loop)
+    thread = getattr(backend, "model_thread", None)  # absent before the model thread existed
+    return thread.call(loop) if thread is not None else loop()
 
 
 def _stream(backend: Any, prompt: list[int], new: int, options: dict[str, Any]) -> Any:

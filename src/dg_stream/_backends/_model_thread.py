@@ -169,20 +169,152 @@ _KICK = object()
 _STOP = object()
 
 
+class _TorchThread:
+    """The one thread of this process that runs dg_stream's torch work, for every backend.
+
+    One, not one per backend: an OpenMP runtime whose thread teams outnumber the cores stops
+    spinning between parallel regions (GNU OpenMP throttles its wait), and each small forward
+    then pays a sleep and a wake-up per region. Measured on 2 cores: a 9 x 512 x 1408 matmul
+    takes 68 us on a thread alone and 169 us while a second thread's team is alive, and the
+    embedded verifier's one-token forward 8 ms against 14-19 ms. So backends take turns on
+    this thread, round by round, and load their models on it too. It starts with the first
+    backend that needs it and ends when the last one closes.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[ModelThread | None, object]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._lanes: list[ModelThread] = []  # the torch thread's own list
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def put(self, lane: ModelThread | None, command: object) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                import torch
+
+                # OpenMP's thread count is a per-thread setting: take the starter's (what
+                # ``torch.set_num_threads`` set there), not the runtime's default.
+                threads = torch.get_num_threads()
+                self._thread = threading.Thread(
+                    target=self._run, args=(threads,), name="dg-stream-torch", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((lane, command))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        command = _Call(fn, args)
+        self.put(None, command)
+        return command.future.result()
+
+    def _run(self, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            self._main()
+        except BaseException as exc:  # never leave a caller waiting on a dead thread
+            logger.exception("dg_stream's torch thread failed")
+            with self._lock:
+                self._thread = None
+                for lane in self._lanes:
+                    lane._shut(exc)
+                self._lanes.clear()
+                while not self._queue.empty():
+                    _, command = self._queue.get_nowait()
+                    if isinstance(command, _Call):
+                        command.future.set_exception(exc)
+                    elif isinstance(command, Ticket):
+                        command.put(exc)
+                    elif isinstance(command, _Barrier):
+                        command.done.set()
+            raise
+
+    def _main(self) -> None:
+        while True:
+            runnable = any(lane._runnable() for lane in self._lanes)
+            if not runnable and not self._lanes:
+                with self._lock:  # nobody left: end, unless a command just came
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+            for lane, command in self._commands(block=not runnable):
+                if lane is None:
+                    _run_call(command)
+                elif command is _STOP:
+                    self._drop(lane, BackendClosedError("the backend was closed"))
+                elif not lane._stopped.is_set():
+                    if lane not in self._lanes:
+                        self._lanes.append(lane)
+                    self._guarded(lane, lane._handle, command)
+                elif isinstance(command, _Barrier):
+                    command.done.set()
+            for lane in list(self._lanes):  # each backend's round in turn
+                self._guarded(lane, lane._admit)
+                if lane in self._lanes and lane._runnable():
+                    self._guarded(lane, lane._round)
+
+    def _guarded(self, lane: ModelThread, fn: Callable[..., None], *args: Any) -> None:
+        """Run one lane's step; a failure outside the model (which ``_round`` handles) ends
+        that backend's generations, never the thread or the other backends."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            logger.exception("a backend failed outside the model")
+            self._drop(lane, exc)
+
+    def _drop(self, lane: ModelThread, error: BaseException) -> None:
+        if lane in self._lanes:
+            self._lanes.remove(lane)
+        lane._shut(error)
+
+    def _commands(self, block: bool) -> list[tuple[ModelThread | None, object]]:
+        commands = [self._queue.get()] if block else []
+        while True:
+            try:
+                commands.append(self._queue.get_nowait())
+            except queue.Empty:
+                return commands
+
+
+def _run_call(command: object) -> None:
+    if isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+        try:
+            command.future.set_result(command.fn(*command.args))
+        except BaseException as exc:
+            command.future.set_exception(exc)
+
+
+_TORCH = _TorchThread()
+
+
+def run_on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on dg_stream's torch thread (between two rounds) and return its
+    result; directly when called there. Loading models and any torch work of one's own that
+    shares the process with a backend belong there (see ``_TorchThread``)."""
+    return _TORCH.call(fn, *args)
+
+
 class ModelThread:
-    """Runs the rounds of one ``Engine`` on one thread; see the module docstring."""
+    """One backend's lane on the process's torch thread: its batch, queue and limits; see the
+    module docstring."""
 
     def __init__(self, engine: Engine, limits: BatchLimits) -> None:
         self.engine = engine
         self.limits = limits
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards the counts below and starting/stopping
+        self._lock = threading.Lock()  # guards the counts below and closing
         self._queued = 0  # submitted, not yet admitted (nor gone)
         self._running = 0  # admitted rows
         self._reserved = 0  # tokens the admitted rows reserve
-        self._thread: threading.Thread | None = None
         self._closed = False
-        # Model-thread state.
+        self._started = False
+        self._stopped = threading.Event()  # set once the torch thread has let go of it
+        # Torch-thread state.
         self._batch: Batch | None = None
         self._waiting: deque[Ticket] = deque()
         self._rows: dict[SequenceState, Ticket] = {}
@@ -213,52 +345,50 @@ class ModelThread:
                     retry_after=1.0,
                 )
             self._queued += 1
-            self._start()
-            # Under the lock: a command is either queued before a stop or refused.
-            self._inbox.put(ticket)
+            # Under the lock: a command is either queued before the stop or refused.
+            self._put(ticket)
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
         """The consumer has gone: free its place (queued) or row (at the round's end)."""
         if not ticket.closed:
             ticket.closed = True
-            self._inbox.put(_Cancel(ticket))
+            self._put(_Cancel(ticket))
 
     def kick(self) -> None:
-        self._inbox.put(_KICK)
+        self._put(_KICK)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the thread after the round under way; queued and running generations end
-        with an error. Idempotent."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-            if thread is not None and thread.is_alive():
-                self._inbox.put(_STOP)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread between two rounds and return its result
-        (from any thread but that one): torch work of one's own (a synchronous engine loop,
-        a measurement) without a second OpenMP team competing for the cores."""
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        command = _Call(fn, args)
+        """Leave the torch thread after the round under way; queued and running generations
+        end with an error. Idempotent."""
         with self._lock:
             if self._closed:
-                raise BackendClosedError("the backend is closed")
-            self._start()
-            self._inbox.put(command)
-        return command.future.result()
+                started = False
+            else:
+                self._closed = True
+                started = self._started
+                if started:
+                    _TORCH.put(self, _STOP)
+        if not started:
+            self._stopped.set()
+        elif threading.current_thread() is not _TORCH.thread:
+            self._stopped.wait(timeout)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the torch thread between two rounds and return its result:
+        torch work of one's own (a synchronous engine loop, a measurement) without a second
+        OpenMP team competing for the cores."""
+        if self._closed:
+            raise BackendClosedError("the backend is closed")
+        return _TORCH.call(fn, *args)
 
     def sync(self, timeout: float | None = None) -> bool:
-        """Wait until the thread has handled every command sent before this call (leaving
-        streams freed, say); True when it has (or is not running)."""
+        """Wait until the torch thread has handled every command this backend sent before
+        this call (leaving streams freed, say); True when it has (or none was sent)."""
         if not self.alive:
             return True
         barrier = _Barrier()
-        self._inbox.put(barrier)
+        self._put(barrier)
         return barrier.done.wait(timeout)
 
     @property
@@ -269,75 +399,53 @@ class ModelThread:
 
     @property
     def batch(self) -> Batch | None:
-        """The shared batch (for inspection; only the model thread changes it)."""
+        """The shared batch (for inspection; only the torch thread changes it)."""
         return self._batch
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Whether this backend has work on the torch thread (started, not yet closed)."""
+        return self._started and not self._stopped.is_set()
 
     @property
     def ident(self) -> int | None:
-        """The model thread's id once started (every forward runs on it)."""
-        return self._thread.ident if self._thread is not None else None
+        """The torch thread's id while it runs (every forward runs on it)."""
+        thread = _TORCH.thread
+        return thread.ident if thread is not None else None
 
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._main, name="dg-stream-model", daemon=True)
-            self._thread.start()
+    def _put(self, command: object) -> None:
+        self._started = True
+        _TORCH.put(self, command)
 
-    # -- the model thread ----------------------------------------------------------------------
+    # -- the torch thread ----------------------------------------------------------------------
 
-    def _main(self) -> None:
-        try:
+    def _handle(self, command: object) -> None:
+        if self._batch is None:
             self._batch = self.engine.batch()
-            while self._handle(self._commands(block=not self._runnable())):
-                self._admit()
-                if self._runnable():
-                    self._round()
-        except BaseException as exc:  # never leave a reader waiting on a dead thread
-            logger.exception("the model thread failed")
-            self._fail_all(exc)
-            raise
-        self._fail_all(BackendClosedError("the backend was closed"))
+        if isinstance(command, Ticket):
+            if command.closed:
+                self._forget(command)
+            else:
+                self._waiting.append(command)
+        elif isinstance(command, _Cancel):
+            self._leave(command.ticket)
+        elif isinstance(command, _Barrier):
+            command.done.set()
 
-    def _commands(self, block: bool) -> list[object]:
-        commands = [self._inbox.get()] if block else []
-        while True:
-            try:
-                commands.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return commands
-
-    def _handle(self, commands: list[object]) -> bool:
-        """Apply commands; False on stop."""
-        for index, command in enumerate(commands):
-            if command is _STOP:
-                for later in commands[index + 1 :]:  # answered by _fail_all
-                    self._inbox.put(later)
-                return False
-            if isinstance(command, Ticket):
-                if command.closed:
-                    self._forget(command)
-                else:
-                    self._waiting.append(command)
-            elif isinstance(command, _Cancel):
-                self._leave(command.ticket)
-            elif isinstance(command, _Barrier):
-                command.done.set()
-            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
-                try:
-                    command.future.set_result(command.fn(*command.args))
-                except BaseException as exc:
-                    command.future.set_exception(exc)
-        return True
+    def _shut(self, error: BaseException) -> None:
+        """Leave the torch thread: every generation still here ends with ``error``."""
+        for ticket in [*self._rows.values(), *self._waiting]:
+            self._leave(ticket)
+            ticket.put(error)
+        self._stopped.set()
 
     def _runnable(self) -> bool:
         return any(ticket.wants_round() for ticket in self._rows.values())
 
     def _admit(self) -> None:
         """Move waiting generations into the batch while the limits allow (in order)."""
-        assert self._batch is not None
+        if self._batch is None:
+            return
         cap = self.limits.max_cached_tokens
         while self._waiting:
             ticket = self._waiting[0]
@@ -404,20 +512,3 @@ class ModelThread:
         with self._lock:
             self._queued -= 1
         ticket.mark_left()
-
-    def _fail_all(self, error: BaseException) -> None:
-        for ticket in [*self._rows.values(), *self._waiting]:
-            self._leave(ticket)
-            ticket.put(error)
-        while True:  # tickets submitted after the stop
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(command, Ticket):
-                self._forget(command)
-                command.put(error)
-            elif isinstance(command, _Barrier):
-                command.done.set()
-            elif isinstance(command, _Call):
-                command.future.set_exception(error)

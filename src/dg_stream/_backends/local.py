@@ -25,7 +25,7 @@ from .._loading import (
     require_local_extra,
     resolve_device_dtype,
 )
-from ._model_thread import BatchLimits, ModelThread
+from ._model_thread import BatchLimits, ModelThread, run_on_torch_thread
 
 __all__ = ["LocalBackend", "default_model_dir"]
 
@@ -98,10 +98,17 @@ class LocalBackend:
         from .._verifier import Verifier
 
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        model, tok = self._verifier_and_tokenizer(verifier, tokenizer)
-        self.verifier = Verifier(model, tok)
-        self.tokenizer = tok
-        self.drafter = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
+
+        def load() -> tuple[Any, Any, Any]:
+            model, tok = self._verifier_and_tokenizer(verifier, tokenizer)
+            self.verifier = Verifier(model, tok)
+            self.tokenizer = tok
+            made = self._make_drafter(drafter, drafter_tokenizer, steps, confidence, window)
+            return model, tok, made
+
+        # Loaded on the torch thread, like every round after: a torch parallel region run on
+        # this thread would leave a second OpenMP team behind (see _model_thread).
+        model, tok, self.drafter = run_on_torch_thread(load)
         if block_size is None:
             block_size = getattr(self.drafter, "recommended_block_size", None) or 8
         if adaptive is None:
