@@ -415,11 +415,15 @@ def _choose_prompts(
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile, interpolated linearly between the closest ranks (numpy's
+    default method)."""
     if not values:
         return None
-    import numpy
-
-    return float(numpy.percentile(values, q))
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def _ms(value: float | None) -> float | None:
