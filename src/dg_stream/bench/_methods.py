@@ -156,8 +156,17 @@ class HFMethod(Method):
     def _count(self, module: Any, args: Any) -> None:
         self._calls += 1
 
-    @torch.inference_mode()
     def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int
+    ) -> Generation:
+        from .._backends._model_thread import run_on_torch_thread
+
+        # On dg_stream's torch thread, like dg_stream's own methods: a second thread running
+        # torch would slow both (see _model_thread) and favour neither.
+        return run_on_torch_thread(self._generate, prompt_ids, max_new_tokens, sampling, seed)
+
+    @torch.inference_mode()
+    def _generate(
         self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int
     ) -> Generation:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)

@@ -87,12 +87,6 @@ def markdown(result: dict[str, Any]) -> str:
             f"({'under' if profile['async_overhead_met'] else 'OVER'} the 5% budget)",
             "",
         ]
-        if "caller_thread_seconds" in profile:  # absent from files of earlier versions
-            lines[-2] += (
-                f"; the same loop on the caller's thread, beside the model thread: "
-                f"{1000 * profile['caller_thread_seconds']:.1f} ms "
-                f"({100 * profile['thread_overhead']:+.1f}%: two threads issuing torch work)"
-            )
         if profile.get("engine_efficiency") is not None:
             lines[-2] += (
                 f". Engine efficiency (verifier + drafter forwards ÷ decode time): "
@@ -226,13 +220,7 @@ def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "target": "async layer < 5% of the synchronous engine's time",
-                "measured": f"{100 * profile['async_overhead']:+.1f}%"
-                + (
-                    f" (the loop on the caller's thread instead: "
-                    f"{100 * profile['thread_overhead']:+.1f}%)"
-                    if "thread_overhead" in profile
-                    else ""
-                ),
+                "measured": f"{100 * profile['async_overhead']:+.1f}%",
                 "met": bool(profile["async_overhead_met"]),
             }
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._backends._model_thread import run_on_torch_thread
 from .._config import SpeculativeConfig
 from ._config import BenchConfig
 from ._machine import current_rss_mib, describe_machine, peak_rss_mib, reset_peak_rss
@@ -69,7 +70,10 @@ class _Setup:
         # a generation config and arguments together); a benchmark's output is its table.
         hf_logging.set_verbosity_error()
         self.tokenizer = load_tokenizer(config.verifier)
-        self.verifier = load_causal_lm(config.verifier, self.device, self.dtype)
+        # Loaded on dg_stream's torch thread, where every method runs (see _model_thread).
+        self.verifier = run_on_torch_thread(
+            load_causal_lm, config.verifier, self.device, self.dtype
+        )
         verifier_bytes = _model_bytes(self.verifier)
 
         def backend(drafter: Any) -> Any:
@@ -207,7 +211,9 @@ class _Setup:
             )
         )
         if config.assistant is not None and config.assistant.exists():
-            assistant = load_causal_lm(config.assistant, self.device, self.dtype, what="assistant")
+            assistant = run_on_torch_thread(
+                load_causal_lm, config.assistant, self.device, self.dtype, "assistant"
+            )
             base = dict(assistant.generation_config.to_dict())
             assistant_bytes = _model_bytes(assistant)
             for setting in config.assisted_settings:
