@@ -143,20 +143,9 @@ def _as_random_state(state: Any) -> tuple[Any, ...]:
 
 
 def progress(total: int, initial: int, desc: str) -> Any:
-    """A tqdm bar (or a silent stand-in when tqdm is not installed)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with the train extra
+    """A tqdm bar (tqdm comes with the train extra)."""
+    from tqdm.auto import tqdm
 
-        class _Silent:
-            def write(self, message: str) -> None:
-                print(message)
-
-            def update(self, n: int = 1) -> None: ...
-            def set_postfix(self, **kwargs: Any) -> None: ...
-            def close(self) -> None: ...
-
-        return _Silent()
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=2.0)
 
 

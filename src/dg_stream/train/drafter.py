@@ -191,7 +191,7 @@ def save_distillation(path: Path, data: Distillation, config: DrafterTrainingCon
 
 def load_distillation(path: Path, config: DrafterTrainingConfig) -> Distillation:
     """Kept continuations, refused with a clear error when this run would read them wrongly."""
-    saved = torch.load(path)
+    saved = torch.load(path, weights_only=True)  # tensors and plain values: no code runs
     # A drafter that reads tokens only can learn from any continuations (features dropped);
     # stored features end at the same position whatever window they were kept for, so a
     # smaller window takes their tail.
