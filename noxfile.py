@@ -24,13 +24,17 @@ FLOOR_TOOLS = [
     "openai>=1.45",
 ]
 # A fast subset that touches every dependency: transformers, tokenizers, safetensors and jinja2
-# (the lossless checks, the shipped pair, detokenizing), anyio (streams, operators, on trio too),
+# (the lossless checks, the shipped pair, detokenizing), wcwidth, torch.load(weights_only=True),
+# the declared extras, anyio (streams, operators, on trio too),
 # httpx, msgspec, starlette and uvicorn (server and remote), langchain-core and pydantic,
 # tqdm and tokenizers (tokenizer and drafter training), matplotlib (the quick bench).
 FLOOR_TESTS = [
     "tests/test_greedy_lossless.py",
     "tests/test_default_model.py",
     "tests/test_detokenize.py",
+    "tests/test_terminal_width.py",
+    "tests/test_checkpoints.py",
+    "tests/test_dependencies.py",
     "tests/test_stream.py",
     "tests/test_operators.py",
     "tests/test_server.py",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import msgspec
+from wcwidth import wcswidth
 
 from ._argtypes import OneLineErrorParser, non_negative_float, positive_int
 from ._chunks import Chunk
@@ -387,10 +388,17 @@ def _check_options(args: argparse.Namespace, prompt: Any = "x") -> None:
 # -- rendering --------------------------------------------------------------------------------
 
 
-def _char_width(ch: str) -> int:
-    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+def _cells(text: str, column: int = 0) -> int:
+    """The column after writing ``text`` (no newlines) from ``column``: wcwidth's widths of
+    whole strings, so an emoji ZWJ sequence (👨‍👩‍👧) takes the 2 cells terminals draw, as does
+    an emoji with VS16 (❤️); combining marks take none, control characters none, tabs go to
+    the next multiple of 8."""
+    for i, piece in enumerate(text.split("\t")):
+        if i:
+            column += 8 - column % 8
+        printable = "".join(ch for ch in piece if unicodedata.category(ch) != "Cc")
+        column += max(wcswidth(printable), 0)
+    return column
 
 
 def _styling(stream: IO[str]) -> bool:
@@ -416,15 +424,20 @@ class TextRenderer:
         self.column = 0
         self.draft_width = 0
         self.ends_with_newline = True
+        # The cursor's line after its last space (text that later text may still join, as in a
+        # ZWJ sequence written across chunks) and the column where that part starts.
+        self._word, self._word_start = "", 0
 
     def _advance(self, text: str) -> None:
-        for ch in text:
-            if ch == "\n" or ch == "\r":
-                self.column = 0
-            elif ch == "\t":
-                self.column += 8 - self.column % 8
-            else:
-                self.column += _char_width(ch)
+        cut = max(text.rfind("\n"), text.rfind("\r"))
+        if cut >= 0:
+            self._word, self._word_start, text = "", 0, text[cut + 1 :]
+        self._word += text
+        space = self._word.rfind(" ")
+        if space >= 0:  # nothing joins a space: the text up to it is settled
+            self._word_start = _cells(self._word[: space + 1], self._word_start)
+            self._word = self._word[space + 1 :]
+        self.column = _cells(self._word, self._word_start)
 
     def _erase_draft(self) -> str:
         if not self.draft_width:
@@ -436,19 +449,24 @@ class TextRenderer:
     def _draft(self, draft: str) -> str:
         columns = shutil.get_terminal_size((80, 24)).columns
         room = columns - self.column % columns - 1  # never touch the last column
-        shown, width = [], 0
-        for ch in draft.replace("\n", "⏎").replace("\t", " "):
-            if unicodedata.category(ch) == "Cc":
-                continue
-            w = _char_width(ch)
-            if width + w > room:
-                break
-            shown.append(ch)
-            width += w
-        if not shown:
+        text = "".join(
+            ch
+            for ch in draft.replace("\n", "⏎").replace("\t", " ")
+            if unicodedata.category(ch) != "Cc"
+        )
+
+        def width(end: int) -> int:  # measured after the line's text: a draft may join it
+            return _cells(self._word + text[:end], self._word_start) - self.column
+
+        low, high = 0, len(text)  # the longest prefix that fits (binary search)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if width(middle) <= room else (low, middle - 1)
+        self.draft_width = max(width(low), 0)
+        if not low or not self.draft_width:
+            self.draft_width = 0
             return ""
-        self.draft_width = width
-        return f"{self.DIM}{''.join(shown)}{self.RESET}"
+        return f"{self.DIM}{text[:low]}{self.RESET}"
 
     def chunk(self, chunk: Chunk) -> None:
         parts = [self._erase_draft()] if self.preview else []
