@@ -724,6 +724,13 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 # -- chat -------------------------------------------------------------------------------------
 
 
+def _enable_line_editing() -> None:
+    """Arrow keys, editing and history for ``input()`` where Python has ``readline`` (GNU
+    readline or libedit; not on Windows): importing the module is what turns it on."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401
+
+
 class ChatLoop:
     """The interactive loop of ``dg-stream chat``.
 
@@ -746,6 +753,8 @@ class ChatLoop:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.preview, self.stats = preview, stats
         self.interactive = stdin.isatty() and stdout.isatty()
+        if self.interactive:
+            _enable_line_editing()
 
     def read(self) -> str | None:
         """One line of input, or None at end of input."""
