@@ -25,9 +25,9 @@ FLOOR_TOOLS = [
 ]
 # A fast subset that touches every dependency: transformers, tokenizers, safetensors and jinja2
 # (the lossless checks, the shipped pair, detokenizing), wcwidth, torch.load(weights_only=True),
-# the declared extras, anyio (streams, operators, on trio too),
-# httpx, msgspec, starlette and uvicorn (server and remote), langchain-core and pydantic,
-# tqdm and tokenizers (tokenizer and drafter training), matplotlib (the quick bench).
+# the declared extras, anyio (streams, operators, on trio too), httpx, msgspec, starlette,
+# uvicorn and prometheus-client (server and remote), langchain-core and pydantic (the LangChain
+# example), tqdm and tokenizers (tokenizer and drafter training), matplotlib (the quick bench).
 FLOOR_TESTS = [
     "tests/test_greedy_lossless.py",
     "tests/test_default_model.py",

@@ -1,13 +1,19 @@
 """Server metrics in the Prometheus text exposition format (version 0.0.4).
 
-Plain counters and gauges under one lock-free owner: the event loop. No client library is
-needed to scrape them; ``GET /metrics`` renders a snapshot.
+Plain counters and gauges under one lock-free owner: the event loop. ``GET /metrics`` renders a
+snapshot through prometheus_client, with a registry of this app's own (several apps in one
+process never share or clash).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .._chunks import Chunk, Stats
 
@@ -16,23 +22,13 @@ __all__ = ["Metrics"]
 _TTFC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
-
-
 class Metrics:
     """What the server has done since it started."""
 
     def __init__(self, max_concurrent: int) -> None:
         self.max_concurrent = max_concurrent
-        self.requests: defaultdict[tuple[tuple[str, str], ...], int] = defaultdict(int)
-        self.generations: defaultdict[tuple[tuple[str, str], ...], int] = defaultdict(int)
+        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)  # endpoint, status
+        self.generations: defaultdict[tuple[str, str], int] = defaultdict(int)  # endpoint, outcome
         self.active = 0
         self.rejected_overload = 0
         self.disconnects = 0
@@ -45,14 +41,16 @@ class Metrics:
         self.last_rows = 0
         self.ttfc_counts = [0] * (len(_TTFC_BUCKETS) + 1)
         self.ttfc_sum = 0.0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # a collector: the registry calls collect() to render
 
     # -- recording ----------------------------------------------------------------------------
 
     def request(self, endpoint: str, status: int) -> None:
-        self.requests[(("endpoint", endpoint), ("status", str(status)))] += 1
+        self.requests[(endpoint, str(status))] += 1
 
     def generation_done(self, endpoint: str, outcome: str) -> None:
-        self.generations[(("endpoint", endpoint), ("outcome", outcome))] += 1
+        self.generations[(endpoint, outcome)] += 1
 
     def chunk(self, chunk: Chunk) -> None:
         step = chunk.step
@@ -74,122 +72,97 @@ class Metrics:
     # -- rendering ----------------------------------------------------------------------------
 
     def render(self) -> str:
-        lines: list[str] = []
+        return generate_latest(self.registry).decode()
 
-        def metric(
-            name: str,
-            kind: str,
-            help_text: str,
-            samples: list[tuple[tuple[tuple[str, str], ...], float]],
-        ) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                number = repr(float(value)) if isinstance(value, float) else str(value)
-                lines.append(f"{name}{_labels(labels)} {number}")
+    def collect(self) -> Iterator[Any]:
+        """The metric families, as prometheus_client's registry asks for them (counters are
+        named without ``_total``, which the exposition adds)."""
 
-        metric(
-            "dg_stream_http_requests_total",
-            "counter",
+        def labelled(name: str, help_text: str, label: str, counts: dict) -> Any:
+            family = CounterMetricFamily(name, help_text, labels=["endpoint", label])
+            for labels, value in sorted(counts.items()):
+                family.add_metric(labels, value)
+            return family
+
+        yield labelled(
+            "dg_stream_http_requests",
             "HTTP requests by endpoint and status.",
-            sorted(self.requests.items()),
+            "status",
+            self.requests,
         )
-        metric(
-            "dg_stream_generations_total",
-            "counter",
+        yield labelled(
+            "dg_stream_generations",
             "Generations by endpoint and outcome (stop, length, cancelled, error, "
             "rejected: refused before any output, disconnected, shutdown: ended by the "
             "server stopping).",
-            sorted(self.generations.items()),
+            "outcome",
+            self.generations,
         )
-        metric(
-            "dg_stream_generations_active", "gauge", "Generations running now.", [((), self.active)]
-        )
-        metric(
-            "dg_stream_generations_max",
-            "gauge",
-            "The bound on concurrent generations.",
-            [((), self.max_concurrent)],
-        )
-        metric(
-            "dg_stream_rejected_overload_total",
-            "counter",
-            "Requests refused because the server was at capacity.",
-            [((), self.rejected_overload)],
-        )
-        metric(
-            "dg_stream_client_disconnects_total",
-            "counter",
-            "Generations stopped because the client went away.",
-            [((), self.disconnects)],
-        )
-        metric(
-            "dg_stream_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of finished generations.",
-            [((), self.prompt_tokens)],
-        )
-        metric(
-            "dg_stream_completion_tokens_total",
-            "counter",
-            "Tokens generated.",
-            [((), self.completion_tokens)],
-        )
-        metric(
-            "dg_stream_verifier_calls_total",
-            "counter",
-            "Verifier steps, counted per generation (a batched round counts once per row).",
-            [((), self.steps.verifier_calls)],
-        )
-        rounds = round(self.rounds)
-        metric(
-            "dg_stream_rounds_total",
-            "counter",
-            "Verifier forward passes (rounds), each shared by the generations batched in it.",
-            [((), rounds)],
-        )
-        metric(
-            "dg_stream_rows_per_round",
-            "gauge",
-            "Generations per verifier forward pass, averaged since start.",
-            [((), self.steps.verifier_calls / self.rounds if self.rounds else 0.0)],
-        )
-        metric(
-            "dg_stream_rows_last_round",
-            "gauge",
-            "Generations that shared the latest verifier forward pass.",
-            [((), self.last_rows)],
-        )
-        metric(
-            "dg_stream_drafted_tokens_total",
-            "counter",
-            "Draft tokens proposed.",
-            [((), self.steps.drafted_tokens)],
-        )
-        metric(
-            "dg_stream_accepted_tokens_total",
-            "counter",
-            "Draft tokens accepted.",
-            [((), self.steps.accepted_tokens)],
-        )
-        metric(
-            "dg_stream_mean_accepted_per_call",
-            "gauge",
-            "Accepted draft tokens per verifier call since start.",
-            [((), self.steps.mean_accepted)],
-        )
-        lines.append(
-            "# HELP dg_stream_time_to_first_chunk_seconds "
-            "From the start of a generation to its first chunk."
-        )
-        lines.append("# TYPE dg_stream_time_to_first_chunk_seconds histogram")
-        cumulative = 0
-        name = "dg_stream_time_to_first_chunk_seconds_bucket"
-        for bound, count in zip(_TTFC_BUCKETS, self.ttfc_counts, strict=False):
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        rows = self.steps.verifier_calls / self.rounds if self.rounds else 0.0
+        for kind, name, help_text, value in (
+            (gauge, "generations_active", "Generations running now.", self.active),
+            (gauge, "generations_max", "The bound on concurrent generations.", self.max_concurrent),
+            (
+                counter,
+                "rejected_overload",
+                "Requests refused because the server was at capacity.",
+                self.rejected_overload,
+            ),
+            (
+                counter,
+                "client_disconnects",
+                "Generations stopped because the client went away.",
+                self.disconnects,
+            ),
+            (
+                counter,
+                "prompt_tokens",
+                "Prompt tokens of finished generations.",
+                self.prompt_tokens,
+            ),
+            (counter, "completion_tokens", "Tokens generated.", self.completion_tokens),
+            (
+                counter,
+                "verifier_calls",
+                "Verifier steps, counted per generation (a batched round counts once per row).",
+                self.steps.verifier_calls,
+            ),
+            (
+                counter,
+                "rounds",
+                "Verifier forward passes (rounds), each shared by the generations batched in it.",
+                round(self.rounds),
+            ),
+            (
+                gauge,
+                "rows_per_round",
+                "Generations per verifier forward pass, averaged since start.",
+                rows,
+            ),
+            (
+                gauge,
+                "rows_last_round",
+                "Generations that shared the latest verifier forward pass.",
+                self.last_rows,
+            ),
+            (counter, "drafted_tokens", "Draft tokens proposed.", self.steps.drafted_tokens),
+            (counter, "accepted_tokens", "Draft tokens accepted.", self.steps.accepted_tokens),
+            (
+                gauge,
+                "mean_accepted_per_call",
+                "Accepted draft tokens per verifier call since start.",
+                self.steps.mean_accepted,
+            ),
+        ):
+            yield kind(f"dg_stream_{name}", help_text, value=value)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*_TTFC_BUCKETS, "+Inf"), self.ttfc_counts, strict=True):
             cumulative += count
-            lines.append(f'{name}{{le="{bound}"}} {cumulative}')
-        cumulative += self.ttfc_counts[-1]
-        lines.append(f'{name}{{le="+Inf"}} {cumulative}')
-        lines.append(f"dg_stream_time_to_first_chunk_seconds_sum {self.ttfc_sum!r}")
-        lines.append(f"dg_stream_time_to_first_chunk_seconds_count {cumulative}")
-        return "\n".join(lines) + "\n"
+            buckets.append((str(bound), cumulative))
+        yield HistogramMetricFamily(
+            "dg_stream_time_to_first_chunk_seconds",
+            "From the start of a generation to its first chunk.",
+            buckets=buckets,
+            sum_value=self.ttfc_sum,
+        )
