@@ -379,6 +379,24 @@ def test_with_timeout_idle_keeps_text_so_far() -> None:
     run(main)
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_with_timeout_fires_on_local_streams(backend: str, tiny_backend: Any) -> None:
+    """A local stream waits for its rounds on an event, so a timeout can cut the wait (it
+    used to wait inside a worker thread that no timeout reaches)."""
+
+    async def main() -> None:
+        for options, reason in (({"idle": 1e-6}, "no chunk for"), ({"first_chunk": 1e-6}, "first")):
+            stream = dg_stream.generate("def f(x):", backend=tiny_backend, max_new_tokens=200)
+            with pytest.raises(APITimeoutError, match=reason):
+                async for _ in stream.pipe(with_timeout(**options)):
+                    pass
+            assert stream.closed
+
+    anyio.run(main, backend=backend)
+    assert tiny_backend.model_thread.sync(10)
+    assert tiny_backend.model_thread.counts == (0, 0, 0)  # its row was freed
+
+
 def test_with_timeout_total_and_passes_fast_streams() -> None:
     async def main() -> None:
         fast = await Source(["a", "b"]).stream().pipe(with_timeout(total=2, idle=1)).collect()
