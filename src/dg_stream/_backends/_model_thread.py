@@ -1,19 +1,21 @@
-"""The model thread: every piece of a ``LocalBackend``'s torch work, on one long-lived thread.
+"""The torch thread: all of dg_stream's torch work in this process, on one long-lived thread.
 
 ```
-event loop(s) ── submit(session) ──► [inbox] ──► model thread: admit → round → publish
-      ▲                                               │ (one Batch, one cache, one set of limits)
-      └── Ticket.next() ◄── outcomes / errors ◄───────┘
+event loop(s) ── submit(session) ──► [queue] ──► torch thread: for each backend (lane):
+      ▲                                              admit → round → publish
+      │                                              (its Batch, cache and limits)
+      └── Ticket.next() ◄── outcomes / errors ◄──────┘
           then GenerationSession.emit on the loop: text, stop strings, preview (output layer)
 ```
 
 Why one thread. On a few cores, torch work issued from two threads makes two OpenMP teams
-fight for the same cores (measured: a thread that had done torch work slowed later work on
-another by up to an order of magnitude on 2 cores), and rounds that hop between worker threads
-pay a hand-off each. So prefill, drafting, verification, judging and committing all run here,
-whatever the number of event loops (an app, LangChain's sync portal, the server) that share
-the backend: they share its batch too. Text never reaches this thread; tokenizing and
-detokenizing stay with the loop that reads the stream.
+compete for the same cores, and GNU OpenMP stops spinning between parallel regions once its
+threads outnumber the cores (see ``_TorchThread``: each small forward then costs up to twice as
+much); rounds that hop between worker threads also pay a hand-off each. So loading, prefill,
+drafting, verification, judging and committing all run here, whatever the number of event
+loops (an app, LangChain's sync portal, the server) and backends: each backend is a lane
+(``ModelThread``) with its own batch, and the lanes take turns, round by round. Text never
+reaches this thread; tokenizing and detokenizing stay with the loop that reads the stream.
 
 Hand-offs. Event loops send commands through a thread-safe queue (``submit`` decides admission
 at once, under a lock, so a refusal is raised in the caller). Each generation's outcomes go to
@@ -24,8 +26,9 @@ never stalls the rounds of the others.
 Flow control. A generation whose ticket holds ``backlog`` unread outcomes sits rounds out (a
 slow reader does not make the others wait, nor buffer without bound). A stream that is closed
 or cancelled sends ``cancel``: its row leaves at the next round boundary, so its work stops
-within one round. When no admitted generation wants a round, the thread sleeps on its inbox.
-The thread starts on first use and stops on ``close()`` (or when its backend is collected).
+within one round, and closing waits for that. When no lane wants a round, the thread sleeps on
+its queue; it starts with the first backend that needs it and ends when the last one closes
+(``close()``, or its backend being collected).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The local backend: verifier and drafter in this process, steps on a worker thread."""
+"""The local backend: verifier and drafter in this process, rounds on dg_stream's torch thread."""
 
 from __future__ import annotations
 

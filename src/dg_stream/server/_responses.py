@@ -2,8 +2,8 @@
 
 ``GenerationResponse`` runs the backend stream in a producer task that feeds a bounded memory
 stream, watches the connection for ``http.disconnect`` and, when the client goes away, cancels
-the producer: the step running on the worker thread finishes, no further step starts, and the
-backend's stream is closed (the model work ends within one step). Its first item decides the
+the producer: the backend's stream is closed, and a local one returns once the round under way
+has finished and its row is freed (the model work ends within one round). Its first item decides the
 status: an ``InvalidRequestError`` before any output becomes a 400, a chunk starts a 200 event
 stream. If the first chunk takes longer than the keep-alive interval, the event stream starts
 anyway and ``: keep-alive`` comments flow until it arrives.
