@@ -142,7 +142,7 @@ class Ticket:
             # (anyio's own cross-thread calls are built on this backend method.)
             try:
                 self._token.backend_class.run_sync_soon(event.set, (), self._token.native_token)
-            except Exception:  # the consumer's loop has ended: nobody is left to wake
+            except anyio.RunFinishedError:  # the consumer's loop has ended: nobody to wake
                 logger.debug("a finished event loop could not be woken", exc_info=True)
 
 
