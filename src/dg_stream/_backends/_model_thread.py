@@ -33,6 +33,7 @@ its queue; it starts with the first backend that needs it and ends when the last
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import logging
 import queue
@@ -189,6 +190,9 @@ class _TorchThread:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._lanes: list[ModelThread] = []  # the torch thread's own list
+        # At exit, stop it between two rounds: a thread still inside torch while the
+        # interpreter finalises can abort the process.
+        atexit.register(self.shutdown)
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -208,6 +212,16 @@ class _TorchThread:
                 self._thread.start()
             self._queue.put((lane, command))
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """End every backend's generations and the thread, after the round under way."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return
+            self._queue.put((None, _STOP))
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         if threading.current_thread() is self._thread:
             return fn(*args)
@@ -218,7 +232,10 @@ class _TorchThread:
     def _run(self, threads: int) -> None:
         import torch
 
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:
+            # Only when it differs: setting it from this thread made about one process in
+            # ten abort at exit ("terminate called without an active exception").
+            torch.set_num_threads(threads)
         try:
             self._main()
         except BaseException as exc:  # never leave a caller waiting on a dead thread
@@ -247,6 +264,12 @@ class _TorchThread:
                         self._thread = None
                         return
             for lane, command in self._commands(block=not runnable):
+                if lane is None and command is _STOP:  # the process is exiting
+                    for each in list(self._lanes):
+                        self._drop(each, BackendClosedError("the process is exiting"))
+                    with self._lock:
+                        self._thread = None
+                    return
                 if lane is None:
                     _run_call(command)
                 elif command is _STOP:
