@@ -9,7 +9,7 @@ The round core never sees text; this layer never sees the cache.
 ``session.step()`` runs rounds of a private batch of one on the calling thread; a backend
 (``LocalBackend``) instead adds the session's state to the shared ``Batch`` of its model
 thread and hands each outcome to ``session.emit`` on the event loop that reads the stream.
-``emit`` never touches the ``SequenceState`` (the model thread owns it): what it shows comes
+``emit`` never touches the ``SequenceState`` (the torch thread owns it): what it shows comes
 in the outcome.
 """
 
@@ -215,7 +215,7 @@ class GenerationSession:
 
     def close(self) -> None:
         """Free the cache row and drafter state when this session drives itself with
-        ``step()`` (idempotent). Under a backend its model thread frees them instead."""
+        ``step()`` (idempotent). Under a backend the torch thread frees them instead."""
         self.finished = True
         if self._own_batch is not None:
             self._own_batch.remove(self.state)

@@ -78,7 +78,7 @@ class BackendClosedError(GenerationError):
 
 
 class Ticket:
-    """One generation's mailbox between the model thread and the event loop reading it."""
+    """One generation's mailbox between the torch thread and the event loop reading it."""
 
     def __init__(self, session: GenerationSession, reserved: int, owner: ModelThread) -> None:
         self.session = session
@@ -88,9 +88,9 @@ class Ticket:
         self._items: deque[Item] = deque()
         self._lock = threading.Lock()
         self._event: anyio.Event | None = None
-        self.closed = False  # set by the consumer; read by the model thread
-        self.admitted = False  # model thread only
-        self.left = False  # set by the model thread once it holds nothing of this generation
+        self.closed = False  # set by the consumer; read by the torch thread
+        self.admitted = False  # torch thread only
+        self.left = False  # set by the torch thread once it holds nothing of this generation
 
     @property
     def state(self) -> SequenceState:
@@ -111,7 +111,7 @@ class Ticket:
             await event.wait()
 
     async def wait_left(self) -> None:
-        """Wait until the model thread has let go of this generation (its row freed: at
+        """Wait until the torch thread has let go of this generation (its row freed: at
         most the round under way), so that no work for it runs after a stream closes."""
         while True:
             with self._lock:
@@ -120,7 +120,7 @@ class Ticket:
                 event = self._event = anyio.Event()
             await event.wait()
 
-    # -- the model thread's side -------------------------------------------------------------
+    # -- the torch thread's side -------------------------------------------------------------
 
     def wants_round(self) -> bool:
         return not self.closed and len(self._items) < self._owner.limits.backlog

@@ -257,7 +257,7 @@ class LocalBackend:
     # -- running ----------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Chunks of one generation; its rounds run on the model thread, shared with every
+        """Chunks of one generation; its rounds run on the torch thread, shared with every
         other generation of this backend."""
         session = self.engine.session(request)  # validates and tokenizes: no model work
         ticket = self.model_thread.submit(session)  # refused here when it cannot be queued
@@ -293,7 +293,7 @@ class LocalBackend:
         return cap if limit is None else min(limit, cap)
 
     async def aclose(self) -> None:
-        """Stop the model thread (after its current round); streams still running end with
+        """Leave the torch thread (after the round under way); streams still running end with
         an error. The backend cannot be used afterwards."""
         await anyio.to_thread.run_sync(self.model_thread.close)
 
