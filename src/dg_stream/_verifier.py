@@ -79,7 +79,10 @@ class Verifier:
     def _check_attention(model: Any) -> None:
         """The batched cache passes 4-D masks, which sdpa and eager attention read; any other
         implementation is switched to sdpa, and attention layers other than full and
-        sliding-window ones are refused."""
+        sliding-window ones are refused. Grouped-query sdpa attention is switched to
+        ``packed_gqa_sdpa`` (see ``_attention``), which reads a verified block without copying
+        the cache."""
+        from ._attention import PACKED_GQA, use_packed_gqa
         from ._errors import ModelLoadError
 
         text = model.config.get_text_config()
@@ -91,9 +94,10 @@ class Verifier:
                 "serves full and sliding-window attention only"
             )
         implementation = getattr(model.config, "_attn_implementation", None)
-        if implementation not in (None, "sdpa", "eager"):
+        if implementation not in (None, "sdpa", "eager", PACKED_GQA):
             logger.info("switching the verifier from %s to sdpa attention", implementation)
             model.set_attn_implementation("sdpa")
+        use_packed_gqa(model)
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
