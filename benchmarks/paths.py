@@ -31,25 +31,18 @@ from typing import Any
 from dg_stream._argtypes import OneLineErrorParser, positive_int
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "prompts.jsonl"
-PLAIN = {"sync hybrid k=8": "sync plain", "stream hybrid k=8": "stream plain"}
-PLAIN["stream default"] = "stream plain"
+#: Each hybrid path's ratio is to the plain path of its kind.
+PLAIN = {
+    "sync hybrid k=8": "sync plain",
+    "stream hybrid k=8": "stream plain",
+    "stream default": "stream plain",
+}
 
 
 def _sync(backend: Any, prompt: list[int], new: int, options: dict[str, Any]) -> Any:
-    from dg_stream._config import build_request
+    from dg_stream._generate import request_for
 
-    request = build_request(
-        prompt,
-        max_new_tokens=new,
-        temperature=0.0,
-        top_k=None,
-        top_p=None,
-        repetition_penalty=None,
-        seed=None,
-        stop=None,
-        draft_preview=False,
-        speculative_options=options,
-    )
+    request = request_for(prompt, max_new_tokens=new, **options)  # what generate() would make
 
     def loop() -> tuple[list[int], int, int]:
         session = backend.engine.session(request)

@@ -7,7 +7,7 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -26,6 +26,9 @@ from .._loading import (
     resolve_device_dtype,
 )
 from ._model_thread import BatchLimits, ModelThread, run_on_torch_thread
+
+if TYPE_CHECKING:
+    from .._verifier import Verifier
 
 __all__ = ["LocalBackend", "default_model_dir"]
 
@@ -59,6 +62,11 @@ class LocalBackend:
     accelerator), so their chunks keep coming; alone, it is read at once.
     ``max_batch=1`` turns batching off: generations take turns, one verifier call each.
     """
+
+    # Set by the loading that runs on the torch thread (see __init__).
+    verifier: Verifier
+    tokenizer: Any
+    drafter: Any
 
     def __init__(
         self,
