@@ -43,6 +43,7 @@ from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
 from ._drafters.base import Drafter, DraftProposal, DraftRequest, DraftSession, empty_proposal
 from ._sampling import apply_repetition_penalty, process_logits
+from ._state_cache import StateCache
 from ._verifier import Verifier
 
 __all__ = ["Batch", "RoundCore", "RowOutcome", "SequenceState"]
@@ -156,7 +157,10 @@ class RoundCore:
     # -- one round --------------------------------------------------------------------------
 
     def run(
-        self, cache: BatchCache, states: Sequence[SequenceState], active: Sequence[bool]
+        self,
+        cache: BatchCache | StateCache,
+        states: Sequence[SequenceState],
+        active: Sequence[bool],
     ) -> list[RowOutcome | Exception | None]:
         """One round over ``states`` (the cache's rows, in order). Rows marked inactive sit
         out (fed padding that their cache lengths never keep). Returns, per row, its outcome,
@@ -297,7 +301,7 @@ class RoundCore:
                 outcomes[i] = _row_failed(state, exc)
         return verdicts
 
-    def _prefill(self, cache: BatchCache, state: SequenceState, budget: int) -> int:
+    def _prefill(self, cache: BatchCache | StateCache, state: SequenceState, budget: int) -> int:
         """Read up to ``budget`` more prompt tokens into the state's row; returns how many."""
         begin = state._cached
         end = min(state.ids.shape[0] - 1, begin + budget)
@@ -422,7 +426,7 @@ class RoundCore:
 
     def _commit(
         self,
-        cache: BatchCache,
+        cache: BatchCache | StateCache,
         state: SequenceState,
         verdict: Verdict,
         features: torch.Tensor | None,

@@ -5,6 +5,11 @@ newest one. Each call feeds, for every row of a batch, that newest token followe
 draft block, giving logits for the k draft positions plus one bonus position; afterwards each
 row's length is set back to exactly what was kept.
 
+Verifiers whose layers keep a recurrent state (Mamba, Falcon-H1, Qwen3-Next, Jamba,
+RecurrentGemma), or whose forward cannot read the batched cache's masks, keep a
+per-generation ``StateCache`` instead and take turns (``_state_cache`` says how a recurrent
+state is rolled back to the accepted prefix).
+
 A call can also return the verifier's hidden states at chosen layers (``verifier_features``):
 a feature-conditioned drafter reads them, as DFlash and EAGLE drafters read their target's.
 """
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from ._batch_cache import BatchCache, attention_masks
+from ._state_cache import StateCache, has_recurrent_layers
 
 __all__ = ["Verifier", "cache_keyword", "verifier_features"]
 
@@ -64,7 +70,15 @@ class Verifier:
         self.eos_ids = self._eos_ids(model, tokenizer)
         self.max_length = self._max_length(model.config)
         self._cache_keyword = cache_keyword(model)
-        self._check_attention(model)
+        # Why this verifier cannot share the batched cache (None: it can).
+        self.turns_reason = self._needs_own_caches(model.config)
+        if self.turns_reason is None:
+            self._check_attention(model)
+            _adapt_alibi(model)
+        else:
+            logger.info(
+                "each generation keeps its own cache and takes turns: %s", self.turns_reason
+            )
         # Rotary scalings that pick their frequencies from the largest position in a forward
         # ("dynamic", "longrope"): a row's numbers would depend on its batch-mates and on how
         # its prompt was split, so such a verifier decodes one generation per forward and
@@ -72,27 +86,33 @@ class Verifier:
         text = model.config.get_text_config()
         rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-        self.batchable = rope_type not in ("dynamic", "longrope")
+        self.batchable = rope_type not in ("dynamic", "longrope") and self.turns_reason is None
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @staticmethod
+    def _needs_own_caches(config: Any) -> str | None:
+        """Why the batched cache cannot serve this model, or None."""
+        text = config.get_text_config()
+        kinds = set(getattr(text, "layer_types", None) or ()) - {
+            "full_attention",
+            "sliding_attention",
+        }
+        if kinds or has_recurrent_layers(config):
+            named = ", ".join(sorted(kinds)) or "recurrent"
+            return f"its {named} layers keep a state that a shared attention cache cannot hold"
+        if getattr(text, "alibi", False):  # Falcon builds ALiBi from a 2-D mask only
+            return "its ALiBi biases are built from a 2-D attention mask"
+        return None
 
     @staticmethod
     def _check_attention(model: Any) -> None:
         """The batched cache passes 4-D masks, which sdpa and eager attention read; any other
-        implementation is switched to sdpa, and attention layers other than full and
-        sliding-window ones are refused. Grouped-query sdpa attention is switched to
+        implementation is switched to sdpa. Eager attention stays eager (Gemma 2's
+        soft-capping exists there only). Grouped-query sdpa attention is switched to
         ``packed_gqa_sdpa`` (see ``_attention``), which reads a verified block without copying
         the cache."""
         from ._attention import PACKED_GQA, use_packed_gqa
-        from ._errors import ModelLoadError
 
-        text = model.config.get_text_config()
-        kinds = set(getattr(text, "layer_types", None) or ())
-        unsupported = kinds - {"full_attention", "sliding_attention"}
-        if unsupported:
-            raise ModelLoadError(
-                f"the verifier has {', '.join(sorted(unsupported))} layers; dg_stream's cache "
-                "serves full and sliding-window attention only"
-            )
         implementation = getattr(model.config, "_attn_implementation", None)
         if implementation not in (None, "sdpa", "eager", PACKED_GQA):
             logger.info("switching the verifier from %s to sdpa attention", implementation)
@@ -122,14 +142,16 @@ class Verifier:
                 return value
         return None
 
-    def new_cache(self) -> BatchCache:
+    def new_cache(self) -> BatchCache | StateCache:
+        if self.turns_reason is not None:
+            return StateCache(self.model.config)
         return BatchCache(self.model.config)
 
     @torch.inference_mode()
     def forward(
         self,
         ids: torch.Tensor,
-        cache: BatchCache,
+        cache: BatchCache | StateCache,
         start: int = 0,
         feature_layers: Sequence[int] = (),
         raw_features: bool = False,
@@ -146,24 +168,59 @@ class Verifier:
         ``feature_rows`` positions.
         """
         rows, fed = ids.shape
-        positions = cache.prepare(start, rows, fed, self.device)
-        masks = attention_masks(self.config, positions, cache.span, self.model.dtype, self.device)
         limit = self.max_length
-        if limit is not None:  # padding slots may run past the table; their output is unused
-            positions = positions.clamp_max(limit - 1)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=masks,
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            output_hidden_states=bool(feature_layers),
-            **({"logits_to_keep": 1} if prefill and self._keeps_logits else {}),
-            **{self._cache_keyword: cache},
-        )
+        hidden: Sequence[torch.Tensor] | None
+        if isinstance(cache, StateCache):
+            logits, hidden = cache.forward(
+                self.model,
+                self._cache_keyword,
+                ids.to(self.device),
+                start,
+                hidden_states=bool(feature_layers),
+                keep_logits=(1 if prefill else fed) if self._keeps_logits else None,
+                max_length=limit,
+                prefill=prefill,
+            )
+        else:
+            positions = cache.prepare(start, rows, fed, self.device)
+            masks = attention_masks(
+                self.config, positions, cache.span, self.model.dtype, self.device
+            )
+            if limit is not None:  # padding slots may run past the table; their output is unused
+                positions = positions.clamp_max(limit - 1)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=masks,
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                output_hidden_states=bool(feature_layers),
+                **({"logits_to_keep": 1} if prefill and self._keeps_logits else {}),
+                **{self._cache_keyword: cache},
+            )
+            logits, hidden = out.logits, out.hidden_states
         features = None
         if feature_layers:
-            hidden = out.hidden_states
+            assert hidden is not None
             if feature_rows is not None:
                 hidden = [h[:, max(0, fed - feature_rows) :] for h in hidden]
             features = verifier_features(hidden, feature_layers, raw_features)
-        return out.logits.float(), features
+        return logits.float(), features
+
+
+def _adapt_alibi(model: Any) -> None:
+    """BLOOM builds its ALiBi biases from a 2-D padding mask; given the batched cache's 4-D
+    mask it fails. A row of that cache holds position ``j`` at index ``j``, so the biases of
+    an all-ones mask over the span are each row's own (softmax ignores the constant shift of
+    ALiBi, and the additive mask hides the stale slots)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    build = getattr(base, "build_alibi_tensor", None)
+    if base is None or build is None:
+        return
+
+    def build_over_span(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> Any:
+        if attention_mask.dim() == 4:
+            batch, span = attention_mask.shape[0], attention_mask.shape[-1]
+            attention_mask = attention_mask.new_ones((batch, span), dtype=torch.long)
+        return build(attention_mask, num_heads, dtype)
+
+    base.build_alibi_tensor = build_over_span
