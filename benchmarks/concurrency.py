@@ -154,11 +154,15 @@ class _Forwards:
 
 
 class OursMethod:
-    """A ``LocalBackend``; a run is C ``dg_stream.generate`` streams in one event loop."""
+    """A ``LocalBackend``; a run is C ``dg_stream.generate`` streams in one event loop.
 
-    def __init__(self, name: str, backend: Any) -> None:
+    ``temperature``: 0 (the default) is greedy; above it, unseeded sampling (seeded requests
+    would turn the backend's adaptive default off, see ``GenerationSession``)."""
+
+    def __init__(self, name: str, backend: Any, temperature: float = 0.0) -> None:
         self.name = name
         self.backend = backend
+        self.temperature = temperature
         self.forwards = _Forwards(backend.verifier.model)
 
     def run(self, prompts: Sequence[tuple[str, list[int]]], new_tokens: int) -> Run:
@@ -181,7 +185,7 @@ class OursMethod:
         async def one(index: int, prompt_id: str, ids: list[int]) -> None:
             stream = Stream(prompt_id, [], 0.0, rows=[])
             generation = dg_stream.generate(
-                ids, backend=self.backend, max_new_tokens=new_tokens, temperature=0
+                ids, backend=self.backend, max_new_tokens=new_tokens, temperature=self.temperature
             )
             async with generation as chunks:
                 async for chunk in chunks:

@@ -156,7 +156,7 @@ def test_gpu_script_runs_on_the_cpu(tiny_models: dict[str, Path], tmp_path: Path
         "--no-plots",
     ]  # fmt: skip
     done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), *argv],
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "compare", *argv],
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -1,0 +1,156 @@
+"""Oracle drafters: acceptance fixed at k, to measure what the engine allows any drafter.
+
+``OracleDrafter`` proposes the next k tokens of a known continuation of each prompt (the
+verifier's own greedy continuation, found beforehand by plain decoding), so a greedy round
+accepts every draft and commits k + 1 tokens: what is left to measure is the engine, the
+verify forward and nothing else. ``OracleOverDrafter`` runs a real drafter's forward for every
+proposal (its cost, its cache) and then proposes the oracle's tokens instead of its own: the
+rounds cost what they cost with that drafter, and accept like the oracle.
+
+Both follow the ``Drafter`` protocol (``_drafters.base``): a session per generation, drafts as
+tensors on the verifier's device, ``q = None`` (a point mass, exact for any draft). Neither has
+``propose_batch``: each row's session proposes on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._config import SamplingParams
+from .._drafters.base import DraftProposal, empty_proposal
+
+__all__ = ["OracleDrafter", "OracleOverDrafter", "OracleSession"]
+
+
+class OracleDrafter:
+    """Proposes known continuations.
+
+    ``sequences``: full token sequences (prompt followed by its continuation); a generation
+    whose prompt is a prefix of one of them drafts from it. ``set_sequences`` replaces them
+    (sessions opened afterwards read the new ones). ``device``: where drafts are made (the
+    verifier's), so the engine copies nothing between devices.
+    """
+
+    vocab_size: int | None = None
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]] = (),
+        *,
+        device: torch.device | str = "cpu",
+        max_block_size: int = 64,
+    ) -> None:
+        self.device = torch.device(device)
+        self.max_block_size = max_block_size
+        self.sequences: list[torch.Tensor] = []
+        self.set_sequences(sequences)
+
+    def set_sequences(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.sequences = [torch.tensor(list(s), dtype=torch.long) for s in sequences]
+        self._on_device = [s.to(self.device) for s in self.sequences]
+
+    def find(self, context: torch.Tensor) -> torch.Tensor | None:
+        """The known sequence that ``context`` ((n,) ids) begins, on the drafting device."""
+        ids = context.detach().to("cpu")
+        n = ids.shape[0]
+        for host, device in zip(self.sequences, self._on_device, strict=True):
+            if host.shape[0] >= n and torch.equal(host[:n], ids):
+                return device
+        return None
+
+    def session(self) -> OracleSession:
+        return OracleSession(self)
+
+
+class OracleSession:
+    """One generation: finds its sequence at the first proposal (one host copy of the prompt),
+    then slices it by the context's length, with no further host work."""
+
+    def __init__(self, oracle: OracleDrafter) -> None:
+        self.oracle = oracle
+        self.sequence: torch.Tensor | None = None
+        self.looked_up = False
+        self.proposals = 0
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
+        features: torch.Tensor | None = None,
+    ) -> DraftProposal:
+        return DraftProposal(self.tokens(context, k), None)
+
+    def tokens(self, context: torch.Tensor, k: int) -> torch.Tensor:
+        """The next ``k`` known tokens after ``context`` (fewer past the sequence's end; none
+        for a context the oracle does not know)."""
+        if not self.looked_up:
+            self.sequence = self.oracle.find(context)
+            self.looked_up = True
+        self.proposals += 1
+        if self.sequence is None:
+            return empty_proposal(self.oracle.device).tokens
+        n = int(context.shape[0])
+        return self.sequence[n : n + min(k, self.oracle.max_block_size)]
+
+    def close(self) -> None:
+        self.sequence = None
+
+
+class OracleOverDrafter:
+    """A real drafter's cost with the oracle's acceptance.
+
+    Every proposal runs ``inner``'s session (its forward, its cache growing with the
+    context, the verifier features it reads) and then returns the oracle's tokens, as many as
+    the inner drafter made. Declares what ``inner`` declares (block limit, features, the
+    feature-stream flags), so the engine feeds it exactly as it feeds ``inner``.
+    """
+
+    def __init__(self, inner: Any, oracle: OracleDrafter) -> None:
+        self.inner = inner
+        self.oracle = oracle
+        self.vocab_size: int | None = getattr(inner, "vocab_size", None)
+        self.max_block_size = min(int(inner.max_block_size), oracle.max_block_size)
+        self.feature_layers: tuple[int, ...] = tuple(getattr(inner, "feature_layers", ()) or ())
+        self.feature_window = int(getattr(inner, "feature_window", 0) or 0)
+        self.feature_stream = bool(getattr(inner, "feature_stream", False))
+        self.raw_features = bool(getattr(inner, "raw_features", False))
+
+    def session(self) -> _OverSession:
+        return _OverSession(self.inner.session(), self.oracle.session())
+
+
+class _OverSession:
+    def __init__(self, inner: Any, oracle: OracleSession) -> None:
+        self.inner = inner
+        self.oracle = oracle
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        *,
+        steps: int | None = None,
+        confidence: float | None = None,
+        features: torch.Tensor | None = None,
+    ) -> DraftProposal:
+        extra = {"features": features} if features is not None else {}
+        made = self.inner.propose(
+            context, k, params, generator, steps=steps, confidence=confidence, **extra
+        )
+        return DraftProposal(self.oracle.tokens(context, int(made.tokens.shape[0])), None)
+
+    def close(self) -> None:
+        self.inner.close()
+        self.oracle.close()
