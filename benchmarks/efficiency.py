@@ -18,12 +18,14 @@ out below; nothing is fetched), decoded greedily from a random prompt:
   like the oracle.
 
 Figures per k: decode tokens/s (after the first chunk, so the prompt's prefill is not counted)
-and its ratio to plain; the round's wall time (decode time ÷ rounds); the verify forward
-(transformers' forward of k + 1 tokens on a ``DynamicCache`` at the same context, no engine,
-synchronised) and the draft forward (the drafter's own ``propose``, synchronised) timed bare;
-``overhead = round ÷ (verify + draft)`` (1 is an engine that adds nothing; its inverse is the
-efficiency), and ``ideal = (k + 1) × step ÷ (verify + draft)``: the speed-up a zero-overhead
-engine would reach with this drafter. The engine's own per-round timings (``StepStats``) are
+and its ratio to plain (and ``(k + 1) ÷ round``, the tokens/s had every draft been kept: a bf16
+near-tie left after the refinement costs acceptance, not time); the round's wall time (decode
+time ÷ rounds); the verify forward (transformers' forward of k + 1 tokens on a
+``DynamicCache`` at the same context, no engine, synchronised) and the draft forward (the
+drafter's own ``propose``, synchronised), timed bare; ``overhead = round ÷ (verify + draft)``
+(1 is an engine that adds nothing; its inverse is the efficiency), and
+``ideal = (k + 1) × step ÷ (verify + draft)``: the speed-up a zero-overhead engine would reach
+with this drafter. The engine's own per-round timings (``StepStats``) are
 kept beside them.
 """
 
@@ -466,6 +468,11 @@ def measure_model(
             plain_tps = result["plain"]["tokens_per_second"]
             row["speedup"] = row["tokens_per_second"] / plain_tps if plain_tps else None
             row["ideal_speedup"] = (k + 1) * step / bare if bare else None
+            # What the rounds would deliver had every draft been kept (a bf16 near-tie that
+            # the refinement did not remove costs a round's acceptance, not its time).
+            row["tokens_per_second_all_accepted"] = (
+                1000 * (k + 1) / row["round_ms"] if row["round_ms"] else None
+            )
             rows.append(row)
             save(result)
             log(

@@ -640,6 +640,7 @@ def headline(phases: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
                         "draft_ms": _round(row["bare_draft_ms"], 2),
                         "overhead": _round(row["overhead"], 2),
                         "accepted_per_round": _round(row["accepted_per_round"], 2),
+                        "acceptance": _round(row["acceptance"], 3),
                     }
                 )
         out[name] = rows
@@ -688,17 +689,21 @@ def markdown(summary: dict[str, Any]) -> str:
             )
     for name in ("oracle", "dflash"):
         if head.get(name):
+            drafter = "oracle drafter" if name == "oracle" else "DFlash forward, oracle's tokens"
             lines += [
                 "",
-                f"{name}: | model | k | plain tok/s | tok/s | × plain | ideal × | round ms "
-                "| verify ms | draft ms | round ÷ (verify+draft) | accepted/round |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"{name} ({drafter}; verify and draft ms: bare forwards):",
+                "",
+                "| model | k | plain tok/s | tok/s | × plain | ideal × | round ms | verify ms "
+                "| draft ms | round ÷ (verify+draft) | accepted/round | acceptance |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for r in head[name]:
                 lines.append(
                     f"| {r['model']} | {r['k']} | {r['plain_tps']} | {r['tps']} | {r['speedup']} | "
                     f"{r['ideal_speedup']} | {r['round_ms']} | {r['verify_ms']} | "
-                    f"{r['draft_ms']} | {r['overhead']} | {r['accepted_per_round']} |"
+                    f"{r['draft_ms']} | {r['overhead']} | {r['accepted_per_round']} | "
+                    f"{r['acceptance']} |"
                 )
     return "\n".join(lines) + "\n"
 
