@@ -70,6 +70,7 @@ def test_every_example_is_tested() -> None:
         "asgi_app.py",
         "langchain_chat.py",
         "gradio_chat.py",
+        "vllm_sglang_client.py",  # against replayed vLLM and SGLang: tests/test_remote_engines.py
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 

@@ -307,7 +307,13 @@ class ChatDGStream(BaseChatModel):
         if backend is None:
             return "dg-stream" if self.base_url is not None else _DEFAULT_MODEL_NAME
         name = backend.model_name
-        return _public_name(name) if name else "dg-stream"
+        if not name:
+            return "dg-stream"
+        from .._backends.remote import RemoteBackend  # httpx only
+
+        # A server's model id ("Qwen/Qwen3-8B" from vLLM) is its public name already; only a
+        # local checkpoint path is shortened to its folder's name.
+        return name if isinstance(backend, RemoteBackend) else _public_name(name)
 
     # -- requests ----------------------------------------------------------------------------
 
