@@ -110,6 +110,12 @@ def phase_tests(
             # pytest-asyncio (from the dev extra) knows this option; a bare machine may lack it.
             "-W",
             "ignore:Unknown config option:pytest.PytestConfigWarning",
+            # The suite turns warnings into errors; on a GPU machine's other library versions a
+            # deprecation notice must not cost the rare GPU hour its tests.
+            "-W",
+            "ignore::DeprecationWarning",
+            "-W",
+            "ignore::FutureWarning",
             f"--junitxml={xml}",
         ]
         result["command"] = "pytest " + " ".join(args[:3])
@@ -470,6 +476,18 @@ def _missing() -> dict[str, str]:
     return missing
 
 
+def _stop(child: subprocess.Popen[Any]) -> int:
+    """SIGINT to the phase's process group (it writes what it has), SIGKILL 10 s later."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGINT)
+    try:
+        return child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        return child.wait()
+
+
 def _spawn(name: str, settings: RunSettings, seconds: float) -> dict[str, Any]:
     """One phase in a child process, stopped at ``seconds`` (SIGINT, then SIGKILL)."""
     command = [
@@ -511,14 +529,10 @@ def _spawn(name: str, settings: RunSettings, seconds: float) -> dict[str, Any]:
             code = child.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             status = "timeout"
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGINT)
-            try:
-                code = child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-                code = child.wait()
+            code = _stop(child)
+        except KeyboardInterrupt:  # the run itself is being stopped: keep what the phase wrote
+            status = "interrupted"
+            code = _stop(child)
     elapsed = time.monotonic() - started
     tail = log.read_text(errors="replace")[-LOG_TAIL:]
     log.unlink(missing_ok=True)
@@ -534,6 +548,8 @@ def _spawn(name: str, settings: RunSettings, seconds: float) -> dict[str, Any]:
         data.update(phase=name, status=status, seconds=elapsed)
         if status == "timeout":
             data["error"] = f"stopped at its limit of {seconds:.0f}s; the figures are partial"
+        elif status == "interrupted":
+            data["error"] = "the run was interrupted; the figures are partial"
         _write_json(path, data)
     return {
         "status": status,
@@ -560,6 +576,9 @@ def run_all(settings: RunSettings) -> dict[str, Any]:
     if summary["missing"]:
         _log(f"missing packages: {', '.join(summary['missing'])} (pip install them)")
     for name in settings.phases:
+        if any(p["status"] == "interrupted" for p in summary["phases"].values()):
+            summary["phases"][name] = {"status": "skipped", "reason": "the run was interrupted"}
+            continue
         left = end - time.monotonic() - RESERVE
         seconds = min(settings.budget[name], left)
         if seconds < 5:
@@ -573,7 +592,9 @@ def run_all(settings: RunSettings) -> dict[str, Any]:
     phases = {name: _read(settings.out / f"{name}.json") for name in PHASES}
     summary["machine"] = next((p["machine"] for p in phases.values() if p and "machine" in p), None)
     summary["headline"] = headline(phases)
-    summary["files"] = [f"{name}.json" for name in settings.phases]
+    summary["files"] = [
+        f"{name}.json" for name in settings.phases if (settings.out / f"{name}.json").exists()
+    ]
     for draw, stem in ((plot_pair, "pair"), (plot_efficiency, "efficiency")):
         try:
             if draw(phases, settings.out / f"{stem}.png"):
