@@ -11,9 +11,9 @@
 #   benchmarks/gpu.sh compare --device cpu ...   # the comparison on a CPU
 #
 # Runs from a checkout without installing it (src/ goes on PYTHONPATH); the packages it needs
-# are torch, transformers, anyio>=4.16, httpx, msgspec, wcwidth, pytest, pytest-timeout, scipy
-# and matplotlib (pip install -e '.[dev]'). Extra arguments go to the Python entry point (the
-# last value of an option wins).
+# are torch, transformers, safetensors, tokenizers, anyio>=4.16, httpx, msgspec, pytest, scipy
+# and matplotlib (pip install -e '.[dev]' has them all). Extra arguments go to the Python entry
+# point (the last value of an option wins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

@@ -57,7 +57,18 @@ SMOKE_TOTAL = 110.0
 RESERVE = 12.0  # kept back for plots and the summary
 SOFT = 0.75
 #: What the phases import; a missing one is named in the summary (pip install it).
-NEEDED = ("torch", "transformers", "anyio", "httpx", "msgspec", "wcwidth", "pytest", "scipy")
+NEEDED = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "anyio",
+    "httpx",
+    "msgspec",
+    "pytest",
+    "scipy",
+    "matplotlib",
+)
 LOG_TAIL = 4000
 
 
