@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
-from dg_stream._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable, shared_block
+from dg_stream._block_policy import (
+    AcceptanceEstimate,
+    BlockSizePolicy,
+    CostTable,
+    RealizedRates,
+    drafting_could_pay,
+    shared_block,
+)
 
 
 def _costs(verify: dict[int, float], draft: dict[int, float]) -> CostTable:
@@ -210,3 +217,68 @@ def test_a_busy_batch_drafts_less_and_one_row_as_alone() -> None:
     assert shared_block(policies(16), costs, others=16, width=9) >= shared_block(
         policies(16), costs
     )
+
+
+def test_probes_stop_where_even_perfect_acceptance_could_not_pay() -> None:
+    """A compute-bound verifier (cost proportional to the tokens fed, as 16 rows on 2 CPU
+    cores): no acceptance makes drafting pay for a full batch, so it is not probed for; one
+    row on the same machine, or a cheap per-token cost, still is."""
+    compute_bound = _costs({1: 0.010, 16: 0.060, 64: 0.230, 144: 0.520}, {1: 0.002, 8: 0.004})
+    many = [BlockSizePolicy(8, 16, compute_bound) for _ in range(16)]
+    assert not drafting_could_pay(many, compute_bound, 4)
+    assert drafting_could_pay(many[:1], compute_bound, 4)
+    overhead_bound = _costs({1: 0.010, 16: 0.011, 64: 0.014, 144: 0.020}, {1: 0.0005, 8: 0.001})
+    assert drafting_could_pay(
+        [BlockSizePolicy(8, 16, overhead_bound) for _ in range(16)], overhead_bound, 4
+    )
+
+
+def test_a_batch_that_does_not_draft_probes_ever_more_rarely(tiny_tok: Any) -> None:
+    """Rows whose drafts are always rejected: probes come at growing intervals, and none
+    once even whole acceptance could not pay."""
+    from dg_stream._rounds import RoundCore
+
+    costs = _costs({1: 0.010, 16: 0.011, 64: 0.014, 144: 0.020}, {1: 0.0005, 8: 0.001})
+    core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
+    core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
+    core.realized = RealizedRates()
+    states = [_PlanOnly(BlockSizePolicy(8, 16, costs)) for _ in range(4)]
+    for state in states:
+        for _ in range(30):
+            state.policy.observe(drafted=8, accepted=0)
+    probes = [r for r in range(2000) if core._plan(states)]  # type: ignore[arg-type]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps == sorted(gaps) and gaps[0] < gaps[-1] == 16 * 4 * 4
+    core.costs = _costs({1: 0.010, 16: 0.060, 64: 0.230, 144: 0.520}, {1: 0.002, 8: 0.004})
+    batch = [_PlanOnly(BlockSizePolicy(8, 16, core.costs)) for _ in range(16)]
+    assert not any(core._plan(batch) for _ in range(4000))  # type: ignore[arg-type]
+
+
+class _PlanOnly:
+    """What ``RoundCore._plan`` reads of a row."""
+
+    def __init__(self, policy: BlockSizePolicy) -> None:
+        self.policy = policy
+        self.block_size = 8
+        self.draft_session = object()
+
+
+def test_a_batch_drafts_only_while_its_drafted_rounds_deliver() -> None:
+    """Whole rounds, not the cost model, have the last word for batches: drafting stops once
+    drafted rounds deliver less than plain ones at that batch size, and a batch that always
+    drafts takes plain rounds until it can compare."""
+    realized = RealizedRates()
+    assert realized.drafting_delivers(4)  # nothing known: the cost model decides
+    asked = [realized.wants_plain_round(4) for _ in range(16)]
+    assert sum(asked) == 4 and not realized.wants_plain_round(1)
+    for _ in range(4):
+        realized.observe(4, drafted=True, tokens=8, seconds=0.05)  # 160 tokens/s
+        realized.observe(4, drafted=False, tokens=4, seconds=0.02)  # 200 tokens/s
+    assert not realized.drafting_delivers(4)
+    assert realized.drafting_delivers(16)  # another batch size: not known yet
+    for _ in range(12):
+        realized.observe(4, drafted=True, tokens=12, seconds=0.05)  # 240 tokens/s
+    assert realized.drafting_delivers(4)
+    assert not realized.wants_plain_round(4)  # plain rounds are known now
+    realized.observe(1, drafted=False, tokens=1, seconds=0.01)  # one row: the model decides
+    assert realized.drafting_delivers(1)

@@ -36,6 +36,8 @@ __all__ = [
     "AcceptanceEstimate",
     "BlockSizePolicy",
     "CostTable",
+    "RealizedRates",
+    "drafting_could_pay",
     "shared_block",
 ]
 
@@ -319,6 +321,76 @@ def shared_block(
         return tokens / max(1e-9, seconds)
 
     return _choose([rate(k) for k in range(largest + 1)], MARGIN if rows == 1 else BATCH_MARGIN)
+
+
+def drafting_could_pay(
+    policies: list[BlockSizePolicy],
+    costs: CostTable,
+    block: int,
+    *,
+    others: int = 0,
+    width: int = 1,
+) -> bool:
+    """Whether drafting ``block`` tokens for every row of ``policies`` would beat plain
+    decoding even if every draft were accepted: when it would not, no change in acceptance
+    can make drafting pay at this load, and probing for one only costs. (16 rows on 2 CPU
+    cores: a verify is compute-bound, so ``R (k + 1)`` tokens cost nearly ``k + 1`` plain
+    rounds, and the drafting comes on top.)"""
+    rows = len(policies) + others
+    plain = rows / max(1e-9, costs.verify(rows * width))
+    seconds = costs.verify(rows * max(width, block + 1))
+    for policy in policies:
+        if policy.steps in costs.draft:
+            seconds += costs.draft[policy.steps](min(block, policy.max_block))
+    tokens = others + sum(1 + min(block, policy.max_block) for policy in policies)
+    margin = MARGIN if rows == 1 else BATCH_MARGIN
+    return tokens / max(1e-9, seconds) >= margin * plain
+
+
+class RealizedRates:
+    """What whole rounds delivered (committed tokens per second of the round, drafting,
+    judging and committing included), by batch size and by whether the round drafted.
+
+    The cost model prices the verifier forward and the drafter; a batch's round also pays
+    per-row work around them that grows with the rows and the block (4 streams on 2 CPU
+    cores: the model chose drafting and the batch ran 12% below plain decoding). So where
+    both kinds of round have been seen at a batch size, drafting goes on only while its
+    rounds deliver at least what plain ones do; a batch that keeps drafting takes a plain
+    round now and then until it has a few to compare against.
+    """
+
+    def __init__(self, keep: int = 12, needed: int = 4) -> None:
+        self.keep, self.needed = keep, needed
+        self._rates: dict[tuple[int, bool], deque[float]] = {}
+        self._rounds = 0
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        """Batch sizes up to 4 alone, then powers of two (5-8, 9-16, ...)."""
+        return rows if rows <= 4 else 1 << (rows - 1).bit_length()
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        if seconds > 0 and rows > 1:
+            key = (self.bucket(rows), drafted)
+            self._rates.setdefault(key, deque(maxlen=self.keep)).append(tokens / seconds)
+
+    def drafting_delivers(self, rows: int) -> bool:
+        """False once drafted rounds at this batch size have delivered less than plain ones
+        (medians of the last ``keep`` of each); True while either is unknown."""
+        drafted = self._rates.get((self.bucket(rows), True), ())
+        plain = self._rates.get((self.bucket(rows), False), ())
+        if len(drafted) < self.needed or len(plain) < self.needed:
+            return True
+        return statistics.median(drafted) >= statistics.median(plain)
+
+    def wants_plain_round(self, rows: int) -> bool:
+        """Whether a batch about to draft should decode plainly this round, to learn what
+        plain rounds deliver at its size (one round in four until it knows)."""
+        if rows <= 1:
+            return False
+        self._rounds += 1
+        plain = self._rates.get((self.bucket(rows), False), ())
+        return len(plain) < self.needed and self._rounds % 4 == 0
 
 
 #: How much faster than plain decoding drafting must be predicted to be before it is chosen:

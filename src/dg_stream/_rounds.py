@@ -38,7 +38,13 @@ import torch
 
 from ._acceptance import Verdict, accept_greedy, accept_greedy_batch, accept_sampled
 from ._batch_cache import BatchCache
-from ._block_policy import BlockSizePolicy, CostTable, shared_block
+from ._block_policy import (
+    BlockSizePolicy,
+    CostTable,
+    RealizedRates,
+    drafting_could_pay,
+    shared_block,
+)
 from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
 from ._drafters.base import Drafter, DraftProposal, DraftRequest, DraftSession, empty_proposal
@@ -151,6 +157,9 @@ class RoundCore:
         self.raw_features = bool(getattr(drafter, "raw_features", False))
         self.probe_every = 4
         self._plain_rounds = 0
+        self._probe_gap = self.probe_every  # rounds per row between probes; doubles while
+        # probes find nothing
+        self.realized = RealizedRates()
         pad = getattr(verifier.config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
 
@@ -186,6 +195,7 @@ class RoundCore:
         if not decoding:
             return outcomes
         rows = len(decoding)
+        round_started = time.perf_counter()
         draft_seconds = dict.fromkeys(decoding, 0.0)
         # A row's first round drafts now (later drafts are made at the end of a round), sized
         # to share the call with the rows whose drafts are already made.
@@ -242,6 +252,12 @@ class RoundCore:
             if state.preview and state.proposal is not None:
                 preview = state.proposal.tokens.tolist()
             outcomes[i] = RowOutcome(new, finish, step, preview)
+        self.realized.observe(
+            rows,
+            any(sizes[i] for i in sizes),
+            sum(len(new) for new, *_ in committed.values()),
+            time.perf_counter() - round_started,
+        )
         return outcomes
 
     # -- phases -----------------------------------------------------------------------------
@@ -333,19 +349,33 @@ class RoundCore:
         if any(w is not None for w in warmups):
             return max(w for w in warmups if w is not None)
         block = shared_block(policies, self.costs, others=others, width=width)
-        if block == 0:
-            # While plain decoding wins, draft now and then anyway to notice the drafter
-            # agreeing: all rows in the same round (one wider call), and the more rows, the
-            # rarer and shorter (each probe widens all of them, which costs a compute-bound
-            # machine in proportion; each tells about all of them). A busy batch seldom
-            # gains from drafting at all: 16 rows on 2 CPU cores lost 3-7% to probes taken
-            # every 16 rounds at the requested block.
-            self._plain_rounds += 1
-            rows = len(states) + others
-            if self._plain_rounds % (self.probe_every * rows) == 0:
-                requested = min(policy.requested for policy in policies)
-                return requested if rows == 1 else max(1, requested // 2)
-        return block
+        rows = len(states) + others
+        if block > 0 and rows > 1:
+            if self.realized.wants_plain_round(rows):
+                return 0
+            if not self.realized.drafting_delivers(rows):
+                block = 0
+        if block > 0:
+            self._plain_rounds, self._probe_gap = 0, self.probe_every
+            return block
+        # While plain decoding wins, draft now and then anyway to notice the drafter
+        # agreeing: all rows in the same round (one wider call), and the more rows, the
+        # rarer and shorter (each probe widens all of them, which costs a compute-bound
+        # machine in proportion; each tells about all of them). In a batch, a probe that
+        # changes nothing doubles the wait for the next (up to 64 rounds per row), and none is
+        # made where even a draft accepted whole could not pay at this load: 16 rows on 2 CPU
+        # cores lost 3-7% to probes taken every 16 rounds.
+        self._plain_rounds += 1
+        if self._plain_rounds < self._probe_gap * rows:
+            return 0
+        self._plain_rounds = 0
+        requested = min(policy.requested for policy in policies)
+        probe = requested if rows == 1 else max(1, requested // 2)
+        if not drafting_could_pay(policies, self.costs, probe, others=others, width=width):
+            return 0
+        if rows > 1:  # a single stream's probes are cheap and its text changes regime often
+            self._probe_gap = min(2 * self._probe_gap, 16 * self.probe_every)
+        return probe
 
     def _propose(
         self,
