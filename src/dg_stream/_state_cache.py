@@ -36,7 +36,7 @@ from transformers.cache_utils import (
     LinearAttentionCacheLayerMixin,
 )
 
-__all__ = ["STEPWISE", "StateCache", "has_recurrent_layers"]
+__all__ = ["STEPWISE", "StateCache", "has_recurrent_layers", "recurrent_cache_problem"]
 
 #: Families whose transformers forward reads several new tokens on top of a cached state as
 #: if they were a prompt (RecurrentGemma's recurrent blocks restart their scan): a verified
@@ -46,6 +46,21 @@ STEPWISE = frozenset({"recurrent_gemma"})
 #: State that RecurrentGemma keeps on its modules rather than in the cache: swapped in and
 #: out around each row's forward, so that rows (and restored snapshots) keep their own.
 MODULE_STATES = ("recurrent_states", "conv1d_state")
+
+
+def recurrent_cache_problem() -> str | None:
+    """Why this transformers cannot roll back recurrent states here (None: it can): older
+    releases keep one state per layer under another interface."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    if not hasattr(LinearAttentionLayer(), "number_of_states"):
+        import transformers
+
+        return (
+            f"transformers {transformers.__version__} keeps recurrent states in a form dg_stream "
+            "cannot roll back; upgrade transformers (5.24 works) to verify with this model"
+        )
+    return None
 
 
 def has_recurrent_layers(config: Any) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ._batch_cache import BatchCache, attention_masks
-from ._state_cache import StateCache, has_recurrent_layers
+from ._state_cache import StateCache, has_recurrent_layers, recurrent_cache_problem
 
 __all__ = ["Verifier", "cache_keyword", "verifier_features"]
 
@@ -98,6 +98,11 @@ class Verifier:
             "sliding_attention",
         }
         if kinds or has_recurrent_layers(config):
+            problem = recurrent_cache_problem()
+            if problem is not None:
+                from ._errors import ModelLoadError
+
+                raise ModelLoadError(problem)
             named = ", ".join(sorted(kinds)) or "recurrent"
             return f"its {named} layers keep a state that a shared attention cache cannot hold"
         if getattr(text, "alibi", False):  # Falcon builds ALiBi from a 2-D mask only
