@@ -293,8 +293,10 @@ def test_a_rolled_back_row_continues_as_if_it_had_read_only_what_it_kept(
         with torch.no_grad():
             full = verifier.model(input_ids=torch.tensor([[*kept, newest, *block]])).logits[0]
         width = len(block) + 1
-        # A wrong rollback is off by tenths; scans of different lengths round differently.
-        torch.testing.assert_close(logits[0], full[-width:].float(), atol=2e-2, rtol=1e-2)
+        # A wrong rollback is off by tenths nearly everywhere; scans of different lengths
+        # round differently (Mamba's fallback scan: up to a few hundredths at a rare logit).
+        error = (logits[0] - full[-width:].float()).abs()
+        assert error.max() < 0.15 and error.mean() < 2e-2, (error.max(), error.mean())
         accepted = data.draw(st.integers(0, len(block)))
         kept += [newest, *block[:accepted]]
         cache.lengths[row] = len(kept)
