@@ -378,6 +378,17 @@ async def complete(backend: RemoteBackend, prompt: Any, **options: Any) -> Any:
     return stream, chunks
 
 
+def run(replay: Replay, prompt: Any, chat: bool | None = None, **options: Any) -> Any:
+    """``complete`` against ``replay`` through an OpenAI-protocol backend of MODEL."""
+
+    async def main() -> Any:
+        extra = {} if chat is None else {"chat": chat}
+        async with RemoteBackend(replay.url, MODEL, api="openai", **extra) as backend:
+            return await complete(backend, prompt, **options)
+
+    return anyio.run(main)
+
+
 # -- text, finish reason, usage ------------------------------------------------------------------
 
 
@@ -412,11 +423,7 @@ def test_completion_stream(engine: Replay) -> None:
 def test_chat_stream(engine: Replay) -> None:
     messages = [{"role": "user", "content": "Name three sorting algorithms, one per line."}]
 
-    async def main() -> Any:
-        async with RemoteBackend(engine.url, MODEL, api="openai") as backend:
-            return await complete(backend, messages, max_new_tokens=9, temperature=0.6, seed=1)
-
-    stream, _ = anyio.run(main)
+    stream, _ = run(engine, messages, max_new_tokens=9, temperature=0.6, seed=1)
     # SGLang's reasoning_content is the model's thinking, not its answer: never in the text.
     assert stream.text == "Merge sort\nQuicksort\nHeapsort"
     assert stream.finish_reason == ("stop" if engine.name == "vllm" else "length")
@@ -432,11 +439,7 @@ def test_continuous_usage_keeps_the_last(vllm: Replay) -> None:
     """vLLM's ``stream_options.continuous_usage_stats``: usage so far on every chunk."""
     vllm.play("continuous_usage")
 
-    async def main() -> Any:
-        async with RemoteBackend(vllm.url, MODEL, api="openai", chat=True) as backend:
-            return await complete(backend, "Is 7 prime?", max_new_tokens=3)
-
-    stream, _ = anyio.run(main)
+    stream, _ = run(vllm, "Is 7 prime?", chat=True, max_new_tokens=3)
     assert stream.text == "Yes." and stream.finish_reason == "stop"
     assert stream.usage == Usage(prompt_tokens=8, completion_tokens=3)
 
@@ -445,11 +448,7 @@ def test_an_aborted_request_ends_cancelled(sglang: Replay) -> None:
     """SGLang's ``finish_reason: "abort"`` (the request was aborted on the server)."""
     sglang.play("abort")
 
-    async def main() -> Any:
-        async with RemoteBackend(sglang.url, MODEL, api="openai", chat=True) as backend:
-            return await complete(backend, "Name a sort.", max_new_tokens=9)
-
-    stream, _ = anyio.run(main)
+    stream, _ = run(sglang, "Name a sort.", chat=True, max_new_tokens=9)
     assert stream.text == "Merge" and stream.finish_reason == "cancelled"
     assert stream.usage == Usage(prompt_tokens=21, completion_tokens=1)
 
@@ -460,12 +459,8 @@ def test_an_aborted_request_ends_cancelled(sglang: Replay) -> None:
 def test_an_error_mid_stream_keeps_the_text_so_far(engine: Replay) -> None:
     engine.play("error_mid_stream")
 
-    async def main() -> None:
-        async with RemoteBackend(engine.url, MODEL, api="openai") as backend:
-            await complete(backend, "def fibonacci(n):", max_new_tokens=12)
-
     with pytest.raises(StreamInterruptedError) as caught:
-        anyio.run(main)
+        run(engine, "def fibonacci(n):", max_new_tokens=12)
     assert caught.value.text == "\n    if n < 2:"
     expected = "Internal server error" if engine.name == "vllm" else "out of memory"
     assert expected in str(caught.value)
@@ -475,12 +470,8 @@ def test_an_error_mid_stream_keeps_the_text_so_far(engine: Replay) -> None:
 def test_an_error_as_the_first_event(engine: Replay) -> None:
     engine.play("error_first")
 
-    async def main() -> None:
-        async with RemoteBackend(engine.url, MODEL, api="openai") as backend:
-            await complete(backend, "x" * 100, max_new_tokens=12)
-
     with pytest.raises(GenerationError) as caught:
-        anyio.run(main)
+        run(engine, "x" * 100, max_new_tokens=12)
     assert not isinstance(caught.value, StreamInterruptedError)
     assert re.search(r"maximum (context length|allowed)", str(caught.value))
     assert len(engine.posts) == 1  # an error the server reported is not retried
