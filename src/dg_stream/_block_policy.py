@@ -310,17 +310,18 @@ def shared_block(
     rows = len(policies) + others
     largest = max(policy.max_block for policy in policies)
     tables = [policy.acceptance.expected_tokens_upto(policy.max_block) for policy in policies]
-
-    def rate(k: int) -> float:
-        tokens = others + sum(table[min(k, len(table) - 1)] for table in tables)
-        seconds = costs.verify(rows * max(width, k + 1))
-        for policy in policies:
-            block = min(k, policy.max_block)
-            if block > 0 and policy.steps in costs.draft:
-                seconds += costs.draft[policy.steps](block)
-        return tokens / max(1e-9, seconds)
-
-    return _choose([rate(k) for k in range(largest + 1)], MARGIN if rows == 1 else BATCH_MARGIN)
+    rates = [
+        _call_rate(
+            policies,
+            costs,
+            k,
+            sum(table[min(k, len(table) - 1)] for table in tables),
+            others=others,
+            width=width,
+        )
+        for k in range(largest + 1)
+    ]
+    return _choose(rates, MARGIN if rows == 1 else BATCH_MARGIN)
 
 
 def drafting_could_pay(
@@ -336,15 +337,31 @@ def drafting_could_pay(
     can make drafting pay at this load, and probing for one only costs. (16 rows on 2 CPU
     cores: a verify is compute-bound, so ``R (k + 1)`` tokens cost nearly ``k + 1`` plain
     rounds, and the drafting comes on top.)"""
-    rows = len(policies) + others
-    plain = rows / max(1e-9, costs.verify(rows * width))
-    seconds = costs.verify(rows * max(width, block + 1))
+    whole = sum(1 + min(block, policy.max_block) for policy in policies)
+    drafted = _call_rate(policies, costs, block, whole, others=others, width=width)
+    plain = _call_rate(policies, costs, 0, len(policies), others=others, width=width)
+    margin = MARGIN if len(policies) + others == 1 else BATCH_MARGIN
+    return drafted >= margin * plain
+
+
+def _call_rate(
+    policies: list[BlockSizePolicy],
+    costs: CostTable,
+    k: int,
+    tokens: float,
+    *,
+    others: int,
+    width: int,
+) -> float:
+    """Tokens per second of a call where ``policies``' rows draft ``k`` (each up to its own
+    limit) and keep ``tokens`` in all, beside ``others`` fixed rows (one token each) fed up
+    to ``width`` tokens: the call's verify cost plus every row's drafting."""
+    seconds = costs.verify((len(policies) + others) * max(width, k + 1))
     for policy in policies:
-        if policy.steps in costs.draft:
-            seconds += costs.draft[policy.steps](min(block, policy.max_block))
-    tokens = others + sum(1 + min(block, policy.max_block) for policy in policies)
-    margin = MARGIN if rows == 1 else BATCH_MARGIN
-    return tokens / max(1e-9, seconds) >= margin * plain
+        block = min(k, policy.max_block)
+        if block > 0 and policy.steps in costs.draft:
+            seconds += costs.draft[policy.steps](block)
+    return (others + tokens) / max(1e-9, seconds)
 
 
 class RealizedRates:
