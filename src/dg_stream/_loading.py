@@ -148,22 +148,6 @@ def load_feature_projection(directory: str | os.PathLike[str]) -> Any:
         raise ModelLoadError(f"could not load the feature projection {path}: {exc}") from exc
 
 
-def is_causal_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether a checkpoint's config names a causal-LM architecture."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            str(_check_path(path, "drafter")), local_files_only=True
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the drafter config at {path}: {exc}") from exc
-    return any(
-        a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
-        for a in (getattr(config, "architectures", None) or [])
-    )
-
-
 def check_vocabularies(
     verifier_tokenizer: Any,
     drafter_tokenizer: Any,

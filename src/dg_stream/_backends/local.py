@@ -13,18 +13,9 @@ import anyio.to_thread
 
 from .._chunks import Chunk
 from .._config import GenerationRequest, SpeculativeConfig
-from .._errors import DGStreamError, GenerationError, ModelLoadError
-from .._loading import (
-    check_vocabularies,
-    is_causal_checkpoint,
-    load_causal_lm,
-    load_dflash_drafter,
-    load_feature_projection,
-    load_masked_lm,
-    load_tokenizer,
-    require_local_extra,
-    resolve_device_dtype,
-)
+from .._errors import DGStreamError, GenerationError
+from .._loading import require_local_extra, resolve_device_dtype
+from .._model_kinds import build_drafter, load_verifier
 from ._model_thread import BatchLimits, ModelThread, run_on_torch_thread
 
 if TYPE_CHECKING:
@@ -146,15 +137,7 @@ class LocalBackend:
     # -- construction -----------------------------------------------------------------------
 
     def _verifier_and_tokenizer(self, verifier: Any, tokenizer: Any) -> tuple[Any, Any]:
-        if isinstance(verifier, (str, os.PathLike)):
-            model = load_causal_lm(verifier, self.device, self.dtype)
-            if tokenizer is None:
-                tokenizer = load_tokenizer(verifier)
-        else:
-            model = verifier
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer)
-        return model, tokenizer
+        return load_verifier(verifier, tokenizer, self.device, self.dtype)
 
     def _make_drafter(
         self,
@@ -164,103 +147,18 @@ class LocalBackend:
         confidence: float | None,
         window: int | None,
     ) -> Any:
-        from .._drafters import CausalDrafter, DiffusionDrafter, NgramDrafter
-
-        if drafter is None:
-            return None
-        if isinstance(drafter, str) and drafter == "ngram":
-            return NgramDrafter()
-        if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
-            self._check_features(drafter)
-            return drafter  # already a Drafter
-        from .._drafters.dflash_model import DFlashModel, is_dflash_checkpoint
-
-        if isinstance(drafter, (str, os.PathLike)) and is_dflash_checkpoint(drafter):
-            drafter = load_dflash_drafter(drafter, self.device, self.dtype)
-        if isinstance(drafter, DFlashModel):
-            return self._dflash_drafter(drafter)
-        projection = None
-        if isinstance(drafter, (str, os.PathLike)):
-            path = drafter
-            projection = load_feature_projection(path)
-            if drafter_tokenizer is None and (Path(path) / "tokenizer_config.json").exists():
-                drafter_tokenizer = load_tokenizer(path)
-            if is_causal_checkpoint(path):
-                drafter = load_causal_lm(path, self.device, self.dtype, what="drafter")
-            else:
-                drafter = load_masked_lm(path, self.device, self.dtype)
-        elif isinstance(drafter_tokenizer, (str, os.PathLike)):
-            drafter_tokenizer = load_tokenizer(drafter_tokenizer)
-        if not hasattr(drafter, "config"):
-            raise ModelLoadError(f"cannot use {type(drafter).__name__} as a drafter")
-        mask_id = self._mask_token_id(drafter, drafter_tokenizer)
-        ignore = frozenset({mask_id}) if mask_id is not None else frozenset()
-        check_vocabularies(
-            self.tokenizer,
-            drafter_tokenizer,
-            self.verifier.vocab_size,
-            int(drafter.config.vocab_size),
-            ignore,
+        """The drafter, of whichever kind ``_model_kinds`` recognises in ``drafter``."""
+        return build_drafter(
+            drafter,
+            verifier=self.verifier,
+            tokenizer=self.tokenizer,
+            drafter_tokenizer=drafter_tokenizer,
+            device=self.device,
+            dtype=self.dtype,
+            steps=steps,
+            confidence=confidence,
+            window=window,
         )
-        if type(drafter).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-            return CausalDrafter(drafter)
-        if mask_id is None:
-            raise ModelLoadError(
-                "the diffusion drafter has no mask token: give its tokenizer a "
-                "mask_token or set config.mask_token_id"
-            )
-        try:
-            diffusion = DiffusionDrafter(
-                drafter,
-                mask_token_id=mask_id,
-                window=window,
-                steps=steps,
-                confidence=confidence,
-                output_vocab_size=self.verifier.vocab_size,
-                feature_projection=projection,
-            )
-        except ValueError as exc:  # e.g. a feature-conditioned model without its projection
-            raise ModelLoadError(f"cannot use this drafter: {exc}") from exc
-        self._check_features(diffusion)
-        return diffusion
-
-    def _dflash_drafter(self, model: Any) -> Any:
-        """A DFlash network bound to this verifier, refused when it was made for another."""
-        from .._drafters import DFlashDrafter
-
-        try:  # beside the verifier, in the precision it was given
-            return DFlashDrafter(model.to(self.device), self.verifier.model)
-        except ValueError as exc:
-            raise ModelLoadError(f"cannot use this DFlash drafter: {exc}") from exc
-
-    def _check_features(self, drafter: Any) -> None:
-        """A feature-conditioned drafter must fit this verifier's layers and width."""
-        feature_layers = tuple(getattr(drafter, "feature_layers", ()) or ())
-        if not feature_layers:
-            return
-        config = self.verifier.config
-        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-        hidden = int(getattr(config, "hidden_size", 0) or 0)
-        wanted = len(feature_layers) * hidden
-        if layers and (max(feature_layers) > layers or min(feature_layers) < 0):
-            raise ModelLoadError(
-                f"the drafter reads verifier layers {list(feature_layers)}, but the "
-                f"verifier has {layers} layers"
-            )
-        size = getattr(drafter, "feature_size", None)  # known to drafters with a projection
-        if size is not None and hidden and size != wanted:
-            raise ModelLoadError(
-                f"the drafter reads {size} verifier features per token, but "
-                f"layers {list(feature_layers)} of this verifier give {wanted}: it was "
-                "trained for another verifier"
-            )
-
-    def _mask_token_id(self, model: Any, drafter_tokenizer: Any) -> int | None:
-        for source in (drafter_tokenizer, model.config, self.tokenizer):
-            value = getattr(source, "mask_token_id", None) if source is not None else None
-            if isinstance(value, int):
-                return value
-        return None
 
     # -- running ----------------------------------------------------------------------------
 

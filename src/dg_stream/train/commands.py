@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._argtypes import int_list
+from .._model_kinds import TRAINABLE
 from ._distil_cli import add_distil_command
 
 __all__ = ["add_parser"]
@@ -210,7 +211,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     dra.add_argument("--out", default=str(RUNS / "drafter"))
     dra.add_argument(
         "--architecture",
-        choices=["diffusion", "causal", "dflash"],
+        choices=list(TRAINABLE),
         default="diffusion",
         help="diffusion: a BERT masked-LM drafter (default); causal: a small Llama of the same "
         "size distilled from the same continuations, e.g. an assistant for benchmarks; "

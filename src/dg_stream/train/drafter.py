@@ -28,6 +28,7 @@ import torch
 
 from .._drafters.diffusion import place_features
 from .._loading import load_feature_projection, save_feature_projection
+from .._model_kinds import TRAINABLE, trainer
 from .._verifier import cache_keyword, verifier_features
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device, progress
 from .corpus import Corpus
@@ -40,10 +41,12 @@ __all__ = [
     "distillation_data",
     "greedy_continuations",
     "train_drafter",
+    "train_token_drafter",
 ]
 
 
-ARCHITECTURES = ("diffusion", "causal", "dflash")
+#: The architectures ``train_drafter`` makes (the kinds ``_model_kinds`` can train).
+ARCHITECTURES = TRAINABLE
 
 
 @dataclass(frozen=True)
@@ -419,17 +422,26 @@ def train_drafter(
     device: str | None = None,
     log: Any = print,
 ) -> dict[str, object]:
-    """Distil (or resume) a drafter for the verifier at ``verifier_dir``; returns metrics."""
+    """Distil (or resume) a drafter for the verifier at ``verifier_dir``; returns metrics.
+    ``config.architecture`` picks the trainer (see ``_model_kinds``)."""
+    train = trainer(config.architecture)
+    return train(corpus, verifier_dir, out_dir, config, device, log)
+
+
+def train_token_drafter(
+    corpus: Corpus,
+    verifier_dir: str | Path,
+    out_dir: str | Path,
+    config: DrafterTrainingConfig,
+    device: str | None = None,
+    log: Any = print,
+) -> dict[str, object]:
+    """``train_drafter`` for a diffusion or a causal drafter (both read tokens, and verifier
+    features where a diffusion drafter is given ``feature_layers``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if config.architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture must be one of {ARCHITECTURES}, not {config.architecture!r}"
-        )
-    if config.architecture == "dflash":
-        from .dflash import train_dflash
-
-        return train_dflash(corpus, verifier_dir, out_dir, config, device, log)
+    if config.architecture not in ("diffusion", "causal"):
+        raise ValueError(f"not a diffusion or causal drafter: {config.architecture!r}")
     causal = config.architecture == "causal"
     if causal and (config.feature_layers or config.init_from):
         raise ValueError("verifier features and warm starts are for diffusion drafters only")
