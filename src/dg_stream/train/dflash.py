@@ -30,7 +30,7 @@ from .._drafters.dflash_model import (
 )
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device
 from .corpus import Corpus
-from .drafter import (
+from .distillation import (
     Distillation,
     DrafterTrainingConfig,
     distillation_data,

@@ -36,7 +36,8 @@ import torch
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device
 from .corpus import Corpus
 from .distill_data import ShardLayout, generate_shards, load_shards, shard_path
-from .drafter import Distillation, DrafterTrainingConfig, _batch, _warm_start, ensure_mask_token
+from .distillation import Distillation, DrafterTrainingConfig
+from .drafter import _batch, _warm_start, ensure_mask_token
 
 __all__ = ["DistilRunConfig", "diffusion_loss", "run_distillation"]
 
