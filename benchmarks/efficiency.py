@@ -332,6 +332,8 @@ class Settings:
     device: str = "cuda"
     dtype: str | None = None  # bf16 on CUDA, float32 on a CPU
     dflash: bool = False  # time a random DFlash drafter of the published shape (qwen3-8b, toy)
+    static_k: int | None = 8  # also time this k with static shapes (compiled; None: skip)
+    static_backend: str = "inductor"  # torch.compile's backend for it ("eager": capture only)
 
 
 def _summary(passes: list[Pass]) -> dict[str, Any]:
@@ -358,6 +360,42 @@ def _summary(passes: list[Pass]) -> dict[str, Any]:
     }
 
 
+def measure_static(
+    backend: Any,
+    oracle: Any,
+    prompt: list[int],
+    reference: list[int],
+    k: int,
+    settings: Settings,
+    result: dict[str, Any],
+    log: Callable[[str], None],
+    name: str,
+) -> dict[str, Any]:
+    """Oracle rounds at ``k`` on decode shapes fixed and captured (``StaticShapes``, CUDA
+    graphs on a GPU): the first pass compiles (timed apart), then the timed passes; ratios to
+    plain and to the dynamic rounds at the same k."""
+    oracle.set_sequences([prompt + reference])
+    started = time.perf_counter()
+    first = stream_once(backend, prompt, settings.new_tokens, block_size=k)
+    compile_seconds = time.perf_counter() - started
+    timed = [
+        stream_once(backend, prompt, settings.new_tokens, block_size=k)
+        for _ in range(max(1, settings.repeats))
+    ]
+    row: dict[str, Any] = {"k": k, "compile_seconds": round(compile_seconds, 2), **_summary(timed)}
+    row["divergence_from_plain"] = _first_difference(first.tokens, reference)
+    plain_tps = result["plain"]["tokens_per_second"]
+    dynamic = next((r for r in result.get("k", []) if r["k"] == k), None)
+    row["speedup"] = row["tokens_per_second"] / plain_tps if plain_tps else None
+    row["vs_dynamic"] = row["tokens_per_second"] / dynamic["tokens_per_second"] if dynamic else None
+    log(
+        f"{name} static k={k}: {row['tokens_per_second']:.1f} tok/s "
+        f"({row['speedup']:.2f}× plain, {row['vs_dynamic'] or 0:.2f}× dynamic), "
+        f"compiled in {compile_seconds:.0f}s"
+    )
+    return row
+
+
 def measure_model(
     name: str,
     settings: Settings,
@@ -369,7 +407,7 @@ def measure_model(
     called with the partial result after each measurement."""
     import torch
 
-    from dg_stream import LocalBackend
+    from dg_stream import LocalBackend, StaticShapes
     from dg_stream._drafters import DFlashDrafter
     from dg_stream._loading import resolve_device_dtype
     from dg_stream.bench._oracle import OracleDrafter, OracleOverDrafter
@@ -482,6 +520,21 @@ def measure_model(
                 f"{row['accepted_per_round']:.2f} accepted per round"
             )
         result["complete"] = len(rows) == len(ks)
+        static_k = settings.static_k
+        if static_k is not None and static_k in ks and time.monotonic() < deadline:
+            backend = LocalBackend(
+                model,
+                drafter,
+                device=device,
+                block_size=static_k,
+                adaptive=False,
+                static_shapes=StaticShapes(width=static_k + 1, backend=settings.static_backend),
+            )
+            backends.append(backend)
+            result["static"] = measure_static(
+                backend, oracle, prompt, reference, static_k, settings, result, log, name
+            )
+            save(result)
         if device.type == "cuda":
             result["peak_gpu_memory_gib"] = round(
                 torch.cuda.max_memory_allocated(device) / 2**30, 2

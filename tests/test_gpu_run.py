@@ -129,8 +129,13 @@ def test_smoke_efficiency_accepts_every_draft(smoke: tuple[Path, Any], phase: st
         assert row["overhead"] > 0 and row["speedup"] > 0 and row["ideal_speedup"] > 0
         assert row["bare_verify_ms"] > 0
         assert (row["bare_draft_ms"] > 0) == (phase == "dflash")
+    static = model.get("static")
+    assert (static is not None) == (phase == "oracle")  # static shapes: the oracle phase only
+    if static is not None:  # captured ("eager" backend in the smoke run), padded, exact
+        assert static["k"] == 4 and static["acceptance"] == 1.0
+        assert static["divergence_from_plain"] is None and static["tokens_per_second"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["headline"][phase]) == 3
+    assert len(summary["headline"][phase]) == 3 + (static is not None)
 
 
 def test_a_failing_phase_loses_nothing_else(tmp_path: Path) -> None:

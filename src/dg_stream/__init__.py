@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._backends.base import Backend
 from ._chat import ChatReply, ChatSession
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
-from ._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig
+from ._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig, StaticShapes
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -75,6 +75,7 @@ __all__ = [
     "RemoteTimeout",
     "SamplingParams",
     "SpeculativeConfig",
+    "StaticShapes",
     "Stats",
     "StepStats",
     "StreamInterruptedError",

@@ -181,20 +181,31 @@ class BatchCache(Cache):
 
     # -- a forward --------------------------------------------------------------------------
 
-    def prepare(self, start: int, count: int, fed: int, device: torch.device) -> torch.Tensor:
+    def prepare(
+        self, start: int, count: int, fed: int, device: torch.device, *, full_span: bool = False
+    ) -> torch.Tensor:
         """Make room for ``fed`` tokens in each of rows ``[start, start + count)`` at their
-        lengths; returns their positions (count, fed)."""
-        lengths = torch.tensor(self.lengths[start : start + count], dtype=torch.long)
+        lengths; returns their positions (count, fed). Rows past the last one (padding of a
+        static-shape round) count as empty. ``full_span``: attention reads the whole
+        capacity, not just up to the longest row (a shape that changes only when the
+        capacity does)."""
+        lengths = torch.zeros(count, dtype=torch.long)
+        held = self.lengths[start : start + count]
+        lengths[: len(held)] = torch.tensor(held, dtype=torch.long)
         needed = int(lengths.max()) + fed
-        if needed > self.capacity:
-            capacity = self.capacity
-            while capacity < needed:
-                capacity *= 2
-            self._resize(self.row_capacity, capacity)
+        rows, capacity = max(self.row_capacity, start + count), self.capacity
+        while capacity < needed:
+            capacity *= 2
+        if (rows, capacity) != (self.row_capacity, self.capacity):
+            self._resize(rows, capacity)
         positions = lengths[:, None] + torch.arange(fed)  # (B, T)
-        self.start, self.span = start, needed
+        self.start, self.span = start, capacity if full_span else needed
         self.write_index = positions.to(device)[:, None, :, None]  # (B, 1, T, 1)
         return positions
+
+    def allocated(self) -> bool:
+        """Whether every layer's buffers exist (the first forward of a batch makes them)."""
+        return all(layer.is_initialized for layer in self._row_layers())
 
     def _resize(self, rows: int, capacity: int) -> None:
         for layer in self._row_layers():

@@ -10,7 +10,14 @@ import msgspec
 
 from ._errors import InvalidRequestError
 
-__all__ = ["ROLES", "GenerationRequest", "Message", "SamplingParams", "SpeculativeConfig"]
+__all__ = [
+    "ROLES",
+    "GenerationRequest",
+    "Message",
+    "SamplingParams",
+    "SpeculativeConfig",
+    "StaticShapes",
+]
 
 #: The roles a chat message may have. Chat templates and the plain format know these three;
 #: any other (a typo, "wizard") would reach the model as text it was never trained on.
@@ -283,3 +290,22 @@ def build_request(
         stop=stop,
         draft_preview=draft_preview,
     )
+
+
+class StaticShapes(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a ``LocalBackend`` fixes the decode round's shapes (``static_shapes=``).
+
+    ``width``: tokens fed per row each round (the newest one and up to ``width - 1`` drafts;
+    default: the backend's block size + 1). ``compile``: capture the forward with
+    ``torch.compile`` (``mode`` defaults to ``"reduce-overhead"`` on CUDA, which records CUDA
+    graphs); ``backend`` is torch.compile's (``"eager"`` checks capture without generating
+    code)."""
+
+    width: int | None = None
+    compile: bool = True
+    backend: str = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.width is not None and (not isinstance(self.width, int) or self.width < 1):
+            raise ValueError(f"width must be a positive integer, got {self.width!r}")

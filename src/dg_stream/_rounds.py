@@ -160,8 +160,6 @@ class RoundCore:
         self._probe_gap = self.probe_every  # rounds per row between probes; doubles while
         # probes find nothing
         self.realized = RealizedRates()
-        pad = getattr(verifier.config, "pad_token_id", None)
-        self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < verifier.vocab_size else 0
 
     # -- one round --------------------------------------------------------------------------
 
@@ -273,7 +271,7 @@ class RoundCore:
             assert proposal is not None
             sizes[i] = int(proposal.tokens.shape[0])
         width = 1 + max(sizes.values())
-        fed = torch.full((len(states), width), self.pad_id, dtype=torch.long)
+        fed = torch.full((len(states), width), self.verifier.pad_id, dtype=torch.long)
         fed[decoding, 0] = torch.tensor([states[i].last for i in decoding], dtype=torch.long)
         fed = fed.to(self.verifier.device)
         for i in decoding:

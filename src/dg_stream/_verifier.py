@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from ._batch_cache import BatchCache, attention_masks
+from ._config import StaticShapes
 from ._state_cache import StateCache, has_recurrent_layers, recurrent_cache_problem
+from ._static_shapes import StaticForward
 
 __all__ = ["Verifier", "cache_keyword", "verifier_features"]
 
@@ -88,6 +90,18 @@ class Verifier:
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         self.batchable = rope_type not in ("dynamic", "longrope") and self.turns_reason is None
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        pad = getattr(model.config, "pad_token_id", None)
+        # The id fed where a row has nothing to feed (its output is never read).
+        self.pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
+        self.static: StaticForward | None = None
+
+    def use_static_shapes(self, shapes: StaticShapes, width: int) -> None:
+        """Run decode rounds on bucketed shapes (``_static_shapes``), ``width`` tokens a row;
+        a verifier whose generations take turns keeps its dynamic forward."""
+        if self.turns_reason is not None or not self.batchable:
+            logger.info("static shapes are off: this verifier's generations take turns")
+            return
+        self.static = StaticForward(self.model, shapes, width, self.pad_id)
 
     @staticmethod
     def _needs_own_caches(config: Any) -> str | None:
@@ -185,6 +199,17 @@ class Verifier:
                 keep_logits=(1 if prefill else fed) if self._keeps_logits else None,
                 max_length=limit,
                 prefill=prefill,
+            )
+        elif (
+            self.static is not None and not prefill and self.static.serves(cache, start, rows, fed)
+        ):
+            logits, hidden = self.static(
+                ids,
+                cache,
+                config=self.config,
+                max_length=limit,
+                cache_keyword=self._cache_keyword,
+                hidden_states=bool(feature_layers),
             )
         else:
             positions = cache.prepare(start, rows, fed, self.device)

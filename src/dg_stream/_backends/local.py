@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from .._chunks import Chunk
-from .._config import GenerationRequest, SpeculativeConfig
+from .._config import GenerationRequest, SpeculativeConfig, StaticShapes
 from .._errors import DGStreamError, GenerationError
 from .._loading import require_local_extra, resolve_device_dtype
 from .._model_kinds import build_drafter, load_verifier
@@ -52,6 +52,8 @@ class LocalBackend:
     a prompt is read ``prefill_chunk`` tokens per call (default 128 on a CPU, 512 on an
     accelerator), so their chunks keep coming; alone, it is read at once.
     ``max_batch=1`` turns batching off: generations take turns, one verifier call each.
+    ``static_shapes`` (``True`` or a ``StaticShapes``) runs decode rounds on bucketed shapes,
+    captured with ``torch.compile`` (CUDA graphs on a GPU): see ``_static_shapes``.
     """
 
     # Set by the loading that runs on the torch thread (see __init__).
@@ -77,6 +79,7 @@ class LocalBackend:
         max_cached_tokens: int | None = None,
         max_waiting: int = 256,
         prefill_chunk: int | None = None,
+        static_shapes: StaticShapes | bool = False,
     ) -> None:
         require_local_extra()
         for name, value in (
@@ -118,6 +121,9 @@ class LocalBackend:
         if prefill_chunk is None:
             # A CPU pays for every prompt token read, a GPU barely notices 512 of them.
             prefill_chunk = 128 if self.verifier.device.type == "cpu" else 512
+        if static_shapes:
+            shapes = static_shapes if isinstance(static_shapes, StaticShapes) else StaticShapes()
+            self.verifier.use_static_shapes(shapes, shapes.width or block_size + 1)
         self.engine = Engine(self.verifier, self.drafter, tok, self.defaults, prefill_chunk)
         if not self.verifier.batchable:
             max_batch = 1  # see Verifier.batchable: these generations take turns
