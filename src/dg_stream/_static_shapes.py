@@ -21,8 +21,8 @@ happen inside a capture).
 The arithmetic is the same as the dynamic path's, over a longer, masked span; in float32 a
 greedy output stays identical (tested on the CPU against the dynamic path). The gain is the
 launch overhead that capture removes: large on a GPU with small per-token work (the decode
-round of a small or batched model), nothing on a CPU, where ``compile=False`` keeps the padded
-shapes without compiling (the tests' setting).
+round of a small or batched model), little on a CPU (not measured); ``compile=False`` keeps the
+padded shapes without compiling (the tests' setting).
 """
 
 from __future__ import annotations
