@@ -103,12 +103,17 @@ def test_expected_tokens_grow_with_the_block_and_stay_bounded(
 
 
 def test_a_drafter_that_never_agrees_is_switched_off() -> None:
+    from dg_stream._rounds import RoundCore
+
     costs = _costs({1: 10.0, 5: 14.0}, {4: 3.0})
-    policy = BlockSizePolicy(requested=4, max_block=16, costs=costs, probe_every=4)
+    policy = BlockSizePolicy(requested=4, max_block=16, costs=costs)
     for _ in range(20):
         policy.observe(drafted=4, accepted=0)
     assert policy.best() == 0
-    blocks = [policy.next_block() for _ in range(8)]
+    core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
+    core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
+    core.realized = RealizedRates()
+    blocks = [core._plan([_PlanOnly(policy)]) for _ in range(8)]  # type: ignore[list-item]
     assert blocks == [0, 0, 0, 4, 0, 0, 0, 4]  # plain decoding, with a periodic probe
 
 
@@ -129,13 +134,13 @@ def test_costs_are_measured_before_they_are_used() -> None:
     costs = CostTable(skip=0)
     policy = BlockSizePolicy(requested=6, max_block=24, costs=costs)
     # Warm-up: three sizes, three times each (a median of three resists one slow call).
-    assert [policy.next_block() for _ in range(9)] == [6, 3, 0] * 3
+    assert [policy.warmup_block() for _ in range(9)] == [6, 3, 0] * 3
     for _ in range(3):
         costs.observe_verify(7, 0.010)
         costs.observe_verify(1, 0.006)
         costs.observe_draft(6, 0.002)
         assert costs.ready() == (_ == 2)
-    assert policy.next_block() == policy.best()  # measured: the warm-up schedule is over
+    assert policy.warmup_block() is None  # measured: the round core decides from here
 
 
 def test_a_generation_starts_from_what_earlier_ones_saw() -> None:

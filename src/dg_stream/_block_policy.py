@@ -236,10 +236,9 @@ class BlockSizePolicy:
     A generation's acceptance estimate starts from ``shared`` (what earlier generations on the
     same engine saw) and follows its own text more quickly; every observation also updates
     ``shared``. Until the costs are known it measures them (``warmup_block``): the requested
-    block size, half of it, then one plain call. Alone (``next_block``), while plain decoding
-    wins, every ``probe_every``-th call drafts anyway (the requested block), so that a
-    drafter that starts to agree again (repeated text, say) is noticed; in a batch the round
-    core chooses for all rows at once (``shared_block``) and probes for them together.
+    block size, half of it, then one plain call. After that the round core decides, for a
+    row alone or all the rows of a batch at once (``shared_block``), and probes while plain
+    decoding wins (``RoundCore._plan``): the decision has that one home.
     """
 
     def __init__(
@@ -250,7 +249,6 @@ class BlockSizePolicy:
         *,
         steps: int = 1,
         shared: AcceptanceEstimate | None = None,
-        probe_every: int = 4,
     ) -> None:
         self.requested = max(1, min(requested, max_block))
         self.max_block = max_block
@@ -260,9 +258,7 @@ class BlockSizePolicy:
         self.acceptance = (
             shared.copy(decay=0.9) if shared is not None else AcceptanceEstimate(max_block)
         )
-        self.probe_every = probe_every
         self._warmup = [self.requested, max(1, self.requested // 2), 0] * 3
-        self._plain_calls = 0
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.acceptance.observe(drafted, accepted)
@@ -270,30 +266,14 @@ class BlockSizePolicy:
             self.shared.observe(drafted, accepted)
 
     def best(self) -> int:
-        """The block size with the most expected tokens per second."""
-        tokens = self.acceptance.expected_tokens_upto(self.max_block)
-        rates = [
-            tokens[k] / max(1e-9, self.costs.call_seconds(k, self.steps))
-            for k in range(self.max_block + 1)
-        ]
-        return _choose(rates)
+        """The block size with the most expected tokens per second for this row alone."""
+        return shared_block([self], self.costs)
 
     def warmup_block(self) -> int | None:
         """While the costs are not yet known, the next size to measure them at (else None)."""
         if self.costs.ready(self.steps):
             return None
         return self._warmup.pop(0) if self._warmup else self.requested
-
-    def next_block(self) -> int:
-        warmup = self.warmup_block()
-        if warmup is not None:
-            return warmup
-        k = self.best()
-        if k == 0:
-            self._plain_calls += 1
-            if self._plain_calls % self.probe_every == 0:
-                return self.requested
-        return k
 
 
 def shared_block(
