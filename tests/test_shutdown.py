@@ -27,7 +27,7 @@ from dg_stream.server import create_server
 
 pytestmark = pytest.mark.anyio
 
-SRC = str(Path(cli.__file__).resolve().parent.parent)
+SRC = str(Path(cli.__file__).resolve().parents[2])
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def test_the_drain_time_is_an_option_of_dg_stream_serve(monkeypatch: pytest.Monk
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(dg_stream.server, "serve", lambda backend, **kw: seen.update(kw))
-    monkeypatch.setattr(cli, "_make_backend", lambda args: Endless())
+    monkeypatch.setattr(cli._serve, "make_backend", lambda args: Endless())
     assert cli.main(["serve", "--shutdown-timeout", "0.5"]) == 0
     assert seen["shutdown_timeout"] == 0.5
     assert cli.main(["serve"]) == 0

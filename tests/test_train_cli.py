@@ -17,7 +17,7 @@ from _models import TEXT
 from dg_stream import cli
 from dg_stream._backends.local import default_model_dir
 
-SRC = Path(cli.__file__).resolve().parent
+SRC = Path(cli.__file__).resolve().parents[1]
 
 
 @pytest.fixture
