@@ -170,8 +170,18 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
         check_text(self.content, "a message's content", "messages")
 
 
-class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything one generation needs; exactly one of ``prompt`` and ``messages`` is set."""
+class GenerationRequest(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Everything one generation needs; exactly one of ``prompt`` and ``messages`` is set.
+
+    ``fit_max_new_tokens``: ``max_new_tokens`` is a cap that shrinks to the room the prompt
+    leaves in the backend's context (OpenAI's chat default: "what fits"); the request is
+    refused only when the prompt leaves no room. Otherwise a prompt plus ``max_new_tokens``
+    beyond the context is refused.
+
+    On the wire (``POST /v1/dg/generate``) fields at their defaults are left out, so a server
+    that predates a field still takes a request that does not use it."""
 
     prompt: str | list[int] | None = None
     messages: list[Message] | None = None
@@ -180,6 +190,7 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     speculative: SpeculativeConfig = SpeculativeConfig()
     stop: tuple[str, ...] = ()
     draft_preview: bool = False
+    fit_max_new_tokens: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -221,6 +232,11 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             isinstance(self.draft_preview, bool),
             f"draft_preview must be True or False, got {self.draft_preview!r}",
             "draft_preview",
+        )
+        _check(
+            isinstance(self.fit_max_new_tokens, bool),
+            f"fit_max_new_tokens must be True or False, got {self.fit_max_new_tokens!r}",
+            "fit_max_new_tokens",
         )
 
 

@@ -28,8 +28,7 @@ from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
 from ._detokenize import IncrementalDetokenizer
 from ._drafters.base import Drafter
-from ._errors import InvalidRequestError
-from ._prompt import encode_prompt
+from ._prompt import admit_length, encode_prompt
 from ._rounds import Batch, RoundCore, RowOutcome, SequenceState
 from ._stop import StopMatcher
 from ._verifier import Verifier
@@ -47,8 +46,12 @@ class Engine:
         tokenizer: Any,
         defaults: SpeculativeConfig,
         prefill_chunk: int = 512,
+        context_length: int | None = None,
     ) -> None:
         self.verifier = verifier
+        # The most tokens one generation may span (the backend's context_length; default
+        # the verifier's): every request is admitted against it here, once.
+        self.context_length = verifier.max_length if context_length is None else context_length
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -86,15 +89,9 @@ class GenerationSession:
         verifier = engine.verifier
         with engine.tokenizer_lock:
             self.prompt_ids = encode_prompt(engine.tokenizer, request, verifier.vocab_size)
-        limit = verifier.max_length
-        if limit is not None and len(self.prompt_ids) + request.max_new_tokens > limit:
-            n = len(self.prompt_ids)
-            raise InvalidRequestError(
-                f"the prompt ({n} token{'' if n == 1 else 's'}) plus max_new_tokens "
-                f"({request.max_new_tokens}) exceeds the verifier's context of {limit} tokens",
-                param="max_new_tokens",
-                code="context_length_exceeded",
-            )
+        room = admit_length(request, len(self.prompt_ids), engine.context_length)
+        if room != request.max_new_tokens:
+            self.request = request = msgspec.structs.replace(request, max_new_tokens=room)
         spec, defaults = request.speculative, engine.defaults
         self.block_size = spec.block_size or defaults.block_size or 8
         self.steps = spec.steps or defaults.steps or 1

@@ -116,5 +116,9 @@ def generate(
         **speculative_options,
     )
     chosen = resolve_backend(backend)
-    check_against_backend(chosen, request)
+    admit = getattr(chosen, "admit", None)
+    if admit is not None:  # the backend decides, once (a local one tokenizes here, once)
+        admitted = admit(request)
+        return GenerationStream(lambda: chosen.stream(admitted))
+    check_against_backend(chosen, request)  # what can be checked of any other backend
     return GenerationStream(lambda: chosen.stream(request))

@@ -10,6 +10,7 @@ from ._errors import InvalidRequestError
 
 __all__ = [
     "PLAIN_CHAT_STOP",
+    "admit_length",
     "check_against_backend",
     "encode_prompt",
     "plain_chat_stops",
@@ -112,11 +113,32 @@ def check_against_backend(backend: Any, request: GenerationRequest) -> None:
         prompt_tokens = len(request.prompt)
     else:
         return
-    if limit is not None and prompt_tokens + request.max_new_tokens > limit:
+    admit_length(request, prompt_tokens, limit)
+
+
+def admit_length(request: GenerationRequest, prompt_tokens: int, limit: int | None) -> int:
+    """The ``max_new_tokens`` a request of ``prompt_tokens`` gets within a context of
+    ``limit`` tokens (None: unknown), or InvalidRequestError: the one decision, and the one
+    error, of every backend that can count a prompt (``context_length_exceeded``)."""
+    wanted = request.max_new_tokens
+    if limit is None:
+        return wanted
+    room = limit - prompt_tokens
+    plural = "" if prompt_tokens == 1 else "s"
+    if request.fit_max_new_tokens:
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt ({prompt_tokens} token{plural}) fills this backend's context of "
+                f"{limit} tokens (its context_length)",
+                param="messages" if request.messages is not None else "prompt",
+                code="context_length_exceeded",
+            )
+        return min(wanted, room)
+    if wanted > room:
         raise InvalidRequestError(
-            f"the prompt ({prompt_tokens} token{'' if prompt_tokens == 1 else 's'}) plus "
-            f"max_new_tokens ({request.max_new_tokens}) exceeds this backend's context of "
-            f"{limit} tokens (its context_length)",
+            f"the prompt ({prompt_tokens} token{plural}) plus max_new_tokens ({wanted}) "
+            f"exceeds this backend's context of {limit} tokens (its context_length)",
             param="max_new_tokens",
             code="context_length_exceeded",
         )
+    return wanted

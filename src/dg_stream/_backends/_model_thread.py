@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
-from .._errors import GenerationError, InvalidRequestError, OverloadedError
+from .._errors import GenerationError, OverloadedError
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -349,15 +349,9 @@ class ModelThread:
 
     def submit(self, session: GenerationSession) -> Ticket:
         """Queue a generation; refused at once when it can never fit or the queue is full."""
+        # Admitted already (the engine's session: within context_length, which counts
+        # max_cached_tokens), so it fits an empty cache; it waits for room in a full one.
         reserved = len(session.prompt_ids) + session.request.max_new_tokens
-        cap = self.limits.max_cached_tokens
-        if cap is not None and reserved > cap:
-            raise InvalidRequestError(
-                f"the prompt plus max_new_tokens ({reserved} tokens) exceeds this backend's "
-                f"max_cached_tokens ({cap})",
-                param="max_new_tokens",
-                code="context_length_exceeded",
-            )
         ticket = Ticket(session, reserved, self)
         with self._lock:
             if self._closed:

@@ -19,6 +19,7 @@ from .._model_kinds import build_drafter, load_verifier
 from ._model_thread import BatchLimits, ModelThread, run_on_torch_thread
 
 if TYPE_CHECKING:
+    from .._engine import GenerationSession
     from .._verifier import Verifier
 
 __all__ = ["LocalBackend", "default_model_dir"]
@@ -124,10 +125,17 @@ class LocalBackend:
         if static_shapes:
             shapes = static_shapes if isinstance(static_shapes, StaticShapes) else StaticShapes()
             self.verifier.use_static_shapes(shapes, shapes.width or block_size + 1)
-        self.engine = Engine(self.verifier, self.drafter, tok, self.defaults, prefill_chunk)
         if not self.verifier.batchable:
             max_batch = 1  # see Verifier.batchable: these generations take turns
         self.limits = BatchLimits(max_batch, max_cached_tokens, max_waiting)
+        self.engine = Engine(
+            self.verifier,
+            self.drafter,
+            tok,
+            self.defaults,
+            prefill_chunk,
+            context_length=self.context_length,
+        )
         # Every round of every event loop runs on this one thread (started on first use).
         self.model_thread = ModelThread(self.engine, self.limits)
         weakref.finalize(self, self.model_thread.close)
@@ -168,10 +176,18 @@ class LocalBackend:
 
     # -- running ----------------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Chunks of one generation; its rounds run on the torch thread, shared with every
-        other generation of this backend."""
-        session = self.engine.session(request)  # validates and tokenizes: no model work
+    def admit(self, request: GenerationRequest) -> GenerationSession:
+        """Validate, tokenize and check the request against ``context_length`` (no model
+        work; raises InvalidRequestError): the backend's one admission decision, which
+        ``stream`` then runs without deciding again."""
+        return self.engine.session(request)
+
+    async def stream(self, request: GenerationRequest | GenerationSession) -> AsyncIterator[Chunk]:
+        """Chunks of one generation (a request, or what ``admit`` made of one); its rounds
+        run on the torch thread, shared with every other generation of this backend."""
+        from .._engine import GenerationSession
+
+        session = request if isinstance(request, GenerationSession) else self.admit(request)
         ticket = self.model_thread.submit(session)  # refused here when it cannot be queued
         try:
             while True:

@@ -39,7 +39,7 @@ from .. import __version__
 from .._backends.base import Backend
 from .._config import ROLES, GenerationRequest, Message, SamplingParams, SpeculativeConfig
 from .._errors import InvalidRequestError
-from .._prompt import encode_prompt, plain_chat_stops
+from .._prompt import plain_chat_stops
 from .._wire import ErrorBody, ServerInfo, encode
 from ._metrics import Metrics
 from ._openai import (
@@ -295,22 +295,6 @@ class _Server:
             running=self.running,
         )
 
-    def _prompt_room(self, request: GenerationRequest) -> int | None:
-        """Tokens left in the context after the prompt, when the backend can tell."""
-        tokenizer, limit = self.backend.tokenizer, self.max_context
-        if tokenizer is None or limit is None:
-            return None
-        try:
-            # Only counting here: the backend checks token ids against its vocabulary.
-            ids = encode_prompt(tokenizer, request, vocab_size=1 << 62)
-        except InvalidRequestError as exc:
-            raise RequestRejected(
-                400, exc.message, param=exc.param, code=exc.code or "invalid_value"
-            ) from None
-        except Exception:  # e.g. a template error: reported when the generation starts
-            return None
-        return limit - len(ids)
-
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
     def _common(
@@ -343,27 +327,19 @@ class _Server:
                 repetition_penalty=body.repetition_penalty,
                 seed=body.seed,
             )
+            # OpenAI's defaults without max_tokens: 16 for completions, "what fits" for chat
+            # (up to default_max_tokens), which the backend's admission works out from the
+            # prompt it tokenizes anyway.
+            default = 16 if messages is None else self.default_max_tokens
             request = GenerationRequest(
                 prompt=prompt,
                 messages=messages,
-                max_new_tokens=max_tokens if max_tokens is not None else 1,
+                max_new_tokens=max_tokens if max_tokens is not None else default,
                 sampling=sampling,
                 speculative=body.speculative or SpeculativeConfig(),
                 stop=stop + tuple(s for s in extra_stop if s not in stop),
+                fit_max_new_tokens=max_tokens is None,
             )
-            if max_tokens is None:  # OpenAI's defaults: 16 for completions, "what fits" for chat
-                room = self._prompt_room(request)
-                default = 16 if messages is None else self.default_max_tokens
-                if room is not None and room < 1:
-                    raise RequestRejected(
-                        400,
-                        f"the prompt fills the model's context of {self.max_context} tokens",
-                        param="messages" if messages is not None else "prompt",
-                        code="context_length_exceeded",
-                    )
-                request = msgspec.structs.replace(
-                    request, max_new_tokens=default if room is None else min(default, room)
-                )
         except InvalidRequestError as exc:
             param = renames.get(exc.param or "", exc.param)
             raise RequestRejected(
