@@ -382,8 +382,15 @@ async def test_rows_per_round_and_tokens_are_bounded(
     assert capped.context_length == 60  # what generate() checks against
     results = await together(capped, [(p, 24, {}) for p in PROMPTS[:2] + PROMPTS[3:]])
     assert [ids for ids, _ in results] == [expected[0], expected[1], expected[3]]
-    # 25 + 31 fit together, the third (32) waits for a row to leave.
+    # The cache holds rows x the longest row: 2 x 31 positions pass 60, so they take turns.
+    assert max(c.step.rows for _, chunks in results for c in chunks) == 1
+    assert capped.model_thread.batch.cache.peak_positions <= 60
+    roomier = LocalBackend(model, None, tokenizer=tiny_tok, max_cached_tokens=64)
+    results = await together(roomier, [(p, 24, {}) for p in PROMPTS[:2] + PROMPTS[3:]])
+    assert [ids for ids, _ in results] == [expected[0], expected[1], expected[3]]
+    # 2 x 31 fit in 64, a third (3 x 32) waits for a row to leave.
     assert max(c.step.rows for _, chunks in results for c in chunks) == 2
+    assert roomier.model_thread.batch.cache.peak_positions <= 64
 
 
 async def test_a_full_queue_refuses_requests(greedy_setups: dict[str, Any], tiny_tok: Any) -> None:
@@ -701,3 +708,84 @@ def test_memory_shrinks_when_a_long_row_leaves() -> None:
         for r, prompt in enumerate([ids[2], ids[1]]):
             alone = model(input_ids=torch.cat([prompt, nxt[r : r + 1]], dim=1)).logits[0, -1]
             torch.testing.assert_close(got[r, 0], alone, atol=1e-4, rtol=1e-4)
+
+
+# -- memory that the bound really bounds ----------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_a_bounded_cache_never_allocates_past_its_bound(data: st.DataObject) -> None:
+    """Rows admitted as the model thread admits them (rows x the longest reservation within
+    the bound) join, grow to their reservation and leave in any order: the allocation never
+    passes the bound and no growth is refused."""
+    from dg_stream._batch_cache import BatchCache
+
+    model = _cache_models("llama")
+    bound = data.draw(st.integers(64, 512))
+    cache = BatchCache(model.config, max_positions=bound)
+    reserved: list[int] = []
+    for _ in range(data.draw(st.integers(1, 30))):
+        if reserved and data.draw(st.booleans()):
+            row = data.draw(st.integers(0, len(reserved) - 1))
+            cache.remove_row(row)
+            reserved[row] = reserved[-1]
+            reserved.pop()
+            continue
+        want = data.draw(st.integers(1, bound))
+        if (len(reserved) + 1) * max([want, *reserved]) > bound:
+            continue  # the model thread keeps it waiting
+        cache.add_row()
+        reserved.append(want)
+        for row, limit in enumerate(reserved):  # every row grows to its reservation
+            fed = limit - cache.lengths[row]
+            if fed > 0:
+                positions = cache.prepare(row, 1, fed, torch.device("cpu"))
+                with torch.inference_mode():
+                    model(
+                        input_ids=torch.ones(1, fed, dtype=torch.long),
+                        attention_mask=attention_masks(
+                            model.config, positions, cache.span, torch.float32, positions.device
+                        ),
+                        position_ids=positions,
+                        cache=cache,
+                        use_cache=True,
+                    )
+                cache.lengths[row] = limit
+        assert cache.row_capacity * cache.capacity <= bound
+    assert cache.peak_positions <= bound
+
+
+def test_a_growth_past_the_bound_is_refused_and_changes_nothing() -> None:
+    from dg_stream._batch_cache import BatchCache, CacheFullError
+
+    cache = BatchCache(_cache_models("llama").config, max_positions=100)
+    cache.add_row()
+    cache.add_row()
+    before = (cache.row_capacity, cache.capacity, list(cache.lengths))
+    with pytest.raises(CacheFullError, match="bound of 100"):
+        cache.prepare(0, 2, 51, torch.device("cpu"))  # 2 rows x 51 positions
+    assert (cache.row_capacity, cache.capacity, list(cache.lengths)) == before
+
+
+async def test_two_hundred_generations_leave_memory_as_they_found_it(tiny_tok: Any) -> None:
+    """A soak: 200 generations of mixed prompt and reply lengths through one bounded backend,
+    all at once: every one finishes, the allocation stays within max_cached_tokens, and the
+    cache's buffers are gone once the last one leaves."""
+    model = tiny_causal_lm("llama", len(tiny_tok), seed=5)
+    backend = LocalBackend(model, "ngram", tokenizer=tiny_tok, max_cached_tokens=256)
+    jobs = [
+        (list(range(3, 3 + 2 + (7 * i) % 40)), 1 + (11 * i) % 30, {"block_size": 1 + i % 6})
+        for i in range(200)
+    ]
+    try:
+        results = await together(backend, jobs)
+        assert all(len(ids) >= 1 for ids, _ in results)
+        batch = backend.model_thread.batch
+        assert batch is not None and len(batch) == 0
+        cache = batch.cache
+        assert cache.peak_positions <= 256
+        assert not cache.allocated()  # the buffers were freed with the last row
+        assert backend.model_thread.counts == (0, 0, 0)
+    finally:
+        await backend.aclose()

@@ -27,7 +27,12 @@ row copied), so a round runs on the view ``[0, rows)`` of the buffers.
 
 Memory: ``rows x capacity`` positions per layer. Capacity grows by doubling when a row would
 outgrow it, rows likewise; both shrink when the batch falls to a quarter of them, and the
-buffers are freed when the last row leaves. The caller bounds rows and reserved tokens.
+buffers are freed when the last row leaves. With ``max_positions`` (a backend's
+``max_cached_tokens``) the allocation itself is bounded: where doubling would pass it, the
+buffers grow to exactly the rows needed and as much capacity as the bound leaves them, and a
+growth that cannot fit raises ``CacheFullError`` before anything is changed. The caller admits
+rows so that it never has to (``rows x`` the longest reservation within the bound). While
+buffers are copied to their new size both exist: growth briefly holds old plus new.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["BatchCache", "attention_masks"]
+__all__ = ["BatchCache", "CacheFullError", "attention_masks"]
 
 _MIN_CAPACITY = 64
 
@@ -53,6 +58,8 @@ class _RowLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        owner = self.owner
+        owner.peak_positions = max(owner.peak_positions, owner.row_capacity * owner.capacity)
         self.keys = key_states.new_zeros(
             (self.owner.row_capacity, key_states.shape[1], self.owner.capacity, key_states.shape[3])
         )
@@ -113,6 +120,10 @@ class _RowLayer(CacheLayerMixin):
         return -1
 
 
+class CacheFullError(RuntimeError):
+    """A growth of the cache would pass its ``max_positions``."""
+
+
 class BatchCache(Cache):
     """Keys and values of up to ``rows`` sequences, each row with its own length.
 
@@ -122,9 +133,11 @@ class BatchCache(Cache):
     default positions; the verifier always passes explicit ones) is the longest row.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, max_positions: int | None = None) -> None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         layers = int(text.num_hidden_layers)
+        self.max_positions = max_positions
+        self.peak_positions = 0  # the largest rows x capacity allocated so far
         self.row_capacity = 1
         self.capacity = _MIN_CAPACITY
         self.lengths: list[int] = []
@@ -142,8 +155,8 @@ class BatchCache(Cache):
     @torch.inference_mode()  # the buffers are inference tensors, made during a forward
     def add_row(self) -> int:
         """A new empty row; returns its index."""
-        if self.rows + 1 > self.row_capacity:  # grow first: a failure leaves no stray row
-            self._resize(2 * self.row_capacity, self.capacity)
+        # Grow first: a failure leaves no stray row.
+        self._fit(self.rows + 1, max(self.lengths, default=0))
         self.lengths.append(0)
         return self.rows - 1
 
@@ -193,13 +206,9 @@ class BatchCache(Cache):
         held = self.lengths[start : start + count]
         lengths[: len(held)] = torch.tensor(held, dtype=torch.long)
         needed = int(lengths.max()) + fed
-        rows, capacity = max(self.row_capacity, start + count), self.capacity
-        while capacity < needed:
-            capacity *= 2
-        if (rows, capacity) != (self.row_capacity, self.capacity):
-            self._resize(rows, capacity)
+        self._fit(max(self.rows, start + count), needed)
         positions = lengths[:, None] + torch.arange(fed)  # (B, T)
-        self.start, self.span = start, capacity if full_span else needed
+        self.start, self.span = start, self.capacity if full_span else needed
         self.write_index = positions.to(device)[:, None, :, None]  # (B, 1, T, 1)
         return positions
 
@@ -207,10 +216,30 @@ class BatchCache(Cache):
         """Whether every layer's buffers exist (the first forward of a batch makes them)."""
         return all(layer.is_initialized for layer in self._row_layers())
 
+    def _fit(self, rows: int, capacity: int) -> None:
+        """Make room for ``rows`` rows of ``capacity`` positions: by doubling, or within
+        ``max_positions`` exactly (see module); nothing changes when it cannot fit."""
+        new_rows, new_capacity = self.row_capacity, self.capacity
+        while new_rows < rows:
+            new_rows *= 2
+        while new_capacity < capacity:
+            new_capacity *= 2
+        bound = self.max_positions
+        if bound is not None and new_rows * new_capacity > bound:
+            new_rows = rows
+            new_capacity = max(capacity, min(new_capacity, bound // rows))
+            if new_rows * new_capacity > bound:
+                raise CacheFullError(
+                    f"{rows} rows of {capacity} positions pass the cache's bound of {bound}"
+                )
+        if (new_rows, new_capacity) != (self.row_capacity, self.capacity):
+            self._resize(new_rows, new_capacity)
+
     def _resize(self, rows: int, capacity: int) -> None:
         for layer in self._row_layers():
             layer.resize(rows, capacity)
         self.row_capacity, self.capacity = rows, capacity
+        self.peak_positions = max(self.peak_positions, rows * capacity)
 
     def _row_layers(self) -> list[_RowLayer]:
         return [layer for layer in self.layers if isinstance(layer, _RowLayer)]

@@ -77,9 +77,10 @@ class Engine:
         """Tokenize and validate (no model work yet); raises InvalidRequestError."""
         return GenerationSession(self, request)
 
-    def batch(self) -> Batch:
-        """An empty batch of generations sharing one cache."""
-        return Batch(self.core)
+    def batch(self, max_positions: int | None = None) -> Batch:
+        """An empty batch of generations sharing one cache (of at most ``max_positions``
+        allocated positions)."""
+        return Batch(self.core, max_positions)
 
 
 class GenerationSession:
@@ -129,6 +130,9 @@ class GenerationSession:
             preview=request.draft_preview,
             policy=policy,
         )
+        # The most tokens a round may feed this row: the newest one and its largest draft.
+        largest = policy.max_block if policy is not None else self.block_size
+        self.widest_feed = 1 + (largest if engine.drafter is not None else 0)
         with engine.tokenizer_lock:
             self.detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         self.stops = StopMatcher(request.stop)

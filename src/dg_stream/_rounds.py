@@ -490,9 +490,9 @@ def _row_failed(state: SequenceState, exc: Exception) -> Exception:
 class Batch:
     """Generations sharing one ``BatchCache``: rows join and leave between rounds."""
 
-    def __init__(self, core: RoundCore) -> None:
+    def __init__(self, core: RoundCore, max_positions: int | None = None) -> None:
         self.core = core
-        self.cache = core.verifier.new_cache()
+        self.cache = core.verifier.new_cache(max_positions)
         self.states: list[SequenceState] = []
 
     def __len__(self) -> int:

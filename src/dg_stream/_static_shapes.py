@@ -60,13 +60,17 @@ class StaticForward:
 
     def serves(self, cache: Any, start: int, rows: int, fed: int) -> bool:
         """Whether this forward has static shapes: a decode round of a whole batched cache
-        whose layers are allocated, no wider than ``width``."""
+        whose layers are allocated and hold the padded round without growing, no wider than
+        ``width``."""
         return (
             isinstance(cache, BatchCache)
             and start == 0
             and rows == cache.rows
             and fed <= self.width
             and cache.allocated()
+            # Room without growing (growth, and its bound, stay with the dynamic path).
+            and rows_bucket(rows) <= cache.row_capacity
+            and max(cache.lengths) + self.width <= cache.capacity
         )
 
     def __call__(

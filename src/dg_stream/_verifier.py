@@ -161,10 +161,11 @@ class Verifier:
                 return value
         return None
 
-    def new_cache(self) -> BatchCache | StateCache:
+    def new_cache(self, max_positions: int | None = None) -> BatchCache | StateCache:
+        """An empty cache; ``max_positions`` bounds a batched cache's allocation."""
         if self.turns_reason is not None:
             return StateCache(self.model.config)
-        return BatchCache(self.model.config)
+        return BatchCache(self.model.config, max_positions)
 
     @torch.inference_mode()
     def forward(

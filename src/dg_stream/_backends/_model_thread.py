@@ -441,7 +441,7 @@ class ModelThread:
 
     def _handle(self, command: object) -> None:
         if self._batch is None:
-            self._batch = self.engine.batch()
+            self._batch = self.engine.batch(self.limits.max_cached_tokens)
         if isinstance(command, Ticket):
             if command.closed:
                 self._forget(command)
@@ -471,7 +471,7 @@ class ModelThread:
             ticket = self._waiting[0]
             if self._rows and (
                 len(self._rows) >= self.limits.max_batch
-                or (cap is not None and self._reserved + ticket.reserved > cap)
+                or (cap is not None and self._footprint(ticket) > cap)
             ):
                 return
             self._waiting.popleft()
@@ -487,6 +487,15 @@ class ModelThread:
                 self._queued -= 1
                 self._running += 1
                 self._reserved += ticket.reserved
+
+    def _footprint(self, joining: Ticket) -> int:
+        """What the shared cache may come to allocate once ``joining`` is in: rows x the
+        longest row, each row at its reservation plus the padding a round feeds it when
+        another row drafts a wider block (a row alone is never fed past its reservation)."""
+        tickets = [*self._rows.values(), joining]
+        longest = max(t.reserved for t in tickets)
+        widest = max(t.session.widest_feed for t in tickets)
+        return len(tickets) * (longest + widest - 1)
 
     def _round(self) -> None:
         assert self._batch is not None

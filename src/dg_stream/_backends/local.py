@@ -47,8 +47,10 @@ class LocalBackend:
 
     Concurrent generations are batched: each verifier call scores the next block of every
     running generation (one row each, see ``_batch_cache``), and one drafter call serves them
-    row. ``max_batch`` caps the rows of one call and ``max_cached_tokens`` the tokens they may
-    hold (each generation reserves its prompt plus ``max_new_tokens``); further requests wait,
+    row. ``max_batch`` caps the rows of one call and ``max_cached_tokens`` the key/value
+    positions the shared cache may allocate (it holds rows x its longest row; a generation
+    joins only while every row at its prompt plus ``max_new_tokens`` would fit, and one alone
+    may span up to that many tokens: ``context_length``); further requests wait,
     up to ``max_waiting`` of them, then are refused with ``OverloadedError``. While others stream,
     a prompt is read ``prefill_chunk`` tokens per call (default 128 on a CPU, 512 on an
     accelerator), so their chunks keep coming; alone, it is read at once.
