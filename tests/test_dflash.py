@@ -360,3 +360,26 @@ def test_a_smaller_block_drafts_the_first_slots_of_the_trained_one(tiny_tok: Any
     for k in (1, 2, 5):
         short = drafter.session().propose(context, k, greedy, None, features=features).tokens
         assert torch.equal(short, full[:k])
+
+
+def test_the_context_cache_appends_in_place_and_grows_geometrically() -> None:
+    """A commit writes its positions into the buffers; they double when full (a handful of
+    reallocations for hundreds of commits), and what is read is what concatenation gives."""
+    from dg_stream._drafters.dflash_model import ContextCache
+
+    cache = ContextCache(layers=2)
+    keys, positions, buffers = [], [], set()
+    for step in range(150):
+        width = 1 + step % 4
+        key = torch.randn(1, 2, width, 8)
+        cache.extend(0, key, -key)
+        cache.extend_positions(torch.arange(width) + sum(k.shape[2] for k in keys))
+        keys.append(key)
+        positions.append(cache.positions)
+        buffers.add(cache._key_buffers[0].data_ptr())  # type: ignore[union-attr]
+    expected = torch.cat(keys, dim=2)
+    assert torch.equal(cache.keys[0], expected) and torch.equal(cache.values[0], -expected)
+    assert cache.keys[1] is None and cache.length == expected.shape[2]
+    assert torch.equal(cache.positions, torch.arange(expected.shape[2]))
+    assert len(buffers) <= 6  # doublings from 64, not one copy per commit
+    assert cache.nbytes <= 2 * 2 * (expected.numel() * 4) + 8 * 2 * expected.shape[2] + 4096

@@ -130,12 +130,20 @@ class DFlashSpec:
 
 class ContextCache:
     """One generation's context keys and values per drafter layer, (1, kv_heads, C, d) each,
-    with the positions they were rotated for."""
+    with the positions they were rotated for.
+
+    ``keys``, ``values`` and ``positions`` are views of buffers that grow by doubling, so a
+    commit writes its new positions in place instead of copying everything cached so far
+    (a ``torch.cat`` per layer per call copied the whole context every round); ``nbytes`` is
+    what the buffers hold, whatever is filled."""
 
     def __init__(self, layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
         self.positions: torch.Tensor | None = None  # (C,)
+        self._key_buffers: list[torch.Tensor | None] = [None] * layers
+        self._value_buffers: list[torch.Tensor | None] = [None] * layers
+        self._position_buffer: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -146,14 +154,41 @@ class ContextCache:
         """The position after the newest cached one (0 when empty)."""
         return 0 if self.positions is None else int(self.positions[-1]) + 1
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (allocated, not just filled)."""
+        buffers = [*self._key_buffers, *self._value_buffers, self._position_buffer]
+        return sum(b.numel() * b.element_size() for b in buffers if b is not None)
+
     def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        old_k, old_v = self.keys[layer], self.values[layer]
-        self.keys[layer] = key if old_k is None else torch.cat([old_k, key], dim=2)
-        self.values[layer] = value if old_v is None else torch.cat([old_v, value], dim=2)
+        current = self.keys[layer]
+        filled = 0 if current is None else int(current.shape[2])
+        self._key_buffers[layer] = keys = _append(self._key_buffers[layer], filled, key, dim=2)
+        self._value_buffers[layer] = values = _append(
+            self._value_buffers[layer], filled, value, dim=2
+        )
+        end = filled + key.shape[2]
+        self.keys[layer], self.values[layer] = keys[:, :, :end], values[:, :, :end]
 
     def extend_positions(self, positions: torch.Tensor) -> None:
-        old = self.positions
-        self.positions = positions if old is None else torch.cat([old, positions])
+        filled = self.length
+        self._position_buffer = _append(self._position_buffer, filled, positions, dim=0)
+        self.positions = self._position_buffer[: filled + positions.shape[0]]
+
+
+def _append(buffer: torch.Tensor | None, filled: int, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """``new`` written after the first ``filled`` entries of ``buffer`` along ``dim``; the
+    buffer doubles (at least 64) when it is full. Returns the buffer it was written to."""
+    end = filled + new.shape[dim]
+    if buffer is None or end > buffer.shape[dim]:
+        shape = list(new.shape)
+        shape[dim] = max(64, 2 * end)
+        grown = new.new_empty(shape)
+        if buffer is not None and filled:
+            grown.narrow(dim, 0, filled).copy_(buffer.narrow(dim, 0, filled))
+        buffer = grown
+    buffer.narrow(dim, filled, new.shape[dim]).copy_(new)
+    return buffer
 
 
 class _Attention(nn.Module):
