@@ -1,33 +1,59 @@
-"""``dg-stream bench`` / ``python -m benchmarks.run``: options, setup, output files."""
+"""``dg-stream bench`` / ``python -m benchmarks.run``: options, setup, output files.
+
+Modes: without a mode word, the speed-up benchmark (``_run``); ``dg-stream bench concurrency``
+(or ``python -m benchmarks.concurrency``), concurrent streams (``_concurrency``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .._argtypes import OneLineErrorParser, int_list
+from .._argtypes import OneLineErrorParser, int_list, positive_int
 from .._errors import missing_extra
-from ._config import FULL, QUICK, BenchConfig
+from ._config import (
+    DEFAULT_ASSISTANT,
+    DEFAULT_PROMPTS,
+    FULL,
+    QUICK,
+    RUNS_DIR,
+    BenchConfig,
+    default_models,
+    fresh_out_dir,
+)
+from ._report import stderr_log
 
-__all__ = ["build_parser", "config_from_args", "fresh_out_dir", "main"]
+if TYPE_CHECKING:
+    from ._concurrency import Settings
 
-DEFAULT_PROMPTS = Path("benchmarks/prompts/prompts.jsonl")
-DEFAULT_ASSISTANT = Path("benchmarks/assistant")
-#: Runs write to a fresh folder under here unless ``--out`` names one; the results kept in the
-#: repository (``benchmarks/results``) change only when a run is pointed there on purpose.
-RUNS_DIR = Path("runs/bench")
+__all__ = [
+    "MODES",
+    "build_parser",
+    "concurrency_main",
+    "concurrency_parser",
+    "concurrency_settings",
+    "config_from_args",
+    "fresh_out_dir",
+    "main",
+]
+
+#: The harness's other modes, each named by the first word of the arguments.
+MODES = {"concurrency": "concurrent streams: aggregate tokens/s, first chunk and chunk gaps"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "dg-stream bench") -> argparse.ArgumentParser:
     p = OneLineErrorParser(
-        prog="dg-stream bench",
+        prog=prog,
         description="Speed-up of dg_stream's hybrid decoding over plain decoding and over "
         "transformers' generate, assisted generation and prompt lookup, on one verifier, "
         "interleaved, with medians over repeats. Writes <out>/<name>-<device>.json (every raw "
         "figure), PNG plots, and prints a Markdown table.",
+        epilog="other modes: "
+        + "; ".join(f"'{prog} {mode}': {what}" for mode, what in MODES.items())
+        + " (each with its own --help)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -123,15 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_models() -> tuple[Path, Path]:
-    from .._backends.local import default_model_dir
-
-    root = default_model_dir()
-    return root / "verifier", root / "drafter"
-
-
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    verifier_default, drafter_default = _default_models()
+    verifier_default, drafter_default = default_models()
     verifier = args.verifier or verifier_default
     if args.drafter is None:
         drafter: Path | None = drafter_default if args.verifier is None else None
@@ -177,18 +196,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def fresh_out_dir(root: Path = RUNS_DIR) -> Path:
-    """A folder under ``root`` named for the time now, that does not exist yet."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate, n = root / stamp, 1
-    while candidate.exists():
-        n += 1
-        candidate = root / f"{stamp}-{n}"
-    return candidate
-
-
-def _log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+_log = stderr_log("bench")
 
 
 def _ensure_prompts(config: BenchConfig) -> BenchConfig:
@@ -221,8 +229,105 @@ def _ensure_assistant(config: BenchConfig) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+# -- the concurrency mode ----------------------------------------------------------------------
+
+
+def concurrency_parser(prog: str = "dg-stream bench concurrency") -> argparse.ArgumentParser:
+    """The concurrency mode's options (the presets are ``_concurrency.QUICK`` and ``FULL``)."""
+    p = OneLineErrorParser(
+        prog=prog,
+        description="Aggregate tokens/s, time to first chunk and chunk gaps of C concurrent "
+        "streams: batched hybrid, batched plain, one-at-a-time hybrid and transformers' "
+        "continuous batching, on one verifier, greedy.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="streams 1,4,16, 32 new tokens, 1 repeat (a few minutes on 2 cores)",
+    )
+    p.add_argument("--streams", type=int_list(1, "1,4,16,32"), help="levels (default 1,4,16,32)")
+    p.add_argument("--new-tokens", type=positive_int, help="max_new_tokens (default 128)")
+    p.add_argument("--repeats", type=positive_int, help="repeats (default 3)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (2)")
+    p.add_argument("--verifier", type=Path, help="causal-LM checkpoint (default: embedded)")
+    p.add_argument("--drafter", type=Path, help="diffusion drafter checkpoint (default: embedded)")
+    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="default: %(default)s")
+    p.add_argument(
+        "--prompt-kind",
+        default="mixed",
+        help="'mixed' (kinds alternating; the default) or one kind of the prompt file, "
+        "e.g. 'short'",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers' method")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: a fresh runs/bench/<date>-<time>)"
+    )
+    p.add_argument("--name", help="file name part (default: quick or full)")
+    return p
+
+
+def concurrency_settings(args: argparse.Namespace) -> Settings:
+    from ._concurrency import FULL as FULL_STREAMS
+    from ._concurrency import QUICK as QUICK_STREAMS
+    from ._concurrency import Settings
+
+    if args.verifier is not None and args.drafter is None:
+        raise SystemExit("concurrency: with --verifier, give --drafter too")
+    preset = dict(QUICK_STREAMS if args.quick else FULL_STREAMS)
+    for key in ("streams", "new_tokens", "repeats"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    return Settings(
+        out=args.out if args.out is not None else fresh_out_dir(),
+        threads=args.threads,
+        verifier=args.verifier,
+        drafter=args.drafter,
+        prompts=args.prompts,
+        prompt_kind=args.prompt_kind,
+        device=args.device,
+        name=args.name or ("quick" if args.quick else "full"),
+        peer=not args.no_transformers,
+        plots=not args.no_plots,
+        streams=tuple(sorted(set(preset["streams"]))),
+        new_tokens=preset["new_tokens"],
+        repeats=preset["repeats"],
+    )
+
+
+def concurrency_main(
+    argv: Sequence[str] | None = None, prog: str = "dg-stream bench concurrency"
+) -> int:
+    """Run the concurrency mode with ``argv`` (default: the command line)."""
+    args = concurrency_parser(prog).parse_args(list(argv) if argv is not None else None)
+    settings = concurrency_settings(args)
+    from ._concurrency import run_concurrency
+    from ._concurrency_report import markdown, plot
+    from ._report import write_document
+
+    log = stderr_log("concurrency")
+    result = run_concurrency(settings, log=log)
+    device = result["settings"]["device"].split(":")[0]
+    stem = settings.out / f"concurrency-{settings.name}-{device}"
+    files = [write_document(result, stem.with_suffix(".json"))]
+    if settings.plots:
+        files.append(plot(result, stem.with_suffix(".png")))
+    print(markdown(result))
+    print("files: " + ", ".join(str(f) for f in files))
+    log(f"done in {result['wall_seconds']:.0f}s")
+    return 0
+
+
+# -- the harness ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "dg-stream bench") -> int:
+    """Run the harness with ``argv``: a mode word of :data:`MODES` first picks that mode."""
+    args_list = list(argv) if argv is not None else sys.argv[1:]
+    if args_list[:1] == ["concurrency"]:
+        return concurrency_main(args_list[1:], prog=f"{prog} concurrency")
+    args = build_parser(prog).parse_args(args_list)
     if args.write_prompts is not None:
         from ._prompts import make_prompts, write_prompts
 

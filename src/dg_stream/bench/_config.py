@@ -1,11 +1,46 @@
-"""What one benchmark run measures: models, prompts, methods, repeats, device."""
+"""What one benchmark run measures: models, prompts, methods, repeats, device; and where the
+harness's modes find their inputs and put their outputs by default."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["FULL", "QUICK", "BenchConfig"]
+__all__ = [
+    "DEFAULT_ASSISTANT",
+    "DEFAULT_PROMPTS",
+    "FULL",
+    "QUICK",
+    "RUNS_DIR",
+    "BenchConfig",
+    "default_models",
+    "fresh_out_dir",
+]
+
+DEFAULT_PROMPTS = Path("benchmarks/prompts/prompts.jsonl")
+DEFAULT_ASSISTANT = Path("benchmarks/assistant")
+#: Runs write to a fresh folder under here unless ``--out`` names one; the results kept in the
+#: repository (``benchmarks/results``) change only when a run is pointed there on purpose.
+RUNS_DIR = Path("runs/bench")
+
+
+def default_models() -> tuple[Path, Path]:
+    """The embedded default verifier and drafter."""
+    from .._backends.local import default_model_dir
+
+    root = default_model_dir()
+    return root / "verifier", root / "drafter"
+
+
+def fresh_out_dir(root: Path = RUNS_DIR) -> Path:
+    """A folder under ``root`` named for the time now, that does not exist yet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
 
 
 @dataclass(frozen=True)

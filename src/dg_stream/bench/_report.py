@@ -1,12 +1,113 @@
-"""The results: a Markdown table, the JSON document and the PNG plots."""
+"""The results: a Markdown table, the JSON document and the PNG plots.
+
+The helpers every mode of the harness writes its report with come first (a Markdown table, a
+percentile, the machine line, the JSON file, a saved figure, progress lines); then the
+speed-up benchmark's own report. The concurrency mode's report is in ``_concurrency``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "plot", "repeats_text", "speedup_figure", "write_json"]
+__all__ = [
+    "fmt",
+    "machine_text",
+    "markdown",
+    "markdown_table",
+    "percentile",
+    "plot",
+    "repeats_text",
+    "save_figure",
+    "speedup_figure",
+    "stderr_log",
+    "write_document",
+    "write_json",
+]
+
+
+# -- shared by the modes ----------------------------------------------------------------------
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a Markdown table: ``align`` has one letter a column, ``l`` (left) or ``r``
+    (right); each row's cells are written with ``str``."""
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r} does not fit {len(header)} columns")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "".join("---:|" if a == "r" else "---|" for a in align),
+    ]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row of {len(row)} cells in a table of {len(header)} columns")
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return lines
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile, interpolated linearly between the closest ranks (numpy's
+    default method); ``None`` without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """``value`` formatted with ``spec``, or ``n/a`` when it is missing."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def machine_text(machine: dict[str, Any], device: str, dtype: str, threads: Any) -> str:
+    """The part of a report's first line that says where it ran, e.g. ``cpu float32, 2
+    threads, <cpu model>, torch 2.x, transformers 5.x, load average 0.4 at start``."""
+    text = (
+        f"{device} {str(dtype).removeprefix('torch.')}, {threads} threads, "
+        f"{machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}"
+    )
+    load = machine.get("load_average_at_start")
+    if load:
+        text += f", load average {load[0]:.1f} at start"
+    return text
+
+
+def write_document(document: dict[str, Any], path: Path) -> Path:
+    """``document`` as indented UTF-8 JSON at ``path`` (its folder made when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stderr_log(mode: str) -> Callable[[str], None]:
+    """A progress logger: ``[<mode> HH:MM:SS] message`` lines on standard error."""
+
+    def log(message: str) -> None:
+        print(f"[{mode} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+# -- the speed-up benchmark -------------------------------------------------------------------
 
 
 def repeats_text(config: dict[str, Any]) -> str:
@@ -28,36 +129,39 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"dg_stream bench `{result['name']}`: {config['num_prompts']} prompts, "
         f"{config['max_new_tokens']} new tokens, {repeats_text(config)}, "
-        f"{machine['device']} {config['dtype'].removeprefix('torch.')}, "
-        f"{config['threads']} threads, {machine.get('gpu') or machine['cpu']}, "
-        f"torch {machine['torch']}, transformers {machine['transformers']}",
+        + machine_text(machine, machine["device"], config["dtype"], config["threads"]),
         "",
     ]
-    load = machine.get("load_average_at_start")
-    if load:
-        lines[0] += f", load average {load[0]:.1f} at start"
+    header = (
+        "method",
+        "tokens/s",
+        "speed-up",
+        "per-prompt speed-up",
+        "accepted/call",
+        "first chunk ms",
+        "peak RSS MiB (+generation)",
+        "identical",
+    )
     for mode, rows in result["results"].items():
         greedy = mode == "greedy"
         title = "greedy" if greedy else f"sampling, temperature {config['temperature']:g}"
-        lines += [
-            f"**{title}**",
-            "",
-            "| method | tokens/s | speed-up | per-prompt speed-up | accepted/call "
-            "| first chunk ms | peak RSS MiB (+generation) | identical |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
-        ]
+        cells = []
         for row in rows:
             runs = row["speedup_runs"]
             spread = f" ({min(runs):.2f}–{max(runs):.2f})" if len(runs) > 1 else ""
-            same = f"{row['identical']}/{row['generations']}" if greedy else "— (sampled)"
-            lines.append(
-                f"| {row['method']} | {row['tokens_per_second']:.0f} | "
-                f"{row['speedup']:.2f}×{spread} | "
-                f"{row.get('speedup_per_prompt_median', row['speedup']):.2f}× | "
-                f"{row['mean_accepted_per_call']:.2f} | "
-                f"{row['first_chunk_ms']:.1f} | {_rss(row)} | {same} |"
+            cells.append(
+                (
+                    row["method"],
+                    f"{row['tokens_per_second']:.0f}",
+                    f"{row['speedup']:.2f}×{spread}",
+                    f"{row.get('speedup_per_prompt_median', row['speedup']):.2f}×",
+                    f"{row['mean_accepted_per_call']:.2f}",
+                    f"{row['first_chunk_ms']:.1f}",
+                    _rss(row),
+                    f"{row['identical']}/{row['generations']}" if greedy else "— (sampled)",
+                )
             )
-        lines.append("")
+        lines += [f"**{title}**", "", *markdown_table(header, "lrrrrrrl", cells), ""]
     targets = targets_summary(result)
     if targets:
         lines += ["**targets**", ""]
@@ -73,12 +177,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{' adaptive' if cfg['adaptive'] else ''}, {cfg['prompt_tokens']}-token prompt, "
             f"{cfg['generated_tokens']} tokens, through `generate()`)",
             "",
-            "| part | share of wall time |",
-            "|---|---:|",
-        ]
-        for part, share in profile["shares"].items():
-            lines.append(f"| {part} | {100 * share:.1f}% |")
-        lines += [
+            *markdown_table(
+                ("part", "share of wall time"),
+                "lr",
+                [(part, f"{100 * share:.1f}%") for part, share in profile["shares"].items()],
+            ),
             "",
             f"async layer: {1000 * profile['sync_seconds']:.1f} ms synchronous (on the model "
             f"thread) vs "
@@ -238,10 +341,8 @@ def targets_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {**result, "targets": targets_summary(result)}
-    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-    return path
+    """The result with its targets, as JSON at ``path``."""
+    return write_document({**result, "targets": targets_summary(result)}, path)
 
 
 _COLORS = {
@@ -311,25 +412,10 @@ def speedup_figure(result: dict[str, Any]) -> Any:
 def plot(result: dict[str, Any], stem: Path) -> list[Path]:
     """``<stem>-speedup.png`` (speed-up per method) and ``<stem>-blocks.png`` (accepted per
     call and speed-up against block size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    fig = speedup_figure(result)
-    path = stem.with_name(stem.name + "-speedup.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
-
+    paths = [save_figure(speedup_figure(result), stem.with_name(stem.name + "-speedup.png"))]
     fig = blocks_figure(result)
     if fig is not None:
-        path = stem.with_name(stem.name + "-blocks.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, stem.with_name(stem.name + "-blocks.png")))
     return paths
 
 
