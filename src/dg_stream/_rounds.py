@@ -538,6 +538,7 @@ def judge(
     generator: torch.Generator,
 ) -> Verdict:
     """The acceptance rule for one row: logits (k+1, V) of [newest token, draft...]."""
+    logits = logits.float()  # as plain decoding processes them (transformers' too)
     tokens = proposal.tokens.to(logits.device)
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(

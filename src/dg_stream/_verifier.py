@@ -181,8 +181,10 @@ class Verifier:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed ``ids`` ((B, T)) to cache rows ``[start, start + B)`` at their lengths.
 
-        Returns the next-token logits (B, T, V) in float32 and, with ``feature_layers``, each
-        row's features (B, T, F) (``verifier_features``; the caller picks the rows it needs).
+        Returns the next-token logits (B, T, V) in the model's dtype (judging turns the rows
+        it samples to float32; a bf16 batch is not copied whole) and, with
+        ``feature_layers``, each row's features (B, T, F) (``verifier_features``; the caller
+        picks the rows it needs).
         Lengths are not advanced: the caller sets what each row keeps. A ``prefill`` needs
         no logits (only the last position's are made), and features only for its last
         ``feature_rows`` positions.
@@ -235,7 +237,7 @@ class Verifier:
             if feature_rows is not None:
                 hidden = [h[:, max(0, fed - feature_rows) :] for h in hidden]
             features = verifier_features(hidden, feature_layers, raw_features)
-        return logits.float(), features
+        return logits, features
 
 
 def _adapt_alibi(model: Any) -> None:
