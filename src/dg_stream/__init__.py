@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 from ._backends.base import Backend
 from ._chat import ChatReply, ChatSession
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
-from ._config import GenerationRequest, Message, SamplingParams, SpeculativeConfig, StaticShapes
+from ._config import (
+    GenerationRequest,
+    Message,
+    ResponseFormat,
+    SamplingParams,
+    SpeculativeConfig,
+    StaticShapes,
+)
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -73,6 +80,7 @@ __all__ = [
     "OverloadedError",
     "RemoteBackend",
     "RemoteTimeout",
+    "ResponseFormat",
     "SamplingParams",
     "SpeculativeConfig",
     "StaticShapes",

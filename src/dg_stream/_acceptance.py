@@ -11,7 +11,13 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Verdict", "accept_greedy", "accept_greedy_batch", "accept_sampled"]
+__all__ = [
+    "Verdict",
+    "accept_greedy",
+    "accept_greedy_batch",
+    "accept_sampled",
+    "draw_after_rejection",
+]
 
 
 class Verdict(NamedTuple):
@@ -76,13 +82,25 @@ def accept_sampled(
     if accepted == k:
         token = torch.multinomial(p[k], 1, generator=generator)
         return Verdict(k, int(token))
+    q_row = q[accepted] if q is not None else None
+    return Verdict(accepted, draw_after_rejection(p[accepted], q_row, draft[accepted], generator))
+
+
+def draw_after_rejection(
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    rejected: torch.Tensor,
+    generator: torch.Generator | None,
+) -> int:
+    """The token drawn where draft token ``rejected`` was rejected: from
+    ``normalize(max(0, p - q))`` (p: (V,) the verifier's, q: (V,) the draft's distribution, or
+    None for a point mass on ``rejected``)."""
     if q is not None:
-        residual = (p[accepted] - q[accepted]).clamp_min(0)
+        residual = (p - q).clamp_min(0)
     else:
-        residual = p[accepted].clone()
-        residual[draft[accepted]] = 0
+        residual = p.clone()
+        residual[rejected] = 0
     total = residual.sum()
     # A rejection with an all-zero residual has probability zero; guard against rounding.
-    dist = residual / total if total > 0 else p[accepted]
-    token = torch.multinomial(dist, 1, generator=generator)
-    return Verdict(accepted, int(token))
+    dist = residual / total if total > 0 else p
+    return int(torch.multinomial(dist, 1, generator=generator))

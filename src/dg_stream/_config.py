@@ -13,10 +13,13 @@ from ._errors import InvalidRequestError
 __all__ = [
     "ROLES",
     "GenerationRequest",
+    "JsonSchemaFormat",
     "Message",
+    "ResponseFormat",
     "SamplingParams",
     "SpeculativeConfig",
     "StaticShapes",
+    "response_format_from",
 ]
 
 #: The roles a chat message may have. Chat templates and the plain format know these three;
@@ -170,6 +173,93 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
         check_text(self.content, "a message's content", "messages")
 
 
+class JsonSchemaFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """OpenAI's ``json_schema`` member: a name, the schema, and ``strict`` (always enforced
+    here: the grammar admits only what the schema describes)."""
+
+    name: str = "response"
+    schema: dict[str, Any] = msgspec.field(default_factory=dict)
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What shape a reply must take: OpenAI's ``{"type": "text" | "json_object" |
+    "json_schema", "json_schema": {...}}``, or dg_stream's ``{"type": "regex", "pattern"}``
+    and ``{"type": "choice", "choices": [...]}``. ``response_format_from`` also takes a
+    Pydantic model or msgspec Struct type (their JSON schema)."""
+
+    type: str = "text"
+    json_schema: JsonSchemaFormat | None = None
+    pattern: str | None = None
+    choices: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        kinds = ("text", "json_object", "json_schema", "regex", "choice")
+        _check(
+            self.type in kinds,
+            f"response_format type must be one of {', '.join(kinds)}, got {self.type!r}",
+            "response_format",
+        )
+        if self.type == "json_schema":
+            _check(
+                self.json_schema is not None and isinstance(self.json_schema.schema, dict),
+                "response_format json_schema needs a 'json_schema' object with a 'schema'",
+                "response_format",
+            )
+        if self.type == "regex":
+            _check(
+                isinstance(self.pattern, str) and self.pattern != "",
+                "response_format regex needs a non-empty 'pattern'",
+                "response_format",
+            )
+        if self.type == "choice":
+            _check(
+                isinstance(self.choices, list)
+                and len(self.choices) > 0
+                and all(isinstance(c, str) and c for c in self.choices),
+                "response_format choice needs 'choices', a list of non-empty strings",
+                "response_format",
+            )
+
+    @property
+    def constrains(self) -> bool:
+        return self.type != "text"
+
+    def cache_key(self) -> str:
+        """The same text for the same format (compiled grammars are cached by it)."""
+        return msgspec.json.encode(self, order="sorted").decode()
+
+
+def response_format_from(value: Any) -> ResponseFormat | None:
+    """A ``ResponseFormat`` from what ``generate(response_format=...)`` takes: a mapping in
+    OpenAI's shape (or dg_stream's regex/choice), a Pydantic model or msgspec Struct type, a
+    ``ResponseFormat``, or None (raises InvalidRequestError)."""
+    if value is None or isinstance(value, ResponseFormat):
+        return value
+    if isinstance(value, type):
+        if hasattr(value, "model_json_schema"):  # a Pydantic model
+            schema = value.model_json_schema()
+        elif issubclass(value, msgspec.Struct):
+            schema = msgspec.json.schema(value)
+        else:
+            raise InvalidRequestError(
+                f"response_format type {value.__name__} is neither a Pydantic model nor a "
+                "msgspec Struct",
+                param="response_format",
+            )
+        return ResponseFormat(
+            type="json_schema",
+            json_schema=JsonSchemaFormat(name=value.__name__, schema=schema, strict=True),
+        )
+    try:
+        return msgspec.convert(value, ResponseFormat)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(
+            f"response_format is not understood: {exc}", param="response_format"
+        ) from None
+
+
 class GenerationRequest(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
 ):
@@ -191,6 +281,7 @@ class GenerationRequest(
     stop: tuple[str, ...] = ()
     draft_preview: bool = False
     fit_max_new_tokens: bool = False
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -252,6 +343,7 @@ def build_request(
     stop: str | list[str] | tuple[str, ...] | None,
     draft_preview: bool,
     speculative_options: dict[str, Any],
+    response_format: Any = None,
 ) -> GenerationRequest:
     """Turn ``generate()``'s arguments into a validated request (raises InvalidRequestError)."""
     unknown = set(speculative_options) - set(SpeculativeConfig.__struct_fields__)
@@ -305,6 +397,7 @@ def build_request(
         ),
         stop=stop,
         draft_preview=draft_preview,
+        response_format=response_format_from(response_format),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from ._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
+from ._constraints import ConstraintFactory
 from ._detokenize import IncrementalDetokenizer
 from ._drafters.base import Drafter
 from ._prompt import admit_length, encode_prompt
@@ -52,6 +53,7 @@ class Engine:
         # The most tokens one generation may span (the backend's context_length; default
         # the verifier's): every request is admitted against it here, once.
         self.context_length = verifier.max_length if context_length is None else context_length
+        self._constraints: ConstraintFactory | None = None
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.defaults = defaults
@@ -76,6 +78,15 @@ class Engine:
     def session(self, request: GenerationRequest) -> GenerationSession:
         """Tokenize and validate (no model work yet); raises InvalidRequestError."""
         return GenerationSession(self, request)
+
+    def constraints(self) -> ConstraintFactory:
+        """Compiles response formats for this tokenizer (made on first use)."""
+        with self.tokenizer_lock:
+            if self._constraints is None:
+                factory = ConstraintFactory(self.tokenizer, self.verifier.vocab_size)
+                factory.tokenizer()  # reads the tokenizer: under its lock, once
+                self._constraints = factory
+            return self._constraints
 
     def batch(self, max_positions: int | None = None) -> Batch:
         """An empty batch of generations sharing one cache (of at most ``max_positions``
@@ -116,6 +127,10 @@ class GenerationSession:
                 steps=self.steps,
                 shared=engine.acceptance[self.params.greedy],
             )
+        constraint = None
+        fmt = request.response_format
+        if fmt is not None and fmt.constrains:
+            constraint = engine.constraints().constraint(fmt)
         device = verifier.device
         self.state = SequenceState(
             prompt=torch.tensor(self.prompt_ids, dtype=torch.long, device=device),
@@ -129,6 +144,7 @@ class GenerationSession:
             drafting=engine.drafter is not None,  # its session opens when the row joins
             preview=request.draft_preview,
             policy=policy,
+            constraint=constraint,
         )
         # The most tokens a round may feed this row: the newest one and its largest draft.
         largest = policy.max_block if policy is not None else self.block_size

@@ -52,6 +52,7 @@ def request_for(
     seed: int | None = None,
     stop: str | list[str] | None = None,
     draft_preview: bool = False,
+    response_format: Any = None,
     **speculative_options: Any,
 ) -> GenerationRequest:
     """The request ``generate()`` makes of these arguments (raises InvalidRequestError); for
@@ -67,6 +68,7 @@ def request_for(
         stop=stop,
         draft_preview=draft_preview,
         speculative_options=speculative_options,
+        response_format=response_format,
     )
 
 
@@ -82,6 +84,7 @@ def generate(
     seed: int | None = None,
     stop: str | list[str] | None = None,
     draft_preview: bool = False,
+    response_format: Any = None,
     **speculative_options: Any,
 ) -> GenerationStream:
     """Stream a completion of ``prompt``.
@@ -91,6 +94,11 @@ def generate(
     pair in this process. ``temperature=0`` is greedy; sampling is seeded by ``seed``.
     Generation ends at ``max_new_tokens``, at end-of-sequence, or at the first ``stop`` string
     (not emitted). ``draft_preview`` fills each chunk's ``draft`` with provisional text.
+    ``response_format`` constrains the reply: OpenAI's ``{"type": "json_object"}`` or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``, a Pydantic
+    model or msgspec Struct type, ``{"type": "regex", "pattern": ...}`` or
+    ``{"type": "choice", "choices": [...]}`` (local backends mask every verified position, so
+    the reply follows it exactly, speculation included; remote ones pass it to the server).
     Speculative options (``block_size``, ``steps``, ``adaptive``, ``confidence``) override the
     backend's defaults for this call.
 
@@ -113,6 +121,7 @@ def generate(
         seed=seed,
         stop=stop,
         draft_preview=draft_preview,
+        response_format=response_format,
         **speculative_options,
     )
     chosen = resolve_backend(backend)

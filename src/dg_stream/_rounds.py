@@ -36,7 +36,13 @@ from typing import Any
 
 import torch
 
-from ._acceptance import Verdict, accept_greedy, accept_greedy_batch, accept_sampled
+from ._acceptance import (
+    Verdict,
+    accept_greedy,
+    accept_greedy_batch,
+    accept_sampled,
+    draw_after_rejection,
+)
 from ._batch_cache import BatchCache
 from ._block_policy import (
     BlockSizePolicy,
@@ -47,6 +53,7 @@ from ._block_policy import (
 )
 from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
+from ._constraints import Constraint
 from ._drafters.base import Drafter, DraftProposal, DraftRequest, DraftSession, empty_proposal
 from ._sampling import apply_repetition_penalty, process_logits
 from ._state_cache import StateCache
@@ -74,6 +81,8 @@ class SequenceState:
     preview: bool = False  # whether each outcome carries the next draft's ids
     draft_session: DraftSession | None = None
     policy: BlockSizePolicy | None = None
+    constraint: Constraint | None = None  # the grammar its output must follow
+    cut: tuple[int, torch.Tensor | None] | None = None  # the draft's first illegal token, q
     row: int = -1  # its row in the batch's cache; -1 while outside a batch
     generated: int = 0
     features: torch.Tensor | None = None  # verifier features of the newest committed positions
@@ -294,7 +303,9 @@ class RoundCore:
         others (sampling, repetition penalty) one by one with their own generators; one host
         sync for the batched ones. A row whose judging fails gets its exception instead."""
         verdicts: dict[int, Verdict] = {}
-        batched = [i for i in decoding if _plain_greedy(states[i].params)]
+        batched = [
+            i for i in decoding if _plain_greedy(states[i].params) and states[i].constraint is None
+        ]
         if batched:
             index = torch.tensor(batched, device=logits.device)
             drafted = torch.tensor([sizes[i] for i in batched], device=logits.device)
@@ -308,8 +319,18 @@ class RoundCore:
             proposal = state.proposal
             assert proposal is not None
             try:
+                mask = None
+                if state.constraint is not None:
+                    draft = proposal.tokens.tolist()
+                    mask = state.constraint.masks(draft, logits.device)
                 verdicts[i] = judge(
-                    logits[i, : sizes[i] + 1], proposal, state.params, state.ids, state.generator
+                    logits[i, : sizes[i] + 1],
+                    proposal,
+                    state.params,
+                    state.ids,
+                    state.generator,
+                    mask=mask,
+                    cut=state.cut,
                 )
             except Exception as exc:
                 outcomes[i] = _row_failed(state, exc)
@@ -398,6 +419,7 @@ class RoundCore:
             if state.draft_session is None or k <= 0:
                 state.proposal = empty_proposal(self.verifier.device)
                 state.draft_seconds = 0.0
+                state.cut = None
             else:
                 wanted.append((i, state, k))
         batched = getattr(self.drafter, "propose_batch", None)
@@ -445,6 +467,7 @@ class RoundCore:
         )
 
     def _drafted(self, state: SequenceState, k: int, seconds: float) -> float:
+        _cut_at_illegal(state)
         state.draft_seconds = seconds
         if self.feature_stream:
             state.features = None  # the drafter has them now
@@ -470,6 +493,9 @@ class RoundCore:
         new = [*drafted, verdict.token]
         state.proposal = None
         finish = truncate(new, self.verifier.eos_ids, state.max_new_tokens - state.generated)
+        state.cut = None
+        if state.constraint is not None and state.constraint.commit(new) and finish is None:
+            finish = "stop"  # the grammar is complete: nothing may follow
         state.append(new)
         state.generated += len(new)
         if finish is not None:
@@ -536,23 +562,66 @@ def judge(
     params: SamplingParams,
     context: torch.Tensor,
     generator: torch.Generator,
+    *,
+    mask: torch.Tensor | None = None,
+    cut: tuple[int, torch.Tensor | None] | None = None,
 ) -> Verdict:
-    """The acceptance rule for one row: logits (k+1, V) of [newest token, draft...]."""
+    """The acceptance rule for one row: logits (k+1, V) of [newest token, draft...].
+
+    ``mask`` ((k+1, V) bool): the tokens a grammar allows at each position; ``cut``: the
+    illegal draft token removed after the k kept ones, with the q it was drawn from (a
+    rejection at position k, see ``_constraints``)."""
     logits = logits.float()  # as plain decoding processes them (transformers' too)
     tokens = proposal.tokens.to(logits.device)
     if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(
             logits, context.to(logits.device), tokens, params.repetition_penalty
         )
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     if params.greedy:
         return accept_greedy(logits, tokens)
     p = process_logits(logits, params).softmax(dim=-1)  # (k+1, V)
+    q = _pad_vocab(proposal.q, p)
+    verdict = accept_sampled(p, tokens, q, generator)
+    k = tokens.shape[0]
+    if cut is not None and verdict.accepted == k:
+        # Every legal draft was kept: the illegal one after them is rejected, as masked
+        # p = 0 would reject it, and the token comes from the residual there.
+        token, q_cut = cut
+        q_row = _pad_vocab(q_cut[None], p) if q_cut is not None else None
+        drawn = draw_after_rejection(
+            p[k], None if q_row is None else q_row[0], torch.tensor(token), generator
+        )
+        return Verdict(k, drawn)
+    return verdict
+
+
+def _pad_vocab(q: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    """q on p's device and dtype, padded to p's vocabulary (a drafter's may lack the
+    verifier's padding)."""
+    if q is None:
+        return None
+    q = q.to(p.device, p.dtype)
+    if q.shape[-1] < p.shape[-1]:
+        q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
+    return q
+
+
+def _cut_at_illegal(state: SequenceState) -> None:
+    """Cut a constrained row's draft before its first token the grammar rejects (kept, with
+    its q, in ``state.cut``), so that the verifier never reads it."""
+    state.cut = None
+    proposal, constraint = state.proposal, state.constraint
+    if constraint is None or proposal is None or proposal.tokens.shape[0] == 0:
+        return
+    draft = proposal.tokens.tolist()
+    legal = constraint.legal_prefix(draft)
+    if legal == len(draft):
+        return
     q = proposal.q
-    if q is not None:
-        q = q.to(p.device, p.dtype)
-        if q.shape[-1] < p.shape[-1]:  # drafter vocabulary without the verifier's padding
-            q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
-    return accept_sampled(p, tokens, q, generator)
+    state.cut = (draft[legal], None if q is None else q[legal])
+    state.proposal = DraftProposal(proposal.tokens[:legal], None if q is None else q[:legal])
 
 
 def truncate(new: list[int], eos_ids: Any, room: int) -> FinishReason | None:

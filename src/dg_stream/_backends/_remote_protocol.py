@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from .._chunks import Chunk, FinishReason, Usage
-from .._config import GenerationRequest
+from .._config import GenerationRequest, ResponseFormat
 from .._errors import DGStreamError, GenerationError, InvalidRequestError
 from .._sse import ServerSentEvent
 from .._wire import ChunkEvent, ErrorBody, ServerInfo, decode_event
@@ -148,6 +148,16 @@ def openai_body(
             body[name] = value
     if request.stop:
         body["stop"] = list(request.stop)
+    fmt = request.response_format
+    if fmt is not None and fmt.constrains:
+        if fmt.type not in ("json_object", "json_schema"):
+            # Never dropped in silence: an OpenAI-compatible server knows only JSON formats.
+            raise InvalidRequestError(
+                f"response_format {fmt.type!r} is dg_stream's own; an OpenAI-compatible "
+                "server takes json_object or json_schema",
+                param="response_format",
+            )
+        body["response_format"] = openai_response_format(fmt)
     speculative = {
         k: v for k, v in msgspec.structs.asdict(request.speculative).items() if v is not None
     }
@@ -160,6 +170,20 @@ def openai_body(
         body["diffusing"] = True
     path = "/v1/chat/completions" if chat else "/v1/completions"
     return path, _encoder.encode(body), chat
+
+
+def openai_response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """A JSON response format in OpenAI's shape (fields left unset are left out)."""
+    out: dict[str, Any] = {"type": fmt.type}
+    spec = fmt.json_schema
+    if spec is not None:
+        inner: dict[str, Any] = {"name": spec.name, "schema": spec.schema}
+        if spec.strict is not None:
+            inner["strict"] = spec.strict
+        if spec.description is not None:
+            inner["description"] = spec.description
+        out["json_schema"] = inner
+    return out
 
 
 # -- parsers: SSE events in, Chunks out ------------------------------------------------------

@@ -1,0 +1,395 @@
+"""Constrained replies (``response_format``), exact under speculation: every reply parses and
+validates, greedy output with a drafter is the constrained plain output, sampled output
+follows constrained plain sampling, and no token the grammar rejects reaches the verifier."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import anyio
+import jsonschema
+import msgspec
+import pytest
+import torch
+from _models import tiny_causal_lm, tiny_masked_lm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chi2_contingency
+
+import dg_stream
+from dg_stream import InvalidRequestError, LocalBackend
+from dg_stream._config import ResponseFormat, response_format_from
+
+PROMPT = [40, 41, 42, 43, 44]
+
+
+@pytest.fixture(scope="module")
+def verifier(tiny_tok: Any) -> Any:
+    return tiny_causal_lm("llama", len(tiny_tok), seed=2)
+
+
+@pytest.fixture(scope="module")
+def backends(verifier: Any, tiny_tok: Any) -> dict[str, LocalBackend]:
+    drafter = tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id)
+    return {
+        "plain": LocalBackend(verifier, None, tokenizer=tiny_tok),
+        "diffusion": LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=4),
+        "ngram": LocalBackend(verifier, "ngram", tokenizer=tiny_tok, block_size=4),
+    }
+
+
+def reply(backend: LocalBackend, fmt: Any, max_new_tokens: int = 80, **options: Any) -> Any:
+    async def main() -> Any:
+        stream = dg_stream.generate(
+            PROMPT, backend=backend, max_new_tokens=max_new_tokens, response_format=fmt, **options
+        )
+        return await stream.collect()
+
+    return anyio.run(main)
+
+
+# -- JSON schemas: every reply parses and validates -----------------------------------------
+
+_leaf = st.sampled_from(
+    [
+        {"type": "integer"},
+        {"type": "boolean"},
+        {"type": "string", "maxLength": 6},
+        {"enum": ["red", "green", "blue"]},
+    ]
+)
+
+
+def _objects(children: Any) -> Any:
+    return st.dictionaries(
+        st.sampled_from(["a", "b", "id", "name", "tags"]), children, min_size=1, max_size=3
+    ).map(
+        lambda props: {
+            "type": "object",
+            "properties": props,
+            "required": sorted(props),
+            "additionalProperties": False,
+        }
+    )
+
+
+schemas = st.recursive(
+    _leaf,
+    lambda inner: (
+        _objects(inner) | inner.map(lambda item: {"type": "array", "items": item, "maxItems": 3})
+    ),
+    max_leaves=6,
+).filter(lambda s: s.get("type") == "object")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=schemas, kind=st.sampled_from(["diffusion", "ngram"]), sampled=st.booleans())
+def test_every_reply_parses_and_validates(
+    schema: dict[str, Any], kind: str, sampled: bool, backends: dict[str, LocalBackend]
+) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    options = {"temperature": 1.0, "seed": 5} if sampled else {}
+    result = reply(backends[kind], fmt, max_new_tokens=200, **options)
+    assert result.finish_reason == "stop", result.text
+    jsonschema.validate(json.loads(result.text), schema)
+
+
+def test_rows_with_different_formats_share_a_batch(backends: dict[str, LocalBackend]) -> None:
+    """In one batch: two schemas, a choice and no format at all."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    other = {
+        "type": "object",
+        "properties": {"tag": {"type": "string", "maxLength": 5}, "ok": {"type": "boolean"}},
+        "required": ["tag", "ok"],
+        "additionalProperties": False,
+    }
+    formats: list[Any] = [
+        {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        {"type": "json_schema", "json_schema": {"name": "other", "schema": other}},
+        {"type": "choice", "choices": ["alpha", "beta"]},
+        None,
+    ]
+    results: list[Any] = [None] * len(formats)
+
+    async def one(i: int) -> None:
+        stream = dg_stream.generate(
+            PROMPT, backend=backends["diffusion"], max_new_tokens=60, response_format=formats[i]
+        )
+        results[i] = await stream.collect()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(formats)):
+                tg.start_soon(one, i)
+
+    anyio.run(main)
+    jsonschema.validate(json.loads(results[0].text), schema)
+    jsonschema.validate(json.loads(results[1].text), other)
+    assert results[2].text in ("alpha", "beta")
+    assert results[3].text == reply(backends["plain"], None, max_new_tokens=60).text
+
+
+# -- greedy with a drafter is constrained plain greedy --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "json_object"},
+        {"type": "regex", "pattern": "[a-z]{2,8}-[0-9]{1,4}"},
+        {"type": "choice", "choices": ["cat", "car", "cart", "dog"]},
+    ],
+)
+def test_greedy_with_a_drafter_is_constrained_plain_greedy(
+    fmt: dict[str, Any], backends: dict[str, LocalBackend]
+) -> None:
+    expected = reply(backends["plain"], fmt)
+    for kind in ("diffusion", "ngram"):
+        assert reply(backends[kind], fmt).text == expected.text, kind
+
+
+# -- sampling: the distribution of constrained plain sampling -------------------------------
+
+
+def test_sampled_replies_follow_constrained_plain_sampling(
+    verifier: Any, backends: dict[str, LocalBackend]
+) -> None:
+    """A choice among strings with shared prefixes: the replies of hybrid sampling and of
+    plain constrained sampling are drawn from the same distribution (chi-square)."""
+    with torch.no_grad():
+        soft = type(verifier)(verifier.config)
+        soft.load_state_dict(verifier.state_dict())
+        soft.get_output_embeddings().weight.mul_(0.05)  # a spread-out p: a sensitive test
+    tok = backends["plain"].tokenizer
+    plain = LocalBackend(soft, None, tokenizer=tok)
+    drafter = tiny_masked_lm(len(tok), tok.mask_token_id, seed=4)
+    hybrid = LocalBackend(soft, drafter, tokenizer=tok, block_size=3, adaptive=False)
+    fmt = {"type": "choice", "choices": ["cat", "car", "cart", "care", "dog", "do"]}
+    runs = 300
+    counts = {
+        name: Counter(
+            reply(backend, fmt, max_new_tokens=8, temperature=1.0, seed=seed).text
+            for seed in range(runs)
+        )
+        for name, backend in (("plain", plain), ("hybrid", hybrid))
+    }
+    assert set(counts["hybrid"]) <= set(fmt["choices"])
+    seen = sorted(set(counts["plain"]) | set(counts["hybrid"]))
+    table = [[counts[name][s] + 0.5 for s in seen] for name in ("plain", "hybrid")]
+    assert chi2_contingency(table).pvalue > 1e-3, counts
+
+
+class _HalfIllegal:
+    """Drafts one token: ``legal`` or ``illegal`` with probability 1/2 each, and says so
+    (q): a draft cut at its illegal token must then be followed by the residual
+    ``normalize(max(0, p - q))``, not p."""
+
+    vocab_size: int | None = None
+    max_block_size = 4
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
+
+    def __init__(self, legal: int, illegal: int, vocab: int) -> None:
+        self.legal, self.illegal, self.vocab = legal, illegal, vocab
+
+    def session(self) -> _HalfIllegal:
+        return self
+
+    def close(self) -> None: ...
+
+    def propose(self, context: torch.Tensor, k: int, params: Any, generator: Any, **_: Any) -> Any:
+        from dg_stream._drafters.base import DraftProposal
+
+        q = torch.zeros(1, self.vocab)
+        q[0, self.legal] = q[0, self.illegal] = 0.5
+        token = torch.multinomial(q[0], 1, generator=generator)
+        return DraftProposal(token, q)
+
+
+def test_a_draft_cut_at_an_illegal_token_keeps_sampling_exact(verifier: Any, tiny_tok: Any) -> None:
+    """One-token replies from a choice of three: their frequencies match the verifier's
+    masked, renormalised p exactly (chi-square); a cut that drew from p instead of the
+    residual would give the drafted legal token about half again its share."""
+    from scipy.stats import chisquare
+
+    with torch.no_grad():
+        soft = type(verifier)(verifier.config)
+        soft.load_state_dict(verifier.state_dict())
+        soft.get_output_embeddings().weight.mul_(0.05)
+    choices = ["a", "b", "c"]
+    ids = [tiny_tok.convert_tokens_to_ids(c) for c in choices]
+    with torch.no_grad():
+        logits = soft(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+    p = logits[ids].double().softmax(-1)
+    drafter = _HalfIllegal(ids[0], tiny_tok.convert_tokens_to_ids("x"), len(tiny_tok))
+    backend = LocalBackend(soft, drafter, tokenizer=tiny_tok, block_size=1, adaptive=False)
+    runs = 600
+    fmt = {"type": "choice", "choices": choices}
+    counts = Counter(
+        reply(backend, fmt, max_new_tokens=3, temperature=1.0, seed=seed).text
+        for seed in range(runs)
+    )
+    observed = [counts[c] for c in choices]
+    assert sum(observed) == runs
+    expected = (p * runs).tolist()
+    expected[-1] = runs - sum(expected[:-1])  # sums exactly as chisquare asks
+    assert chisquare(observed, expected).pvalue > 1e-3, (observed, p)
+
+
+# -- no draft token the grammar rejects reaches the verifier --------------------------------
+
+
+class _Illegal:
+    """Drafts only tokens the grammar of a JSON object never allows first (letters)."""
+
+    vocab_size: int | None = None
+    max_block_size = 16
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.proposed = 0
+
+    def session(self) -> _Illegal:
+        return self
+
+    def close(self) -> None: ...
+
+    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
+        from dg_stream._drafters.base import DraftProposal
+
+        self.proposed += k
+        return DraftProposal(torch.full((k,), self.token, dtype=torch.long), None)
+
+
+def test_no_illegal_draft_reaches_the_verifier(verifier: Any, tiny_tok: Any) -> None:
+    letter = tiny_tok.convert_tokens_to_ids("x")
+    drafter = _Illegal(letter)
+    backend = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=4, adaptive=False)
+    fed: list[int] = []
+    forward = backend.verifier.forward
+
+    def spy(ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("prefill"):
+            fed.append(ids.shape[1])
+        return forward(ids, *args, **kwargs)
+
+    backend.verifier.forward = spy  # type: ignore[method-assign]
+
+    async def main() -> Any:
+        chunks = []
+        stream = dg_stream.generate(
+            PROMPT,
+            backend=backend,
+            max_new_tokens=30,
+            response_format={"type": "regex", "pattern": "[0-9]{10,20}"},
+        )
+        async with stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+        return chunks
+
+    chunks = anyio.run(main)
+    text = "".join(c.text for c in chunks)
+    assert text.isdigit() and 10 <= len(text) <= 20
+    assert drafter.proposed > 0  # it kept drafting letters...
+    assert all(c.step.drafted == 0 for c in chunks)  # ...every one cut before the verifier
+    assert set(fed) == {1}
+
+
+# -- the formats themselves -------------------------------------------------------------------
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+def test_types_and_openai_shapes_become_formats() -> None:
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        name: str
+        legs: int
+
+    pet = response_format_from(Pet)
+    assert pet is not None and pet.type == "json_schema" and pet.json_schema is not None
+    assert pet.json_schema.schema["properties"].keys() == {"name", "legs"}
+    point = response_format_from(Point)
+    assert point is not None and point.json_schema is not None
+    assert point.json_schema.name == "Point" and point.json_schema.strict
+    openai = response_format_from({"type": "json_schema", "json_schema": {"schema": {}}})
+    assert openai == ResponseFormat(type="json_schema", json_schema=openai.json_schema)
+    assert response_format_from({"type": "text"}) == ResponseFormat()
+
+
+def test_a_struct_reply_decodes_into_its_type(backends: dict[str, LocalBackend]) -> None:
+    result = reply(backends["diffusion"], Point)
+    assert result.finish_reason == "stop"
+    point = msgspec.json.decode(result.text, type=Point)
+    assert isinstance(point.x, int) and isinstance(point.y, int)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ({"type": "xml"}, "type must be one of"),
+        ({"type": "json_schema"}, "needs a 'json_schema'"),
+        ({"type": "regex", "pattern": ""}, "non-empty 'pattern'"),
+        ({"type": "choice", "choices": []}, "list of non-empty strings"),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "Invalid type"),
+        ({"type": "regex", "pattern": "(unclosed"}, "cannot be used"),
+        (int, "neither a Pydantic model nor a msgspec Struct"),
+    ],
+)
+def test_a_bad_format_is_refused_before_any_model_work(
+    fmt: Any, message: str, backends: dict[str, LocalBackend]
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message) as caught:
+        dg_stream.generate(PROMPT, backend=backends["ngram"], response_format=fmt)
+    assert caught.value.param == "response_format"
+
+
+def test_an_oversized_or_deep_schema_is_refused(backends: dict[str, LocalBackend]) -> None:
+    deep: dict[str, Any] = {"type": "integer"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5000)}}
+    for schema, message in ((deep, "nests deeper"), (big, "bytes; at most")):
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+        with pytest.raises(InvalidRequestError, match=message):
+            dg_stream.generate(PROMPT, backend=backends["ngram"], response_format=fmt)
+
+
+def test_a_remote_backend_passes_json_formats_and_refuses_its_own() -> None:
+    """To an OpenAI-compatible server a JSON format goes as OpenAI writes it; regex and
+    choice, which such a server does not know, are refused rather than dropped. The native
+    protocol carries any format."""
+    from dg_stream import GenerationRequest
+    from dg_stream._backends._remote_protocol import openai_body
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    fmt = response_format_from(
+        {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}
+    )
+    request = GenerationRequest(prompt="hi", max_new_tokens=5, response_format=fmt)
+    _, body, _ = openai_body(request, model="m", chat=True, include_usage=True, diffusing=False)
+    assert json.loads(body)["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "n", "schema": schema, "strict": True},
+    }
+    wire = msgspec.json.decode(msgspec.json.encode(request), type=GenerationRequest)
+    assert wire.response_format == fmt
+    regex = GenerationRequest(
+        prompt="hi", response_format=ResponseFormat(type="regex", pattern="[a-z]+")
+    )
+    with pytest.raises(InvalidRequestError, match="OpenAI-compatible"):
+        openai_body(regex, model="m", chat=True, include_usage=True, diffusing=False)
