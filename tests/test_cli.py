@@ -494,3 +494,26 @@ def test_serve_passes_batching_limits_to_the_local_backend() -> None:
     assert parser.parse_args(["serve"]).max_batch == 32
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--max-batch", "0"])
+
+
+def test_generate_with_a_json_schema_prints_json_that_follows_it(
+    model_args: list[str], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+        "required": ["ok", "n"],
+    }
+    path = tmp_path / "reply.json"
+    path.write_text(json.dumps(schema))
+    argv = ["generate", PROMPT, "--max-new-tokens", "60", "--json-schema", str(path)]
+    code, out, err = run_cli([*argv, *model_args], capsys)
+    assert code == 0, err
+    jsonschema.validate(json.loads(out), schema)
+    path.write_text("[1, 2]")  # JSON, but no schema: refused before any model loads
+    code, _, err = run_cli([*argv, *model_args], capsys)
+    assert code == 2 and "not a schema" in err

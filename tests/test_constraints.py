@@ -393,3 +393,54 @@ def test_a_remote_backend_passes_json_formats_and_refuses_its_own() -> None:
     )
     with pytest.raises(InvalidRequestError, match="OpenAI-compatible"):
         openai_body(regex, model="m", chat=True, include_usage=True, diffusing=False)
+
+
+# -- over HTTP: the openai client against dg-stream serve -----------------------------------
+
+
+def test_the_openai_client_gets_json_that_follows_its_schema(
+    backends: dict[str, LocalBackend],
+) -> None:
+    """json_schema and json_object through /v1/chat/completions, streamed and not, with the
+    real openai client; a schema that cannot compile is a 400 naming response_format."""
+    import openai
+    from _servers import ServerThread
+
+    from dg_stream.server import create_app
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+    messages = [{"role": "user", "content": "A thing as JSON:"}]
+    with ServerThread(create_app(backends["diffusion"], model_name="tiny")) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        whole = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            response_format=fmt,
+            max_tokens=120,  # type: ignore[arg-type]
+        )
+        jsonschema.validate(json.loads(whole.choices[0].message.content or ""), schema)
+        assert whole.choices[0].finish_reason == "stop"
+        pieces = client.chat.completions.create(
+            model="tiny",
+            messages=messages,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+            max_tokens=120,
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        assert text.startswith("{")
+        bad = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "nope"}}}
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="tiny",
+                messages=messages,
+                response_format=bad,
+                max_tokens=5,  # type: ignore[arg-type]
+            )
+        assert caught.value.body["param"] == "response_format"  # type: ignore[index]

@@ -59,6 +59,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "stop": args.stop,
     }
+    if getattr(args, "json_schema", None) is not None:
+        options["response_format"] = args.json_schema
     for name in ("block_size", "steps", "adaptive", "confidence"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)

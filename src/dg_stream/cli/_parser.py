@@ -101,12 +101,33 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="end at this text (repeatable; the text is not printed)",
     )
+    group.add_argument(
+        "--json-schema",
+        type=_json_schema_file,
+        metavar="FILE",
+        help="reply with JSON that follows this JSON schema (exactly, drafts included)",
+    )
     spec = _speculative_options(parser, "speculative decoding")
     spec.add_argument(
         "--confidence",
         type=float,
         help="unmask every draft position above this probability in one step",
     )
+
+
+def _json_schema_file(path: str) -> dict[str, Any]:
+    """``--json-schema FILE``: the response format of the schema in FILE (read once, here)."""
+    import json
+    from pathlib import Path
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read a JSON schema from {path}: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{path} holds JSON but not a schema (an object)")
+    name = Path(path).stem or "response"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def _speculative_options(parser: argparse.ArgumentParser, title: str) -> Any:

@@ -37,7 +37,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from .._backends.base import Backend
-from .._config import ROLES, GenerationRequest, Message, SamplingParams, SpeculativeConfig
+from .._config import (
+    ROLES,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    SpeculativeConfig,
+    response_format_from,
+)
 from .._errors import InvalidRequestError
 from .._prompt import plain_chat_stops
 from .._wire import ErrorBody, ServerInfo, encode
@@ -389,10 +396,12 @@ class _Server:
             raise _unsupported("tools", "tool calling is not supported")
         if body.tool_choice not in (None, "none"):
             raise _unsupported("tool_choice", "tool calling is not supported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _unsupported(
-                "response_format", "only response_format {'type': 'text'} is supported"
-            )
+        try:  # compiled when the generation is admitted: a bad schema is a 400 before any work
+            response_format = response_format_from(body.response_format)
+        except InvalidRequestError as exc:
+            raise RequestRejected(
+                400, exc.message, param="response_format", code=exc.code or "invalid_value"
+            ) from None
         if not body.messages:
             raise RequestRejected(
                 400, "messages must not be empty", param="messages", code="invalid_value"
@@ -441,6 +450,8 @@ class _Server:
             messages=messages,
             extra_stop=stops,
         )
+        if response_format is not None:
+            request = msgspec.structs.replace(request, response_format=response_format)
         renderer = ChatRenderer(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=self.model_name,
