@@ -444,3 +444,64 @@ def test_the_openai_client_gets_json_that_follows_its_schema(
                 max_tokens=5,  # type: ignore[arg-type]
             )
         assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+
+
+# -- forced tokens: what the grammar dictates is drafted without the drafter --------------------
+
+
+def test_forced_tokens_are_drafted_counted_and_leave_greedy_as_plain(
+    verifier: Any, tiny_tok: Any, backends: dict[str, LocalBackend]
+) -> None:
+    """A drafter whose every token is illegal still gets drafts: the tokens the schema
+    dictates (keys, punctuation). Plain decoding stays plain (no drafter: nothing forced)."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 5}, "count": {"type": "integer"}},
+        "required": ["name", "count"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": schema}}
+    letter = tiny_tok.convert_tokens_to_ids("x")
+    forcing = LocalBackend(
+        verifier, _Illegal(letter), tokenizer=tiny_tok, block_size=4, adaptive=False
+    )
+    plain = reply(backends["plain"], fmt)
+    forced = reply(forcing, fmt)
+    assert forced.text == plain.text
+    assert forced.token_ids == plain.token_ids
+    assert plain.stats.forced_tokens == 0
+    assert forced.stats.forced_tokens >= len('{"name":"",')  # every key and its quotes
+    assert forced.stats.accepted_tokens >= forced.stats.forced_tokens // 2
+    assert forced.stats.verifier_calls < plain.stats.verifier_calls
+    for kind in ("diffusion", "ngram"):  # alongside a real drafter's own tokens
+        assert reply(backends[kind], fmt).token_ids == plain.token_ids, kind
+
+
+def test_forced_tokens_keep_sampling_exact(verifier: Any, tiny_tok: Any) -> None:
+    """Sampled with forced drafts (the drafter's own are all illegal), replies to a choice
+    whose branches share forced stretches ("ret", "urn") follow plain constrained sampling
+    (chi-square). llguidance allows only the canonical spelling of bytes it forces, so a
+    forced token is the single legal one there: the masked p accepts it always."""
+    with torch.no_grad():
+        soft = type(verifier)(verifier.config)
+        soft.load_state_dict(verifier.state_dict())
+        soft.get_output_embeddings().weight.mul_(0.05)
+    letter = tiny_tok.convert_tokens_to_ids("x")
+    plain = LocalBackend(soft, None, tokenizer=tiny_tok)
+    forcing = LocalBackend(soft, _Illegal(letter), tokenizer=tiny_tok, block_size=4, adaptive=False)
+    choices = ["return self", "return None", "retry", "ret"]
+    fmt = {"type": "choice", "choices": choices}
+    runs = 300
+    counts: dict[str, Counter[str]] = {}
+    forced = 0
+    for name, backend in (("plain", plain), ("forced", forcing)):
+        counts[name] = Counter()
+        for seed in range(runs):
+            done = reply(backend, fmt, max_new_tokens=16, temperature=1.0, seed=seed)
+            counts[name][done.text] += 1
+            forced += done.stats.forced_tokens if name == "forced" else 0
+    assert set(counts["forced"]) <= set(choices)
+    assert forced >= runs  # "ret" at least, every time
+    assert len(counts["plain"]) > 1
+    seen = sorted(set(counts["plain"]) | set(counts["forced"]))
+    table = [[counts[name][t] + 0.5 for t in seen] for name in ("plain", "forced")]
+    assert chi2_contingency(table).pvalue > 1e-3, counts

@@ -16,7 +16,8 @@ class StepStats(msgspec.Struct, frozen=True, kw_only=True):
     """What one verifier call did: tokens drafted, drafts accepted, time spent.
 
     ``rows`` is how many generations shared the call (batched decoding; 1 alone), and
-    ``verify_seconds`` the whole call's time, which each of them waited.
+    ``verify_seconds`` the whole call's time, which each of them waited. ``forced`` counts
+    the drafted tokens a grammar dictated (``response_format``): no drafter work made them.
     """
 
     drafted: int = 0
@@ -25,6 +26,7 @@ class StepStats(msgspec.Struct, frozen=True, kw_only=True):
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     rows: int = 1
+    forced: int = 0
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,7 +44,8 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     """Totals for one generation.
 
     ``mean_accepted`` counts accepted *draft* tokens per verifier call;
-    ``tokens_per_call`` also counts the verifier's own token (accepted + 1 on full calls).
+    ``tokens_per_call`` also counts the verifier's own token (accepted + 1 on full calls);
+    ``forced_tokens`` the drafted tokens that a grammar dictated rather than the drafter.
     """
 
     verifier_calls: int = 0
@@ -52,6 +55,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
+    forced_tokens: int = 0
 
     @property
     def mean_accepted(self) -> float:
@@ -87,6 +91,7 @@ _SUMMED = (
     ("committed_tokens", "committed"),
     ("draft_seconds", "draft_seconds"),
     ("verify_seconds", "verify_seconds"),
+    ("forced_tokens", "forced"),
 )
 
 

@@ -180,6 +180,22 @@ class Constraint:
             return 0
         return int(self.matcher.validate_tokens(draft))
 
+    def forced(self, prefix: list[int], room: int) -> list[int]:
+        """Up to ``room`` tokens the grammar dictates after the legal ``prefix`` (JSON keys,
+        punctuation: the canonical tokens of the bytes it forces); the matcher ends where it
+        started."""
+        if room <= 0:
+            return []
+        if prefix and not self.matcher.consume_tokens(prefix):
+            raise RuntimeError(f"the grammar rejected a draft it had allowed: {prefix}")
+        try:
+            forced = list(self.matcher.compute_ff_tokens())[:room]
+            forced = forced[: int(self.matcher.validate_tokens(forced))] if forced else []
+        finally:
+            if prefix:
+                self.matcher.rollback(len(prefix))
+        return forced
+
     def masks(self, draft: list[int], device: torch.device) -> torch.Tensor:
         """(len(draft) + 1, vocab) bool: the tokens allowed after each prefix of ``draft``
         (which must be legal); the matcher ends where it started."""

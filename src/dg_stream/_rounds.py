@@ -83,6 +83,7 @@ class SequenceState:
     policy: BlockSizePolicy | None = None
     constraint: Constraint | None = None  # the grammar its output must follow
     cut: tuple[int, torch.Tensor | None] | None = None  # the draft's first illegal token, q
+    forced: int = 0  # tokens at the draft's end that the grammar dictated, not the drafter
     row: int = -1  # its row in the batch's cache; -1 while outside a batch
     generated: int = 0
     features: torch.Tensor | None = None  # verifier features of the newest committed positions
@@ -226,9 +227,10 @@ class RoundCore:
         verify_seconds = time.perf_counter() - started
         self.costs.observe_verify(len(states) * fed.shape[1], verify_seconds)
         verdicts = self._judge_all(states, decoding, logits, fed, sizes, outcomes)
-        committed: dict[int, tuple[list[int], FinishReason | None, int, int]] = {}
+        committed: dict[int, tuple[list[int], FinishReason | None, int, int, int]] = {}
         for i, verdict in verdicts.items():
             state, k = states[i], sizes[i]
+            forced = state.forced  # the draft's tail that the grammar dictated
             try:
                 row_features = features[i, : verdict.accepted + 1] if features is not None else None
                 new, finish = self._commit(cache, state, verdict, row_features)
@@ -236,14 +238,15 @@ class RoundCore:
                 outcomes[i] = _row_failed(state, exc)
                 continue
             if state.policy is not None and finish is None:
-                state.policy.observe(k, verdict.accepted)
-            committed[i] = (new, finish, k, verdict.accepted)
+                # The drafter is judged on its own tokens, not on what the grammar dictated.
+                state.policy.observe(k - forced, min(verdict.accepted, k - forced))
+            committed[i] = (new, finish, k, verdict.accepted, forced)
         # The next round's drafts, now, so that each chunk can preview its row's.
         going = [i for i in committed if not states[i].finished]
         block = self._plan([states[i] for i in going])
         for i, spent in self._propose(states, going, block, outcomes).items():
             draft_seconds[i] += spent
-        for i, (new, finish, k, accepted) in committed.items():
+        for i, (new, finish, k, accepted, forced) in committed.items():
             if outcomes[i] is not None:  # its next draft failed
                 continue
             state = states[i]
@@ -254,6 +257,7 @@ class RoundCore:
                 draft_seconds=draft_seconds[i],
                 verify_seconds=verify_seconds,
                 rows=rows,
+                forced=forced,
             )
             preview = None
             if state.preview and state.proposal is not None:
@@ -419,7 +423,10 @@ class RoundCore:
             if state.draft_session is None or k <= 0:
                 state.proposal = empty_proposal(self.verifier.device)
                 state.draft_seconds = 0.0
-                state.cut = None
+                # Tokens a grammar dictates cost no drafter work: a drafting row gets them
+                # even in a plain round (plain decoding, without a drafter, stays plain).
+                room = 0 if state.draft_session is None else min(self._widest(state), remaining - 1)
+                _fit_to_grammar(state, room)
             else:
                 wanted.append((i, state, k))
         batched = getattr(self.drafter, "propose_batch", None)
@@ -466,8 +473,13 @@ class RoundCore:
             state.ids, k, state.params, state.generator, state.steps, state.confidence, features
         )
 
+    def _widest(self, state: SequenceState) -> int:
+        """The most draft tokens a round may feed this row (what its reservation covers)."""
+        return state.policy.max_block if state.policy is not None else state.block_size
+
     def _drafted(self, state: SequenceState, k: int, seconds: float) -> float:
-        _cut_at_illegal(state)
+        remaining = state.max_new_tokens - state.generated
+        _fit_to_grammar(state, min(self._widest(state), remaining - 1))
         state.draft_seconds = seconds
         if self.feature_stream:
             state.features = None  # the drafter has them now
@@ -493,7 +505,7 @@ class RoundCore:
         new = [*drafted, verdict.token]
         state.proposal = None
         finish = truncate(new, self.verifier.eos_ids, state.max_new_tokens - state.generated)
-        state.cut = None
+        state.cut, state.forced = None, 0
         if state.constraint is not None and state.constraint.commit(new) and finish is None:
             finish = "stop"  # the grammar is complete: nothing may follow
         state.append(new)
@@ -608,20 +620,39 @@ def _pad_vocab(q: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
     return q
 
 
-def _cut_at_illegal(state: SequenceState) -> None:
-    """Cut a constrained row's draft before its first token the grammar rejects (kept, with
-    its q, in ``state.cut``), so that the verifier never reads it."""
-    state.cut = None
+def _fit_to_grammar(state: SequenceState, room: int) -> None:
+    """Fit a constrained row's draft to its grammar before the verifier reads it.
+
+    The draft is cut before its first token the grammar rejects; then, where ``room``
+    allows, the tokens the grammar dictates next are appended (``state.forced`` of them), so
+    that no drafter work is spent on them. Forced tokens are a point-mass proposal (one-hot
+    q): speculative sampling stays exact for any proposal, and where the grammar allows only
+    that token the masked p accepts it always. Without forced tokens the illegal token is
+    kept, with its q, in ``state.cut``: a rejection there, drawn from the residual."""
+    state.cut, state.forced = None, 0
     proposal, constraint = state.proposal, state.constraint
-    if constraint is None or proposal is None or proposal.tokens.shape[0] == 0:
+    if constraint is None or proposal is None:
         return
     draft = proposal.tokens.tolist()
     legal = constraint.legal_prefix(draft)
-    if legal == len(draft):
+    forced = constraint.forced(draft[:legal], room - legal)
+    if legal == len(draft) and not forced:
         return
     q = proposal.q
-    state.cut = (draft[legal], None if q is None else q[legal])
-    state.proposal = DraftProposal(proposal.tokens[:legal], None if q is None else q[:legal])
+    if legal < len(draft) and not forced:
+        state.cut = (draft[legal], None if q is None else q[legal])
+    tokens = proposal.tokens[:legal]
+    if forced:
+        tokens = torch.cat([tokens, torch.tensor(forced, dtype=torch.long, device=tokens.device)])
+        if q is not None:
+            width = max(q.shape[-1], max(forced) + 1)  # a drafter may lack the padding
+            one_hot = torch.zeros(len(forced), width, dtype=q.dtype, device=q.device)
+            one_hot[torch.arange(len(forced)), forced] = 1
+            q = torch.cat([torch.nn.functional.pad(q[:legal], (0, width - q.shape[-1])), one_hot])
+    elif q is not None:
+        q = q[:legal]
+    state.proposal = DraftProposal(tokens, q)
+    state.forced = len(forced)
 
 
 def truncate(new: list[int], eos_ids: Any, room: int) -> FinishReason | None:
