@@ -48,6 +48,7 @@ from ._operators import (
     with_timeout,
 )
 from ._stream import Completion, GenerationStream
+from ._tools import FunctionTool, ToolCall, ToolCallReader, ToolChoice, tool_call_format
 
 if TYPE_CHECKING:
     from ._backends.local import LocalBackend
@@ -68,6 +69,7 @@ __all__ = [
     "DGStreamError",
     "DerivedStream",
     "FinishReason",
+    "FunctionTool",
     "GenerationError",
     "GenerationRequest",
     "GenerationStream",
@@ -87,6 +89,9 @@ __all__ = [
     "Stats",
     "StepStats",
     "StreamInterruptedError",
+    "ToolCall",
+    "ToolCallReader",
+    "ToolChoice",
     "Usage",
     "VocabularyMismatchError",
     "__version__",
@@ -98,6 +103,7 @@ __all__ = [
     "map_text",
     "stop_at",
     "tee",
+    "tool_call_format",
     "until",
     "with_timeout",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import numbers
 from typing import Any
@@ -24,7 +26,7 @@ __all__ = [
 
 #: The roles a chat message may have. Chat templates and the plain format know these three;
 #: any other (a typo, "wizard") would reach the model as text it was never trained on.
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def _check(condition: bool, message: str, param: str) -> None:
@@ -157,11 +159,16 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         )
 
 
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
-    """One chat message."""
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=True):
+    """One chat message. An assistant's may carry the ``tool_calls`` it made (OpenAI's
+    shape: ``{"id", "type": "function", "function": {"name", "arguments"}}``); a ``tool``
+    message answers one of them (``tool_call_id``, and the function's ``name``)."""
 
     role: str
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         check_text(self.role, "a message's role", "messages")
@@ -171,6 +178,50 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
             "messages",
         )
         check_text(self.content, "a message's content", "messages")
+        _check(
+            self.tool_calls is None or self.role == "assistant",
+            "only an assistant message carries tool_calls",
+            "messages",
+        )
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (the fields it sets)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls is not None:
+            # Templates index the arguments as a mapping; OpenAI sends them as JSON text.
+            out["tool_calls"] = [_template_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function", call))
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):
+            function["arguments"] = json.loads(arguments)
+    return {**call, "type": "function", "function": function}
+
+
+def message_from(value: Any, param: str = "prompt") -> Message:
+    """A ``Message`` from a mapping (``role``, ``content``, and the tool fields)."""
+    if isinstance(value, Message):
+        return value
+    try:
+        return Message(
+            role=value["role"],
+            content=value.get("content") or "",
+            tool_calls=value.get("tool_calls"),
+            tool_call_id=value.get("tool_call_id"),
+            name=value.get("name"),
+        )
+    except KeyError as exc:
+        raise InvalidRequestError(
+            f"each message needs a 'role' ({exc} missing)", param=param
+        ) from None
 
 
 class JsonSchemaFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
@@ -282,12 +333,18 @@ class GenerationRequest(
     draft_preview: bool = False
     fit_max_new_tokens: bool = False
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None  # shown to the model by the chat template
 
     def __post_init__(self) -> None:
         _check(
             (self.prompt is None) != (self.messages is None),
             "give exactly one of a prompt and a list of messages",
             "prompt",
+        )
+        _check(
+            self.tools is None or self.messages is not None,
+            "tools are shown to the model with chat messages: give messages, not a prompt",
+            "tools",
         )
         if isinstance(self.prompt, list):
             _check(len(self.prompt) > 0, "the prompt is empty", "prompt")
@@ -344,8 +401,10 @@ def build_request(
     draft_preview: bool,
     speculative_options: dict[str, Any],
     response_format: Any = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> GenerationRequest:
-    """Turn ``generate()``'s arguments into a validated request (raises InvalidRequestError)."""
+    """Turn ``generate()``'s arguments into a validated request (raises InvalidRequestError);
+    ``tools`` as ``_tools.template_tools`` gives them."""
     unknown = set(speculative_options) - set(SpeculativeConfig.__struct_fields__)
     if unknown:
         raise InvalidRequestError(
@@ -365,12 +424,7 @@ def build_request(
         )
     messages: list[Message] | None = None
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        try:
-            messages = [Message(role=m["role"], content=m["content"]) for m in prompt]
-        except KeyError as exc:
-            raise InvalidRequestError(
-                f"each message needs 'role' and 'content' ({exc} missing)", param="prompt"
-            ) from None
+        messages = [message_from(m) for m in prompt]
         prompt = None
     elif not isinstance(prompt, (str, list)):
         raise InvalidRequestError(
@@ -398,6 +452,7 @@ def build_request(
         stop=stop,
         draft_preview=draft_preview,
         response_format=response_format_from(response_format),
+        tools=tools,
     )
 
 

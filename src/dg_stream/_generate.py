@@ -10,6 +10,7 @@ from ._config import GenerationRequest, build_request
 from ._errors import InvalidRequestError
 from ._prompt import check_against_backend
 from ._stream import GenerationStream
+from ._tools import template_tools
 
 __all__ = ["generate"]
 
@@ -53,6 +54,7 @@ def request_for(
     stop: str | list[str] | None = None,
     draft_preview: bool = False,
     response_format: Any = None,
+    tools: Any = None,
     **speculative_options: Any,
 ) -> GenerationRequest:
     """The request ``generate()`` makes of these arguments (raises InvalidRequestError); for
@@ -69,6 +71,7 @@ def request_for(
         draft_preview=draft_preview,
         speculative_options=speculative_options,
         response_format=response_format,
+        tools=template_tools(tools),
     )
 
 
@@ -85,6 +88,7 @@ def generate(
     stop: str | list[str] | None = None,
     draft_preview: bool = False,
     response_format: Any = None,
+    tools: Any = None,
     **speculative_options: Any,
 ) -> GenerationStream:
     """Stream a completion of ``prompt``.
@@ -99,6 +103,9 @@ def generate(
     model or msgspec Struct type, ``{"type": "regex", "pattern": ...}`` or
     ``{"type": "choice", "choices": [...]}`` (local backends mask every verified position, so
     the reply follows it exactly, speculation included; remote ones pass it to the server).
+    ``tools`` (OpenAI's ``[{"type": "function", "function": {...}}]``) are shown to the model
+    by the chat template, with chat messages; to force a call, constrain the reply with
+    ``dg_stream.tool_call_format`` (the server and ``ChatDGStream`` do it for you).
     Speculative options (``block_size``, ``steps``, ``adaptive``, ``confidence``) override the
     backend's defaults for this call.
 
@@ -122,6 +129,7 @@ def generate(
         stop=stop,
         draft_preview=draft_preview,
         response_format=response_format,
+        tools=tools,
         **speculative_options,
     )
     chosen = resolve_backend(backend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ __all__ = [
     "check_against_backend",
     "encode_prompt",
     "plain_chat_stops",
+    "render_chat",
     "render_plain_chat",
 ]
 
@@ -22,14 +24,43 @@ __all__ = [
 PLAIN_CHAT_STOP = "\n\nUser:"
 
 
-def render_plain_chat(messages: Sequence[Message]) -> str:
+def render_plain_chat(
+    messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None
+) -> str:
     """The fallback for tokenizers without a chat template.
 
     Each message becomes ``"{Role}: {content}\\n\\n"`` and the prompt ends with ``"Assistant:"``;
     stop at ``PLAIN_CHAT_STOP`` to end a reply before the model writes the next user turn.
+    Tools come first, one JSON line each; an assistant's tool calls follow its content as
+    JSON, and a tool's reply is ``"Tool ({name}): ..."``.
     """
-    turns = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    turns = []
+    if tools:
+        listed = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+        turns.append(f"Tools:\n{listed}")
+    for m in messages:
+        role = m.role.capitalize() if m.name is None else f"{m.role.capitalize()} ({m.name})"
+        content = m.content
+        if m.tool_calls:
+            calls = json.dumps(m.template_dict()["tool_calls"], ensure_ascii=False)
+            content = f"{content}\n{calls}" if content else calls
+        turns.append(f"{role}: {content}")
     return "\n\n".join([*turns, "Assistant:"])
+
+
+def render_chat(tokenizer: Any, request: GenerationRequest) -> str:
+    """The prompt text of a chat request through the tokenizer's chat template (its tools
+    too), ending where the assistant's reply begins."""
+    assert request.messages is not None
+    options: dict[str, Any] = {"tools": request.tools} if request.tools else {}
+    return str(
+        tokenizer.apply_chat_template(
+            [m.template_dict() for m in request.messages],
+            tokenize=False,
+            add_generation_prompt=True,
+            **options,
+        )
+    )
 
 
 def plain_chat_stops(tokenizer: Any) -> tuple[str, ...]:
@@ -58,15 +89,12 @@ def encode_prompt(tokenizer: Any, request: GenerationRequest, vocab_size: int) -
         )
     if request.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
-                tokenize=True,
-                add_generation_prompt=True,
-                return_dict=False,
+            ids = list(
+                tokenizer(render_chat(tokenizer, request), add_special_tokens=False)["input_ids"]
             )
-            ids = list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
         else:
-            ids = list(tokenizer(render_plain_chat(request.messages))["input_ids"])
+            text = render_plain_chat(request.messages, request.tools)
+            ids = list(tokenizer(text)["input_ids"])
     else:
         assert isinstance(request.prompt, str)
         ids = list(tokenizer(request.prompt)["input_ids"])
