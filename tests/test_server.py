@@ -523,7 +523,28 @@ BAD_REQUESTS = [
     (
         "/v1/chat/completions",
         b'{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
-        "tools",
+        "tools[0]",
+        "invalid_value",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+        b'"function": {"name": "f"}}], "tool_choice": {"type": "function", "function": '
+        b'{"name": "g"}}}',
+        "tool_choice",
+        "invalid_value",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+        b'"function": {"name": "f"}}]}',
+        "tool_choice",
+        "invalid_value",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}',
+        "functions",
         "unsupported_parameter",
     ),
     (

@@ -55,7 +55,9 @@ def grammar_text(fmt: ResponseFormat) -> str:
     from llguidance import LLMatcher
 
     # Compact JSON: whitespace the schema does not need is where a small model wanders.
-    options: JsonCompileOptions = {"whitespace_flexible": False}
+    # oneOf is generated as anyOf: exact wherever the branches are disjoint, as Pydantic's
+    # discriminated unions are (llguidance cannot check "exactly one" while generating).
+    options: JsonCompileOptions = {"whitespace_flexible": False, "coerce_one_of": True}
     if fmt.type == "json_object":
         return str(LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=options))
     if fmt.type == "json_schema":
@@ -131,22 +133,23 @@ class ConstraintFactory:
         """A fresh matcher for one generation (raises InvalidRequestError)."""
         from llguidance import LLMatcher
 
-        with self._lock:
+        key = fmt.cache_key()
+        with self._lock:  # held for the cache only: a slow compile holds up no other
             tokenizer = self.tokenizer()
-            key = fmt.cache_key()
             grammar = self._grammars.get(key)
-            if grammar is None:
-                grammar = grammar_text(fmt)
-                valid, message = _validate(grammar, tokenizer)
-                if not valid:
-                    raise InvalidRequestError(
-                        f"the response format cannot be used: {message}", param="response_format"
-                    )
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+        if grammar is None:
+            grammar = grammar_text(fmt)
+            valid, message = _validate(grammar, tokenizer)
+            if not valid:
+                raise InvalidRequestError(
+                    f"the response format cannot be used: {message}", param="response_format"
+                )
+            with self._lock:
                 self._grammars[key] = grammar
                 if len(self._grammars) > _CACHE_SIZE:
                     self._grammars.popitem(last=False)
-            else:
-                self._grammars.move_to_end(key)
         matcher = LLMatcher(tokenizer, grammar)
         if matcher.is_error():
             raise InvalidRequestError(

@@ -128,6 +128,7 @@ class SequenceState:
         self.finished = True
         self.proposal = None
         self.features = None
+        self.constraint = None  # its matcher goes with it
         if self.draft_session is not None:
             self.draft_session.close()
             self.draft_session = None

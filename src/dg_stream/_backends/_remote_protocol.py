@@ -129,7 +129,16 @@ def openai_body(
         body["model"] = model
     chat = request.messages is not None or chat
     if request.messages is not None:
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body["messages"] = [msgspec.to_builtins(m) for m in request.messages]
+        if request.tools:
+            # An OpenAI-compatible server shows tools only with its own tool calling, whose
+            # replies are tool_calls, not this stream's text: refused rather than dropped.
+            raise InvalidRequestError(
+                "tools are shown to the model by dg_stream's own protocol (api='dg') or a local "
+                "backend; with an OpenAI-compatible server use its tools API (for example "
+                "LangChain's ChatOpenAI.bind_tools)",
+                param="tools",
+            )
     elif chat:
         if not isinstance(request.prompt, str):
             raise InvalidRequestError(

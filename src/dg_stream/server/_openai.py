@@ -26,9 +26,11 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "ContentPart",
+    "FunctionCallOut",
     "ModelCard",
     "ModelList",
     "StreamOptions",
+    "ToolCallOut",
     "UsageBody",
 ]
 
@@ -77,6 +79,8 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
 
 class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
@@ -89,6 +93,7 @@ class ChatCompletionRequest(_Common, frozen=True, kw_only=True):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -120,9 +125,26 @@ class CompletionResponse(msgspec.Struct, frozen=True, kw_only=True):
     usage: UsageBody | None = None
 
 
+class FunctionCallOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A call's function: whole in a message; in a stream's deltas, pieces to join."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A tool call in a message, or (with ``index``) a piece of one in a stream's delta."""
+
+    function: FunctionCallOut
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+
+
 class ChatDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,9 +165,10 @@ class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ChatMessageOut(msgspec.Struct, frozen=True, kw_only=True):
-    content: str
+    content: str | None
     role: str = "assistant"
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(msgspec.Struct, frozen=True, kw_only=True):

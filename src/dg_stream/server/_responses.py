@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -30,6 +31,7 @@ from .._errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from .._tools import FunctionTool, ToolCall, ToolCallReader, ToolChoice, parse_auto_reply
 from .._wire import ChunkEvent, ErrorBody, ErrorEvent, ErrorResponse, encode
 from ._metrics import Metrics
 from ._openai import (
@@ -41,15 +43,19 @@ from ._openai import (
     ChatMessageOut,
     CompletionChoice,
     CompletionResponse,
+    FunctionCallOut,
+    ToolCallOut,
     UsageBody,
 )
 
 __all__ = [
+    "AutoToolRenderer",
     "ChatRenderer",
     "CompletionRenderer",
     "GenerationResponse",
     "NativeRenderer",
     "ServerShuttingDown",
+    "ToolCallRenderer",
     "error_body_for",
     "error_response",
 ]
@@ -338,6 +344,120 @@ class ChatRenderer(_OpenAIRenderer):
                 created=self.created,
                 model=self.model,
                 choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)],
+                usage=self._final_usage(chunks),
+            )
+        )
+
+
+def _tool_calls_out(calls: Sequence[ToolCall]) -> list[ToolCallOut]:
+    return [
+        ToolCallOut(
+            id=call.id,
+            type="function",
+            function=FunctionCallOut(name=call.name, arguments=call.arguments),
+        )
+        for call in calls
+    ]
+
+
+class ToolCallRenderer(ChatRenderer):
+    """A forced tool call: the constrained reply becomes ``tool_calls`` (streamed as
+    OpenAI's deltas: a named function's arguments piece by piece, a ``"required"`` reply's
+    calls each whole as it closes); ``finish_reason`` is ``"tool_calls"``, or ``"length"``
+    when the limit cut the reply."""
+
+    def __init__(self, choice: ToolChoice, **options: Any) -> None:
+        super().__init__(**options)
+        self.choice = choice
+        self.reader = ToolCallReader(choice)
+
+    def _finish(self, chunk: Chunk, reader: ToolCallReader) -> str:
+        return "tool_calls" if chunk.finish_reason == "stop" and reader.complete() else "length"
+
+    def chunk(self, chunk: Chunk) -> list[bytes]:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._frame(ChatDelta(role="assistant")))
+        for index, call_id, name, arguments in self.reader.feed(chunk.text):
+            piece = ToolCallOut(
+                index=index,
+                id=call_id,
+                type="function" if call_id is not None else None,
+                function=FunctionCallOut(name=name, arguments=arguments),
+            )
+            out.append(self._frame(ChatDelta(tool_calls=[piece])))
+        if chunk.finish_reason is not None:
+            out.append(self._frame(ChatDelta(), self._finish(chunk, self.reader)))
+        return out
+
+    def whole(self, text: str, chunks: list[Chunk]) -> bytes:
+        reader = ToolCallReader(self.choice)
+        reader.feed(text)
+        finish = self._finish(chunks[-1], reader) if chunks else "tool_calls"
+        message = ChatMessageOut(content=None, tool_calls=_tool_calls_out(reader.calls))
+        return encode(
+            ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[ChatChoice(message=message, finish_reason=finish)],
+                usage=self._final_usage(chunks),
+            )
+        )
+
+
+class AutoToolRenderer(ChatRenderer):
+    """``tool_choice="auto"``: the model answers or calls in its own format, which the
+    tokenizer's ``response_template`` reads once the reply is whole (so a stream sends its
+    content and calls at the end)."""
+
+    def __init__(
+        self, tokenizer: Any, prefix: str, tools: Sequence[FunctionTool], **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self.tokenizer, self.prefix, self.tools = tokenizer, prefix, tools
+        self.text = ""
+
+    def _read(self, text: str, chunk: Chunk | None) -> tuple[str, list[ToolCall], str]:
+        content, calls = parse_auto_reply(self.tokenizer, text, self.prefix, self.tools)
+        finish = (_openai_finish(chunk) if chunk is not None else None) or "stop"
+        return content, calls, "tool_calls" if calls and finish == "stop" else finish
+
+    def chunk(self, chunk: Chunk) -> list[bytes]:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._frame(ChatDelta(role="assistant", content="")))
+        self.text += chunk.text
+        if chunk.finish_reason is None:
+            return out
+        content, calls, finish = self._read(self.text, chunk)
+        if content:
+            out.append(self._frame(ChatDelta(content=content)))
+        for index, call in enumerate(_tool_calls_out(calls)):
+            out.append(
+                self._frame(ChatDelta(tool_calls=[msgspec.structs.replace(call, index=index)]))
+            )
+        out.append(self._frame(ChatDelta(), finish))
+        return out
+
+    def whole(self, text: str, chunks: list[Chunk]) -> bytes:
+        content, calls, finish = self._read(text, chunks[-1] if chunks else None)
+        message = ChatMessageOut(
+            content=content or (None if calls else ""),
+            tool_calls=_tool_calls_out(calls) or None,
+        )
+        return encode(
+            ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[ChatChoice(message=message, finish_reason=finish)],
                 usage=self._final_usage(chunks),
             )
         )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -46,7 +47,8 @@ from .._config import (
     response_format_from,
 )
 from .._errors import InvalidRequestError
-from .._prompt import plain_chat_stops
+from .._prompt import plain_chat_stops, render_chat
+from .._tools import call_format, supports_auto, tool_choice_from, tools_from
 from .._wire import ErrorBody, ServerInfo, encode
 from ._metrics import Metrics
 from ._openai import (
@@ -56,11 +58,13 @@ from ._openai import (
     ModelList,
 )
 from ._responses import (
+    AutoToolRenderer,
     ChatRenderer,
     CompletionRenderer,
     GenerationResponse,
     NativeRenderer,
     Renderer,
+    ToolCallRenderer,
     error_response,
     renamed_message,
 )
@@ -159,6 +163,7 @@ class _Server:
         api_key: str | None,
         default_max_tokens: int,
         max_body_bytes: int,
+        grammar_timeout: float,
     ) -> None:
         self.backend = backend
         self.model_name = model_name or public_model_name(backend)
@@ -168,6 +173,10 @@ class _Server:
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.max_body_bytes = max_body_bytes
+        self.grammar_timeout = grammar_timeout
+        # Grammars compile a few at a time, off the event loop; a flood of slow schemas
+        # waits here (and times out) rather than taking every worker thread.
+        self.compile_slots = anyio.CapacityLimiter(2)
         self.metrics = Metrics(max_concurrent)
         self.slots = 0
         self.created = int(time.time())
@@ -275,7 +284,7 @@ class _Server:
     def _release(self) -> None:
         self.slots -= 1
 
-    def _generation(
+    async def _generation(
         self,
         endpoint: str,
         request: GenerationRequest,
@@ -284,9 +293,14 @@ class _Server:
         stream: bool,
         rename: Callable[[str | None], str | None] = lambda p: p,
     ) -> GenerationResponse:
+        admitted: Any = request
+        fmt = request.response_format
+        admit = getattr(self.backend, "admit", None)
+        if fmt is not None and fmt.constrains and admit is not None:
+            admitted = await self._compile(admit, request, rename)
         self._acquire()
         try:
-            source = self.backend.stream(request)
+            source = self.backend.stream(admitted)
         except BaseException:
             self._release()
             raise
@@ -301,6 +315,37 @@ class _Server:
             rename=rename,
             running=self.running,
         )
+
+    async def _compile(
+        self,
+        admit: Callable[[GenerationRequest], Any],
+        request: GenerationRequest,
+        rename: Callable[[str | None], str | None],
+    ) -> Any:
+        """Admit a constrained request (its grammar compiled) on a worker thread, within
+        ``grammar_timeout`` seconds: a schema from the network must not stall the event loop
+        and the streams it serves; one too slow or refused is a 400 that says why."""
+        try:
+            with anyio.fail_after(self.grammar_timeout):
+                return await anyio.to_thread.run_sync(
+                    admit, request, limiter=self.compile_slots, abandon_on_cancel=True
+                )
+        except TimeoutError:
+            raise RequestRejected(
+                400,
+                f"the response format did not compile within {self.grammar_timeout:g} s "
+                "(compiles run a few at a time); simplify the schema",
+                param=rename("response_format") or "response_format",
+                code="response_format_timeout",
+            ) from None
+        except InvalidRequestError as exc:
+            param = rename(exc.param) or exc.param
+            raise RequestRejected(
+                400,
+                renamed_message(exc.message, exc.param, param),
+                param=param,
+                code=exc.code or "invalid_value",
+            ) from None
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
@@ -379,7 +424,7 @@ class _Server:
         renderer = CompletionRenderer(
             id=f"cmpl-{uuid.uuid4().hex}", model=self.model_name, include_usage=_include_usage(body)
         )
-        return self._generation(
+        return await self._generation(
             "completions",
             request,
             renderer,
@@ -392,16 +437,34 @@ class _Server:
         self._check_model(body.model)
         if body.logprobs or body.top_logprobs:
             raise _unsupported("logprobs", "logprobs are not supported")
-        if body.tools or body.functions:
-            raise _unsupported("tools", "tool calling is not supported")
-        if body.tool_choice not in (None, "none"):
-            raise _unsupported("tool_choice", "tool calling is not supported")
+        if body.functions:
+            raise _unsupported("functions", "functions are deprecated by OpenAI: send tools")
         try:  # compiled when the generation is admitted: a bad schema is a 400 before any work
             response_format = response_format_from(body.response_format)
+            tools = tools_from(body.tools)
+            choice = tool_choice_from(body.tool_choice, tools)
         except InvalidRequestError as exc:
             raise RequestRejected(
-                400, exc.message, param="response_format", code=exc.code or "invalid_value"
+                400, exc.message, param=exc.param, code=exc.code or "invalid_value"
             ) from None
+        if choice.forced and response_format is not None and response_format.constrains:
+            raise RequestRejected(
+                400,
+                "a forced tool call and a response_format both constrain the reply: send one",
+                param="tool_choice",
+                code="invalid_value",
+            )
+        tokenizer = getattr(self.backend, "tokenizer", None)
+        if choice.mode == "auto" and not supports_auto(tokenizer):
+            raise RequestRejected(
+                400,
+                "tool_choice 'auto' needs a model that writes tool calls in a format its "
+                "tokenizer's response_template reads back, and this one declares none: send "
+                "tool_choice 'required' or name a function (the reply is then constrained to "
+                "the tools' schemas), or 'none'",
+                param="tool_choice",
+                code="invalid_value",
+            )
         if not body.messages:
             raise RequestRejected(
                 400, "messages must not be empty", param="messages", code="invalid_value"
@@ -429,7 +492,15 @@ class _Server:
                     code="invalid_value",
                 )
             try:
-                messages.append(Message(role=role, content=content or ""))
+                messages.append(
+                    Message(
+                        role=role,
+                        content=content or "",
+                        tool_calls=message.tool_calls,
+                        tool_call_id=message.tool_call_id,
+                        name=message.name if role == "tool" else None,
+                    )
+                )
             except InvalidRequestError as exc:
                 raise RequestRejected(
                     400, exc.message, param=f"messages[{i}].content", code="invalid_value"
@@ -450,14 +521,26 @@ class _Server:
             messages=messages,
             extra_stop=stops,
         )
-        if response_format is not None:
-            request = msgspec.structs.replace(request, response_format=response_format)
-        renderer = ChatRenderer(
+        if choice.mode != "none":  # tools shown to the model through its chat template
+            request = msgspec.structs.replace(request, tools=[t.openai() for t in tools])
+        forced = call_format(tools, choice, body.parallel_tool_calls is not False)
+        if forced is not None or response_format is not None:
+            request = msgspec.structs.replace(request, response_format=forced or response_format)
+        options: dict[str, Any] = dict(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=self.model_name,
             include_usage=_include_usage(body),
         )
-        return self._generation(
+        renderer: Renderer
+        if choice.forced:
+            renderer = ToolCallRenderer(choice, **options)
+        elif choice.mode == "auto":
+            renderer = AutoToolRenderer(
+                tokenizer, render_chat(tokenizer, request), tools, **options
+            )
+        else:
+            renderer = ChatRenderer(**options)
+        return await self._generation(
             "chat",
             request,
             renderer,
@@ -481,7 +564,7 @@ class _Server:
 
     async def dg_generate(self, http: Request) -> Any:
         request = await self._decode(http, GenerationRequest)
-        return self._generation("dg", request, NativeRenderer(), stream=True)
+        return await self._generation("dg", request, NativeRenderer(), stream=True)
 
     async def dg_info(self, http: Request) -> Response:
         self._authorize(http)
@@ -649,6 +732,7 @@ def create_app(
     default_max_tokens: int = 512,
     max_body_bytes: int = 4 << 20,
     close_backend: bool = False,
+    grammar_timeout: float = 10.0,
 ) -> Starlette:
     """An ASGI app serving ``backend``.
 
@@ -660,11 +744,15 @@ def create_app(
     comment. ``api_key``: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     ``default_max_tokens``: the chat limit when a request names none (clamped to the context).
     ``close_backend``: ``await backend.aclose()`` when the app shuts down.
+    ``grammar_timeout``: the longest a ``response_format`` or forced tool call may take to
+    compile (off the event loop) before the request is refused with a 400.
     """
     if max_concurrent < 1:
         raise ValueError("max_concurrent must be >= 1")
     if keepalive_seconds <= 0:
         raise ValueError("keepalive_seconds must be > 0")
+    if grammar_timeout <= 0:
+        raise ValueError("grammar_timeout must be > 0")
     server = _Server(
         backend,
         model_name=model_name,
@@ -674,6 +762,7 @@ def create_app(
         api_key=api_key,
         default_max_tokens=default_max_tokens,
         max_body_bytes=max_body_bytes,
+        grammar_timeout=grammar_timeout,
     )
     routes: list[Route | Mount] = [
         Route("/v1/completions", server.completions, methods=["POST"]),
