@@ -352,3 +352,21 @@ def test_a_server_with_an_api_key_can_be_used_from_the_page(page: Any, keyed_ser
         page.screenshot(path=str(ARTIFACTS / "chat_page_api_key.png"))
     finally:
         context.close()
+
+
+def test_the_page_can_ask_for_json(page: Any, server: tuple[str, PacedBackend]) -> None:
+    """The JSON box sends response_format json_object: the reply is constrained to JSON."""
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny-test')")
+    page.click("#new-chat")
+    page.check("#json")
+    page.fill("#max-tokens", "40")
+    page.fill("#input", "A user record:")
+    page.press("#input", "Enter")
+    page.wait_for_function(f"{LAST_STATE} === 'done'")
+    page.uncheck("#json")
+    request = server[1].requests[-1]
+    request = getattr(request, "request", request)  # admitted (its grammar compiled) first
+    assert request.response_format is not None
+    assert request.response_format.type == "json_object"
+    text = page.locator(".msg.assistant").last.locator(".committed").text_content() or ""
+    assert text.startswith("{")

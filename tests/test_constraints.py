@@ -514,3 +514,47 @@ def test_forced_tokens_keep_sampling_exact(verifier: Any, tiny_tok: Any) -> None
     seen = sorted(set(counts["plain"]) | set(counts["forced"]))
     table = [[counts[name][t] + 0.5 for t in seen] for name in ("plain", "forced")]
     assert chi2_contingency(table).pvalue > 1e-3, counts
+
+
+# -- the matcher after rejections: where plain decoding would leave it --------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_rollback_after_rejections_leaves_the_matcher_where_plain_decoding_would(
+    data: st.DataObject, tiny_tok: Any
+) -> None:
+    """Rounds of random legal drafts, each judged (its masks stepped through and rolled
+    back) and cut at a random position: the matcher then allows exactly what a fresh one fed
+    only the committed tokens allows."""
+    from dg_stream._constraints import ConstraintFactory
+
+    schema = {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"enum": ["ab", "abc", "b"]}}},
+        "required": ["tags"],
+    }
+    fmt = response_format_from({"type": "json_schema", "json_schema": {"schema": schema}})
+    assert fmt is not None
+    factory = ConstraintFactory(tiny_tok, len(tiny_tok))
+    live, committed = factory.constraint(fmt), []
+    cpu = torch.device("cpu")
+    for _ in range(data.draw(st.integers(1, 6))):
+        if live.matcher.is_stopped():
+            break
+        draft: list[int] = []
+        for _ in range(data.draw(st.integers(0, 5))):  # a legal draft, token by token
+            allowed = live.masks(draft, cpu)[-1].nonzero().flatten().tolist()
+            allowed = [t for t in allowed if t not in (0,)]  # not end-of-sequence
+            if not allowed:
+                break
+            draft.append(data.draw(st.sampled_from(allowed)))
+        masks = live.masks(draft, cpu)
+        kept = data.draw(st.integers(0, len(draft)))
+        allowed = masks[kept].nonzero().flatten().tolist()
+        new = [*draft[:kept], data.draw(st.sampled_from(allowed))]  # the verifier's token
+        live.commit(new)
+        committed += new
+    fresh = factory.constraint(fmt)
+    fresh.commit(committed)
+    assert torch.equal(live.masks([], cpu), fresh.masks([], cpu))

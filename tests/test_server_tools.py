@@ -383,3 +383,22 @@ def test_a_client_leaving_mid_json_frees_its_matcher(
         time.sleep(0.05)
     health = httpx.get(f"{server.url}/health").json()
     assert health["active_generations"] == 0
+
+
+def test_completions_take_a_response_format_too(client: Any) -> None:
+    """vLLM's extension of /v1/completions: the completion follows the schema."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+    done = client.completions.create(
+        model="tiny",
+        prompt="weather = ",
+        max_tokens=60,
+        temperature=0,
+        extra_body={"response_format": fmt},
+    )
+    assert done.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(done.choices[0].text), WEATHER)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(
+            model="tiny", prompt="x", max_tokens=5, extra_body={"response_format": {"type": 1}}
+        )
+    assert caught.value.body["param"] == "response_format"

@@ -64,6 +64,7 @@ class CompletionRequest(_Common, frozen=True, kw_only=True):
     """``POST /v1/completions``. ``prompt``: text, token ids, or a one-element list of either."""
 
     prompt: str | list[Any]
+    response_format: dict[str, Any] | None = None  # vLLM's extension: constrained output
     echo: bool | None = None
     logprobs: int | None = None
     best_of: int | None = None

@@ -42,6 +42,7 @@ from .._config import (
     ROLES,
     GenerationRequest,
     Message,
+    ResponseFormat,
     SamplingParams,
     SpeculativeConfig,
     response_format_from,
@@ -414,6 +415,7 @@ class _Server:
         if body.suffix:
             raise _unsupported("suffix", "suffix (fill-in-the-middle) is not supported")
         prompt = _completion_prompt(body.prompt)
+        response_format = _response_format(body.response_format)
         request = self._common(
             body,
             max_tokens=body.max_tokens,
@@ -421,6 +423,8 @@ class _Server:
             prompt=prompt,
             messages=None,
         )
+        if response_format is not None:
+            request = msgspec.structs.replace(request, response_format=response_format)
         renderer = CompletionRenderer(
             id=f"cmpl-{uuid.uuid4().hex}", model=self.model_name, include_usage=_include_usage(body)
         )
@@ -439,8 +443,8 @@ class _Server:
             raise _unsupported("logprobs", "logprobs are not supported")
         if body.functions:
             raise _unsupported("functions", "functions are deprecated by OpenAI: send tools")
+        response_format = _response_format(body.response_format)
         try:  # compiled when the generation is admitted: a bad schema is a 400 before any work
-            response_format = response_format_from(body.response_format)
             tools = tools_from(body.tools)
             choice = tool_choice_from(body.tool_choice, tools)
         except InvalidRequestError as exc:
@@ -719,6 +723,16 @@ class _CountRequests:
             if root and path.startswith(root):  # mounted under a prefix
                 path = path[len(root) :] or "/"
             self.metrics.request(path if path in self._KNOWN else "other", status)
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    """A request's ``response_format`` (raises RequestRejected); compiled at admission."""
+    try:
+        return response_format_from(value)
+    except InvalidRequestError as exc:
+        raise RequestRejected(
+            400, exc.message, param="response_format", code=exc.code or "invalid_value"
+        ) from None
 
 
 def create_app(
