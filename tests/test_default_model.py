@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 
+import dg_stream
 from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
 from dg_stream._backends.local import default_model_dir
 from dg_stream.train.corpus import stdlib_corpus
@@ -97,3 +99,36 @@ def test_a_server_calls_the_embedded_pair_dg_stream_default(default: LocalBacken
     from dg_stream.server.app import public_model_name
 
     assert public_model_name(default) == "dg-stream-default"
+
+
+def test_constrained_greedy_with_the_drafter_is_constrained_plain_greedy(
+    default: LocalBackend,
+) -> None:
+    """The embedded pair under a JSON schema: the drafter (and the tokens the grammar
+    forces) change nothing of greedy output; the reply validates."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "port": {"type": "integer"},
+            "debug": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"enum": ["web", "db", "cache"]}, "maxItems": 3},
+        },
+        "required": ["name", "port", "debug", "tags"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "server", "schema": schema}}
+    plain = LocalBackend.default(drafter=None)
+    prompt = "# The server's settings, as JSON\nsettings = "
+
+    async def main(backend: LocalBackend) -> Any:
+        stream = dg_stream.generate(prompt, backend=backend, max_new_tokens=80, response_format=fmt)
+        return await stream.collect()
+
+    expected = anyio.run(main, plain)
+    got = anyio.run(main, default)
+    assert got.token_ids == expected.token_ids
+    assert got.stats.forced_tokens > 0
+    if got.finish_reason == "stop":
+        jsonschema.validate(json.loads(got.text), schema)
