@@ -1,7 +1,9 @@
 """``dg-stream bench`` / ``python -m benchmarks.run``: options, setup, output files.
 
 Modes: without a mode word, the speed-up benchmark (``_run``); ``dg-stream bench concurrency``
-(or ``python -m benchmarks.concurrency``), concurrent streams (``_concurrency``).
+(or ``python -m benchmarks.concurrency``), concurrent streams (``_concurrency``); ``dg-stream
+bench structured`` (or ``python -m benchmarks.structured``), structured output
+(``_structured``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._argtypes import OneLineErrorParser, int_list, positive_int
+from .._argtypes import OneLineErrorParser, int_list, non_negative_float, positive_int
 from .._errors import missing_extra
 from ._config import (
     DEFAULT_ASSISTANT,
@@ -28,6 +30,7 @@ from ._report import stderr_log
 
 if TYPE_CHECKING:
     from ._concurrency import Settings
+    from ._structured import Settings as StructuredSettings
 
 __all__ = [
     "MODES",
@@ -38,10 +41,17 @@ __all__ = [
     "config_from_args",
     "fresh_out_dir",
     "main",
+    "structured_main",
+    "structured_parser",
+    "structured_settings",
 ]
 
 #: The harness's other modes, each named by the first word of the arguments.
-MODES = {"concurrency": "concurrent streams: aggregate tokens/s, first chunk and chunk gaps"}
+MODES = {
+    "concurrency": "concurrent streams: aggregate tokens/s, first chunk and chunk gaps",
+    "structured": "JSON schemas: the token mask's cost per token, constrained plain and hybrid "
+    "tokens/s",
+}
 
 
 def build_parser(prog: str = "dg-stream bench") -> argparse.ArgumentParser:
@@ -319,6 +329,175 @@ def concurrency_main(
     return 0
 
 
+# -- the structured mode -----------------------------------------------------------------------
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    from ._structured import PARTS
+
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts or set(parts) - set(PARTS):
+        raise argparse.ArgumentTypeError(f"expected parts among {', '.join(PARTS)}, not {text!r}")
+    return parts
+
+
+def _vocabs(text: str) -> tuple[str | int, ...]:
+    from ._structured import MIN_VOCAB
+
+    out: list[str | int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "verifier":
+            out.append(part)
+            continue
+        try:
+            size = int(part.lower().removesuffix("k")) * (1000 if part.lower().endswith("k") else 1)
+        except ValueError:
+            size = 0
+        if size < MIN_VOCAB:
+            raise argparse.ArgumentTypeError(
+                f"expected 'verifier' or token counts of at least {MIN_VOCAB}, like "
+                f"verifier,32000,150000; not {part!r}"
+            )
+        out.append(size)
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one vocabulary")
+    return tuple(out)
+
+
+def structured_parser(prog: str = "dg-stream bench structured") -> argparse.ArgumentParser:
+    """The structured mode's options (the presets are ``_structured.QUICK`` and ``FULL``)."""
+    from ._structured import CACHE_DIR, PARTS, RESULTS_DIR, TASKS
+
+    p = OneLineErrorParser(
+        prog=prog,
+        description="Structured output (JSON schemas): the token mask's cost per token at "
+        "several vocabulary sizes (llguidance, dg_stream's Constraint.masks, xgrammar when "
+        "installed), and tokens/s of constrained plain and hybrid decoding against "
+        "unconstrained plain decoding, greedy, interleaved, with medians over repeats.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the verifier's and a 32k vocabulary, 1 mask repeat; 3 prompts × 32 tokens, "
+        "1 repeat, no block-8 method; writes to a fresh runs/bench folder",
+    )
+    p.add_argument(
+        "--parts", type=_parts, default=PARTS, help="mask, speed or both (default mask,speed)"
+    )
+    mask = p.add_argument_group("part 1: the mask per token")
+    mask.add_argument(
+        "--vocabs",
+        type=_vocabs,
+        help="'verifier' (its tokenizer) and BPE sizes to train (default verifier,32000,150000)",
+    )
+    mask.add_argument("--mask-repeats", type=positive_int, help="walks per way (default 5)")
+    mask.add_argument(
+        "--corpus-mb",
+        type=non_negative_float,
+        default=48.0,
+        help="MB of site-packages Python to train the BPE tokenizers on (default 48)",
+    )
+    mask.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE_DIR,
+        help="where trained tokenizers are kept between runs (default %(default)s)",
+    )
+    mask.add_argument("--no-xgrammar", action="store_true", help="skip xgrammar's column")
+    speed = p.add_argument_group("part 2: speed")
+    speed.add_argument("--new-tokens", type=positive_int, help="max_new_tokens (default 128)")
+    speed.add_argument("--repeats", type=positive_int, help="repeats (default 3)")
+    speed.add_argument(
+        "--tasks", type=positive_int, help=f"the first N schemas and prompts (of {len(TASKS)})"
+    )
+    speed.add_argument("--no-block8", action="store_true", help="skip hybrid k=8 non-adaptive")
+    speed.add_argument("--verifier", type=Path, help="causal-LM checkpoint (default: embedded)")
+    speed.add_argument("--drafter", type=Path, help="drafter checkpoint (default: embedded)")
+    speed.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (2)")
+    mask.add_argument(
+        "--mask-threads",
+        type=int_list(1, "1,2"),
+        help="torch CPU threads while timing the masks, each in turn (default: 1 and --threads; "
+        "with --quick --threads alone)",
+    )
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default {RESULTS_DIR}; with --quick a fresh "
+        f"{RUNS_DIR}/<date>-<time>)",
+    )
+    p.add_argument("--name", help="file name part (default structured, or structured-quick)")
+    return p
+
+
+def structured_settings(args: argparse.Namespace) -> StructuredSettings:
+    from ._structured import FULL as FULL_STRUCTURED
+    from ._structured import QUICK as QUICK_STRUCTURED
+    from ._structured import RESULTS_DIR, TASKS
+    from ._structured import Settings as StructuredSettings
+
+    if args.verifier is not None and args.drafter is None:
+        raise SystemExit("structured: with --verifier, give --drafter too")
+    preset = dict(QUICK_STRUCTURED if args.quick else FULL_STRUCTURED)
+    for key in ("vocabs", "mask_repeats", "new_tokens", "repeats", "tasks"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.no_block8:
+        preset["block8"] = False
+    mask_threads = args.mask_threads
+    if mask_threads is None:
+        mask_threads = (args.threads,) if args.quick else tuple(sorted({1, args.threads}))
+    out = args.out
+    if out is None:
+        out = fresh_out_dir() if args.quick else RESULTS_DIR
+    return StructuredSettings(
+        out=out,
+        parts=args.parts,
+        vocabs=tuple(preset["vocabs"]),
+        corpus_mb=args.corpus_mb,
+        cache=args.cache,
+        mask_repeats=preset["mask_repeats"],
+        xgrammar=not args.no_xgrammar,
+        new_tokens=preset["new_tokens"],
+        repeats=preset["repeats"],
+        tasks=min(preset["tasks"], len(TASKS)),
+        block8=preset["block8"],
+        threads=args.threads,
+        mask_threads=mask_threads,
+        verifier=args.verifier,
+        drafter=args.drafter,
+        device=args.device,
+        name=args.name or ("structured-quick" if args.quick else "structured"),
+        plots=not args.no_plots,
+    )
+
+
+def structured_main(
+    argv: Sequence[str] | None = None, prog: str = "dg-stream bench structured"
+) -> int:
+    """Run the structured mode with ``argv`` (default: the command line)."""
+    args = structured_parser(prog).parse_args(list(argv) if argv is not None else None)
+    settings = structured_settings(args)
+    from ._report import write_document
+    from ._structured import run_structured
+    from ._structured_report import markdown, plot
+
+    log = stderr_log("structured")
+    result = run_structured(settings, log=log)
+    stem = settings.out / f"{settings.name}-{settings.device.split(':')[0]}"
+    files = [write_document(result, stem.with_suffix(".json"))]
+    if settings.plots:
+        files.append(plot(result, stem.with_suffix(".png")))
+    print(markdown(result))
+    print("files: " + ", ".join(str(f) for f in files))
+    log(f"done in {result['wall_seconds']:.0f}s")
+    return 0
+
+
 # -- the harness ------------------------------------------------------------------------------
 
 
@@ -327,6 +506,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "dg-stream bench") -> in
     args_list = list(argv) if argv is not None else sys.argv[1:]
     if args_list[:1] == ["concurrency"]:
         return concurrency_main(args_list[1:], prog=f"{prog} concurrency")
+    if args_list[:1] == ["structured"]:
+        return structured_main(args_list[1:], prog=f"{prog} structured")
     args = build_parser(prog).parse_args(args_list)
     if args.write_prompts is not None:
         from ._prompts import make_prompts, write_prompts
