@@ -590,3 +590,26 @@ def test_constrained_greedy_is_exact_across_architectures(arch: str, tiny_tok: A
 
         assert reply(backend, fmt, max_new_tokens=40).token_ids == expected, (arch, draft)
         assert anyio.run(two).token_ids == expected, (arch, draft)
+
+
+def test_strict_closes_object_schemas_and_leaves_values_alone() -> None:
+    from dg_stream._constraints import _closed
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"const": {"properties": 1}},  # a field named so; a constant value
+            "inner": {"type": "object", "properties": {"x": {}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "$defs": {"D": {"properties": {"y": {}}}},
+        "anyOf": [{"properties": {}}],
+    }
+    closed = _closed(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"] == {"const": {"properties": 1}}
+    assert closed["properties"]["inner"]["additionalProperties"] is False
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]

@@ -35,6 +35,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+import numpy
 import torch
 
 from ._config import ResponseFormat
@@ -79,14 +80,38 @@ def grammar_text(fmt: ResponseFormat) -> str:
     return str(LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in fmt.choices)))
 
 
+# Keywords whose value is a schema, a list of schemas, or a mapping of names to schemas: the
+# places ``strict`` looks for object schemas (never inside const, enum, default or examples).
+_SUBSCHEMA = {
+    "items",
+    "additionalItems",
+    "contains",
+    "not",
+    "if",
+    "then",
+    "else",
+    "additionalProperties",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+}
+_SUBSCHEMAS = {"allOf", "anyOf", "oneOf", "prefixItems"}
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+
+
 def _closed(schema: Any) -> Any:
     """``strict`` as OpenAI reads it: an object schema that does not say otherwise admits no
     properties beyond those it names."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    closed = {key: _closed(value) for key, value in schema.items()}
+    closed = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA:
+            closed[key] = _closed(value)
+        elif key in _SUBSCHEMAS and isinstance(value, list):
+            closed[key] = [_closed(item) for item in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: _closed(item) for name, item in value.items()}
     if "properties" in closed and "additionalProperties" not in closed:
         closed["additionalProperties"] = False
     return closed
@@ -202,22 +227,22 @@ class Constraint:
     def masks(self, draft: list[int], device: torch.device) -> torch.Tensor:
         """(len(draft) + 1, vocab) bool: the tokens allowed after each prefix of ``draft``
         (which must be legal); the matcher ends where it started."""
-        words = []
+        rows = []
         for i in range(len(draft) + 1):
-            words.append(
-                torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-            )
+            rows.append(self.matcher.compute_bitmask())
             if i < len(draft) and not self.matcher.consume_token(draft[i]):
                 raise RuntimeError(f"the grammar rejected draft token {draft[i]} it had allowed")
         if draft:
             self.matcher.rollback(len(draft))
-        bitmask = torch.stack(words)  # (rows, words): bit j of word w is token 32 w + j
-        bits = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> bits) & 1).bool().reshape(len(words), -1)
-        out = torch.zeros(len(words), self.vocab_size, dtype=torch.bool)
+        # Little-endian 32-bit words, bit j of word w for token 32 w + j: byte by byte with
+        # the low bit first. numpy unpacks on this thread (torch's element-wise ops would
+        # split a large mask across its threads, which waits when the other core is busy).
+        packed = numpy.frombuffer(b"".join(rows), dtype=numpy.uint8).reshape(len(rows), -1)
+        allowed = numpy.unpackbits(packed, axis=1, bitorder="little")
+        out = numpy.zeros((len(rows), self.vocab_size), dtype=numpy.bool_)
         width = min(self.vocab_size, allowed.shape[1])
         out[:, :width] = allowed[:, :width]
-        return out.to(device)
+        return torch.from_numpy(out).to(device)
 
     def commit(self, tokens: list[int]) -> bool:
         """Consume what the round kept; True when the grammar has ended (nothing may follow)."""
