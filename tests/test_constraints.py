@@ -99,7 +99,7 @@ def test_every_reply_parses_and_validates(
         matcher = ConstraintFactory(backend.tokenizer, len(backend.tokenizer)).constraint(
             response_format_from(fmt)  # type: ignore[arg-type]
         )
-        assert matcher.legal_prefix(list(result.token_ids)) == len(result.token_ids)
+        assert matcher.legal_prefix(list(result.token_ids))[0] == len(result.token_ids)
         return
     assert result.finish_reason == "stop", result.text
     jsonschema.validate(json.loads(result.text), schema)
@@ -613,3 +613,46 @@ def test_strict_closes_object_schemas_and_leaves_values_alone() -> None:
     assert closed["$defs"]["D"]["additionalProperties"] is False
     assert closed["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in closed["properties"]
+
+
+class _Script:
+    """Drafts the continuation of a fixed script (then end-of-sequence and more): a drafter
+    that agrees with the verifier up to the grammar's end and past it."""
+
+    vocab_size: int | None = None
+    max_block_size = 8
+    feature_layers: tuple[int, ...] = ()
+    feature_window = 0
+
+    def __init__(self, prompt: list[int], script: list[int]) -> None:
+        self.start, self.script = len(prompt), script
+
+    def session(self) -> _Script:
+        return self
+
+    def close(self) -> None: ...
+
+    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
+        from dg_stream._drafters.base import DraftProposal
+
+        done = context.shape[0] - self.start
+        return DraftProposal(torch.tensor(self.script[done : done + k], dtype=torch.long), None)
+
+
+def test_a_draft_past_the_grammars_end_commits_what_plain_decoding_does(
+    verifier: Any, tiny_tok: Any, backends: dict[str, LocalBackend]
+) -> None:
+    """Plain decoding stops as the grammar completes; a draft accepted past that point (here
+    end-of-sequence and more) must not add tokens to the reply."""
+    fmt = {"type": "choice", "choices": ["cat", "dog"]}
+    plain = reply(backends["plain"], fmt, max_new_tokens=10)
+    script = [*plain.token_ids, tiny_tok.eos_token_id, 50, 51]
+    drafter = _Script(PROMPT, script)
+    hybrid = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=8, adaptive=False)
+    done = reply(hybrid, fmt, max_new_tokens=10)
+    assert done.token_ids == plain.token_ids and done.finish_reason == plain.finish_reason
+    assert done.stats.verifier_calls == 1  # the whole reply came from one verified draft
+    for seed in range(5):  # sampled: the draft past the end is no rejection to draw after
+        sampled = reply(hybrid, fmt, max_new_tokens=10, temperature=1.0, seed=seed)
+        assert sampled.text in ("cat", "dog") and sampled.finish_reason == "stop"
+        assert sampled.token_ids[-1] != tiny_tok.eos_token_id

@@ -202,11 +202,21 @@ class Constraint:
         self.tokenizer_vocab = tokenizer_vocab
         self.vocab_size = vocab_size
 
-    def legal_prefix(self, draft: list[int]) -> int:
-        """How many leading tokens of ``draft`` the grammar accepts from here."""
+    def legal_prefix(self, draft: list[int]) -> tuple[int, bool]:
+        """How many leading tokens of ``draft`` may be drafted from here, and whether the token
+        after them is illegal (else the grammar ends there, where plain decoding stops, and
+        what follows is not drafted)."""
         if not draft:
-            return 0
-        return int(self.matcher.validate_tokens(draft))
+            return 0, False
+        legal = int(self.matcher.validate_tokens(draft))
+        consumed = 0
+        for token in draft[:legal]:
+            self.matcher.consume_token(token)
+            consumed += 1
+            if self.matcher.is_stopped():
+                break
+        self.matcher.rollback(consumed)
+        return consumed, consumed == legal < len(draft)
 
     def forced(self, prefix: list[int], room: int) -> list[int]:
         """Up to ``room`` tokens the grammar dictates after the legal ``prefix`` (JSON keys,
@@ -244,11 +254,14 @@ class Constraint:
         out[:, :width] = allowed[:, :width]
         return torch.from_numpy(out).to(device)
 
-    def commit(self, tokens: list[int]) -> bool:
-        """Consume what the round kept; True when the grammar has ended (nothing may follow)."""
-        for token in tokens:
+    def commit(self, tokens: list[int]) -> int | None:
+        """Consume what the round kept; where the grammar ended (nothing may follow), how many
+        of ``tokens`` it took: plain decoding would have stopped there."""
+        for i, token in enumerate(tokens):
             if not self.matcher.consume_token(token):
                 raise RuntimeError(
                     f"the grammar rejected committed token {token}: {self.matcher.get_error()}"
                 )
-        return bool(self.matcher.is_stopped())
+            if self.matcher.is_stopped():
+                return i + 1
+        return None

@@ -505,10 +505,13 @@ class RoundCore:
         drafted = state.proposal.tokens[: verdict.accepted].tolist() if verdict.accepted else []
         new = [*drafted, verdict.token]
         state.proposal = None
+        ended = None if state.constraint is None else state.constraint.commit(new)
+        if ended is not None:  # the grammar is complete: nothing may follow
+            del new[ended:]
         finish = truncate(new, self.verifier.eos_ids, state.max_new_tokens - state.generated)
+        if ended is not None and finish is None:
+            finish = "stop"
         state.cut, state.forced = None, 0
-        if state.constraint is not None and state.constraint.commit(new) and finish is None:
-            finish = "stop"  # the grammar is complete: nothing may follow
         state.append(new)
         state.generated += len(new)
         if finish is not None:
@@ -635,12 +638,12 @@ def _fit_to_grammar(state: SequenceState, room: int) -> None:
     if constraint is None or proposal is None:
         return
     draft = proposal.tokens.tolist()
-    legal = constraint.legal_prefix(draft)
+    legal, illegal = constraint.legal_prefix(draft)
     forced = constraint.forced(draft[:legal], room - legal)
     if legal == len(draft) and not forced:
         return
     q = proposal.q
-    if legal < len(draft) and not forced:
+    if illegal and not forced:
         state.cut = (draft[legal], None if q is None else q[legal])
     tokens = proposal.tokens[:legal]
     if forced:
