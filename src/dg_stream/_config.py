@@ -210,6 +210,12 @@ def message_from(value: Any, param: str = "prompt") -> Message:
     """A ``Message`` from a mapping (``role``, ``content``, and the tool fields)."""
     if isinstance(value, Message):
         return value
+    if not isinstance(value, dict) or ("content" not in value and not value.get("tool_calls")):
+        raise InvalidRequestError(
+            "each message needs 'role' and 'content' (an assistant's calls may stand for its "
+            "content)",
+            param=param,
+        )
     try:
         return Message(
             role=value["role"],

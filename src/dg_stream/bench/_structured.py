@@ -534,7 +534,8 @@ def _vocabularies(
 
             path = settings.verifier or default_models()[0]
             tokenizer = load_tokenizer(path)
-            width = int(getattr(AutoConfig.from_pretrained(path), "vocab_size", 0) or 0)
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            width = int(getattr(config, "vocab_size", 0) or 0)
             width = max(width, len(tokenizer))
             info: dict[str, Any] = {"path": str(path), "size": len(tokenizer)}
             out.append((f"verifier {len(tokenizer):,}", tokenizer, width, info))
