@@ -285,7 +285,7 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def cache_key(self) -> str:
         """The same text for the same format (compiled grammars are cached by it)."""
-        return msgspec.json.encode(self, order="sorted").decode()
+        return json.dumps(msgspec.to_builtins(self), sort_keys=True)
 
 
 def response_format_from(value: Any) -> ResponseFormat | None:
