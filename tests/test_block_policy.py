@@ -113,8 +113,11 @@ def test_a_drafter_that_never_agrees_is_switched_off() -> None:
     core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
     core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
     core.realized = RealizedRates()
-    blocks = [core._plan([_PlanOnly(policy)]) for _ in range(8)]  # type: ignore[list-item]
-    assert blocks == [0, 0, 0, 4, 0, 0, 0, 4]  # plain decoding, with a periodic probe
+    blocks = [core._plan([_PlanOnly(policy)]) for _ in range(300)]  # type: ignore[list-item]
+    probes = [i for i, block in enumerate(blocks) if block]
+    assert blocks[:4] == [0, 0, 0, 4] and set(blocks) == {0, 4}  # plain, with probes...
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[:4] == [8, 16, 32, 32] and set(gaps[3:]) == {32}  # ...that back off to 32
 
 
 def test_a_drafter_that_always_agrees_gets_the_largest_block_that_pays() -> None:
