@@ -453,6 +453,7 @@ def test_the_openai_client_gets_json_that_follows_its_schema(
                 max_tokens=5,  # type: ignore[arg-type]
             )
         assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+        client.close()
 
 
 # -- forced tokens: what the grammar dictates is drafted without the drafter --------------------

@@ -14,7 +14,9 @@ import json
 import sys
 import threading
 import time
+import warnings
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,9 @@ def server(backend: LocalBackend) -> Any:
 
 
 @pytest.fixture(scope="module")
-def client(server: Any) -> Any:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+def client(server: Any) -> Iterator[Any]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 def _streamed_calls(pieces: Any) -> tuple[list[dict[str, str]], str | None]:
@@ -276,8 +279,10 @@ def test_auto_over_http_with_a_template_that_renders_tools(
     tok.chat_template = CHAT_TEMPLATE
     tok.response_template = RESPONSE_TEMPLATE
     backend = LocalBackend(tiny_verifier, "ngram", tokenizer=tok, block_size=4)
-    with ServerThread(create_app(backend, model_name="tiny")) as running:
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+    with (
+        ServerThread(create_app(backend, model_name="tiny")) as running,
+        openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0) as client,
+    ):
         reply = client.chat.completions.create(
             model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8, temperature=0
         )
@@ -329,20 +334,20 @@ def test_a_slow_or_deep_schema_is_a_400_while_another_stream_flows(backend: Loca
 
         flowing = threading.Thread(target=stream)
         flowing.start()
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
-        for fmt, code in (
-            (slow, "response_format_timeout"),
-            ({"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}, None),
-        ):
-            started = time.monotonic()
-            with pytest.raises(openai.BadRequestError) as caught:
-                client.chat.completions.create(
-                    model="tiny", messages=MESSAGES, response_format=fmt, max_tokens=5
-                )
-            assert time.monotonic() - started < 5
-            assert caught.value.body["param"] == "response_format"
-            if code is not None:
-                assert caught.value.body["code"] == code
+        with openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0) as client:
+            for fmt, code in (
+                (slow, "response_format_timeout"),
+                ({"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}, None),
+            ):
+                started = time.monotonic()
+                with pytest.raises(openai.BadRequestError) as caught:
+                    client.chat.completions.create(
+                        model="tiny", messages=MESSAGES, response_format=fmt, max_tokens=5
+                    )
+                assert time.monotonic() - started < 5
+                assert caught.value.body["param"] == "response_format"
+                if code is not None:
+                    assert caught.value.body["code"] == code
         flowing.join(timeout=60)
         assert len(gaps) > 50  # the other stream ran to its end
         assert max(gaps[1:]) < 5
@@ -376,7 +381,9 @@ def test_a_client_leaving_mid_json_frees_its_matcher(
                 break
     deadline = time.monotonic() + 10
     while True:
-        gc.collect()
+        with warnings.catch_warnings():  # others' unclosed sockets are not this test's topic
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
         if made and all(ref() is None for ref in made):
             break
         assert time.monotonic() < deadline, "the matcher outlived its stream"
