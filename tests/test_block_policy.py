@@ -290,3 +290,29 @@ def test_a_batch_drafts_only_while_its_drafted_rounds_deliver() -> None:
     assert not realized.wants_plain_round(4)  # plain rounds are known now
     realized.observe(1, drafted=False, tokens=1, seconds=0.01)  # one row: the model decides
     assert realized.drafting_delivers(1)
+
+
+def test_a_fixed_block_is_switched_off_by_its_own_acceptance_only() -> None:
+    """DraftGate (seeded sampling's default): drafts while the row's drafts pay, plain with
+    probes at growing gaps while they do not, back on when a probe is accepted; the same
+    observations give the same decisions (no timings)."""
+    from dg_stream._block_policy import DraftGate
+
+    def decisions(accepted: list[int]) -> list[int]:
+        gate, sizes, seen = DraftGate(4), [], iter(accepted)
+        for _ in range(120):
+            size = gate.size()
+            sizes.append(size)
+            if size:
+                gate.observe(size, next(seen, 0))
+        return sizes
+
+    rejected = decisions([0] * 200)
+    assert rejected[:4] == [4, 4, 4, 4]  # it settles first
+    drafted = [i for i, size in enumerate(rejected) if size]
+    gaps = [b - a for a, b in itertools.pairwise(drafted[3:])]
+    assert gaps[:3] == [8, 16, 32] and set(gaps[3:]) <= {32}
+    assert decisions([0] * 200) == rejected  # reproducible
+    recovered = decisions([0] * 5 + [4] * 200)  # the text turns predictable
+    assert recovered[-20:] == [4] * 20
+    assert DraftGate(8).threshold == 1.6 and DraftGate(1).threshold == 0.5

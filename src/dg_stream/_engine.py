@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import torch
 
-from ._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable
+from ._block_policy import AcceptanceEstimate, BlockSizePolicy, CostTable, DraftGate
 from ._chunks import Chunk, FinishReason, Stats, StepStats, Usage
 from ._config import GenerationRequest, SpeculativeConfig
 from ._constraints import ConstraintFactory
@@ -109,13 +109,18 @@ class GenerationSession:
         self.steps = spec.steps or defaults.steps or 1
         self.confidence = spec.confidence if spec.confidence is not None else defaults.confidence
         self.params = request.sampling
+        gate: DraftGate | None = None
         if spec.adaptive is not None:
             self.adaptive = spec.adaptive
         else:
             # Adaptive block sizes follow measured timings; greedy output does not depend on
-            # them, but a seeded sample would, so a backend default leaves seeded sampling be.
+            # them, but a seeded sample would, so a backend default leaves seeded sampling a
+            # fixed block, switched off where the row's own acceptance says it loses (a
+            # decision that repeats with the seed).
             reproducible = self.params.greedy or self.params.seed is None
             self.adaptive = bool(defaults.adaptive) and reproducible
+            if defaults.adaptive and not reproducible and engine.drafter is not None:
+                gate = DraftGate(self.block_size)
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         policy: BlockSizePolicy | None = None
         if self.adaptive and engine.drafter is not None:
@@ -144,6 +149,7 @@ class GenerationSession:
             drafting=engine.drafter is not None,  # its session opens when the row joins
             preview=request.draft_preview,
             policy=policy,
+            gate=gate,
             constraint=constraint,
         )
         # The most tokens a round may feed this row: the newest one and its largest draft.

@@ -47,6 +47,7 @@ from ._batch_cache import BatchCache
 from ._block_policy import (
     BlockSizePolicy,
     CostTable,
+    DraftGate,
     RealizedRates,
     drafting_could_pay,
     shared_block,
@@ -81,6 +82,7 @@ class SequenceState:
     preview: bool = False  # whether each outcome carries the next draft's ids
     draft_session: DraftSession | None = None
     policy: BlockSizePolicy | None = None
+    gate: DraftGate | None = None  # a fixed block's on/off, from the row's own acceptance
     constraint: Constraint | None = None  # the grammar its output must follow
     cut: tuple[int, torch.Tensor | None] | None = None  # the draft's first illegal token, q
     forced: int = 0  # tokens at the draft's end that the grammar dictated, not the drafter
@@ -238,9 +240,12 @@ class RoundCore:
             except Exception as exc:  # this row alone ends
                 outcomes[i] = _row_failed(state, exc)
                 continue
+            # The drafter is judged on its own tokens, not on what the grammar dictated.
+            own = (k - forced, min(verdict.accepted, k - forced))
             if state.policy is not None and finish is None:
-                # The drafter is judged on its own tokens, not on what the grammar dictated.
-                state.policy.observe(k - forced, min(verdict.accepted, k - forced))
+                state.policy.observe(*own)
+            if state.gate is not None:
+                state.gate.observe(*own)
             committed[i] = (new, finish, k, verdict.accepted, forced)
         # The next round's drafts, now, so that each chunk can preview its row's.
         going = [i for i in committed if not states[i].finished]
@@ -418,7 +423,7 @@ class RoundCore:
         for i in chosen:
             state = states[i]
             remaining = state.max_new_tokens - state.generated
-            size = state.block_size
+            size = state.block_size if state.gate is None else state.gate.size()
             if state.policy is not None and block is not None:
                 size = min(block, state.policy.max_block)
             # The verifier always adds one token, so drafting past remaining - 1 is wasted.
