@@ -416,10 +416,10 @@ class DraftGate:
     The row drafts while its drafts are accepted at least ``max(0.5, block / 5)`` times per
     call on average (an exponential mean, judged after ``settle`` calls): below that a CPU
     loses to plain decoding (measured: block 4 at 0.5-0.7 accepted per call, sampled at
-    temperature 1, ran 0.82-0.89x plain). Switched off, it drafts again after 8 plain rounds,
-    then 16, up to 32 while that changes nothing."""
+    temperature 1, ran 0.82-0.89x plain). Switched off, it drafts again after 16 plain
+    rounds, then every 32 while that changes nothing."""
 
-    def __init__(self, block: int, *, settle: int = 4, first_gap: int = 8, most: int = 32):
+    def __init__(self, block: int, *, settle: int = 2, first_gap: int = 16, most: int = 32):
         self.block = block
         self.threshold = max(0.5, block / 5)
         self.settle, self.first_gap, self.most = settle, first_gap, most
