@@ -99,7 +99,7 @@ def test_every_reply_parses_and_validates(
         matcher = ConstraintFactory(backend.tokenizer, len(backend.tokenizer)).constraint(
             response_format_from(fmt)  # type: ignore[arg-type]
         )
-        assert matcher.legal_prefix(list(result.token_ids))[0] == len(result.token_ids)
+        assert matcher.fit(list(result.token_ids), 0)[0] == len(result.token_ids)
         return
     assert result.finish_reason == "stop", result.text
     jsonschema.validate(json.loads(result.text), schema)

@@ -5,7 +5,7 @@ choice of strings) becomes a grammar that llguidance compiles against the verifi
 tokenizer; each generation walks it with its own ``LLMatcher``. In the round:
 
 - a draft is cut at its first token the grammar rejects before it is verified (no verifier
-  work on it): ``Constraint.legal_prefix``;
+  work on it): ``Constraint.fit``;
 - the verifier's logits are masked at every verified position (``Constraint.masks``: the
   matcher steps through the draft and back), so greedy takes the masked argmax and sampling
   draws from the masked, renormalised p;
@@ -202,37 +202,28 @@ class Constraint:
         self.tokenizer_vocab = tokenizer_vocab
         self.vocab_size = vocab_size
 
-    def legal_prefix(self, draft: list[int]) -> tuple[int, bool]:
-        """How many leading tokens of ``draft`` may be drafted from here, and whether the token
-        after them is illegal (else the grammar ends there, where plain decoding stops, and
-        what follows is not drafted)."""
-        if not draft:
-            return 0, False
-        legal = int(self.matcher.validate_tokens(draft))
-        consumed = 0
-        for token in draft[:legal]:
-            self.matcher.consume_token(token)
-            consumed += 1
-            if self.matcher.is_stopped():
-                break
-        self.matcher.rollback(consumed)
-        return consumed, consumed == legal < len(draft)
-
-    def forced(self, prefix: list[int], room: int) -> list[int]:
-        """Up to ``room`` tokens the grammar dictates after the legal ``prefix`` (JSON keys,
-        punctuation: the canonical tokens of the bytes it forces); the matcher ends where it
-        started."""
-        if room <= 0:
-            return []
-        if prefix and not self.matcher.consume_tokens(prefix):
-            raise RuntimeError(f"the grammar rejected a draft it had allowed: {prefix}")
+    def fit(self, draft: list[int], room: int) -> tuple[int, bool, list[int]]:
+        """A draft walked through the grammar from here, in one pass (the matcher ends where
+        it started): how many leading tokens may be drafted, whether the token after them is
+        illegal (else the grammar ends there, where plain decoding stops, and what follows is
+        not drafted), and up to ``room`` minus those the tokens the grammar then dictates
+        (JSON keys, punctuation: the canonical tokens of the bytes it forces)."""
+        legal = int(self.matcher.validate_tokens(draft)) if draft else 0
+        kept = 0
         try:
-            forced = list(self.matcher.compute_ff_tokens())[:room]
-            forced = forced[: int(self.matcher.validate_tokens(forced))] if forced else []
+            for token in draft[:legal]:
+                self.matcher.consume_token(token)
+                kept += 1
+                if self.matcher.is_stopped():
+                    break
+            forced: list[int] = []
+            if room > kept and not self.matcher.is_stopped():
+                forced = list(self.matcher.compute_ff_tokens())[: room - kept]
+                forced = forced[: int(self.matcher.validate_tokens(forced))] if forced else []
         finally:
-            if prefix:
-                self.matcher.rollback(len(prefix))
-        return forced
+            if kept:
+                self.matcher.rollback(kept)
+        return kept, kept == legal < len(draft), forced
 
     def masks(self, draft: list[int], device: torch.device) -> torch.Tensor:
         """(len(draft) + 1, vocab) bool: the tokens allowed after each prefix of ``draft``

@@ -645,8 +645,7 @@ def _fit_to_grammar(state: SequenceState, room: int) -> None:
     if constraint is None or proposal is None:
         return
     draft = proposal.tokens.tolist()
-    legal, illegal = constraint.legal_prefix(draft)
-    forced = constraint.forced(draft[:legal], room - legal)
+    legal, illegal, forced = constraint.fit(draft, room)
     if legal == len(draft) and not forced:
         return
     q = proposal.q

@@ -304,13 +304,30 @@ class ChatRenderer(_OpenAIRenderer):
             )
         )
 
-    def chunk(self, chunk: Chunk) -> list[bytes]:
+    def _start(self, chunk: Chunk, content: str | None = "") -> list[bytes]:
+        """Keep ``chunk``'s usage; before the first delta, the role's frame."""
         if chunk.usage is not None:
             self.usage = chunk.usage
-        out = []
-        if not self.started:
-            self.started = True
-            out.append(self._frame(ChatDelta(role="assistant", content="")))
+        if self.started:
+            return []
+        self.started = True
+        return [self._frame(ChatDelta(role="assistant", content=content))]
+
+    def _completion(
+        self, message: ChatMessageOut, finish: str | None, chunks: list[Chunk]
+    ) -> bytes:
+        return encode(
+            ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[ChatChoice(message=message, finish_reason=finish)],
+                usage=self._final_usage(chunks),
+            )
+        )
+
+    def chunk(self, chunk: Chunk) -> list[bytes]:
+        out = self._start(chunk)
         if chunk.text:
             out.append(self._frame(ChatDelta(content=chunk.text)))
         finish = _openai_finish(chunk)
@@ -338,15 +355,7 @@ class ChatRenderer(_OpenAIRenderer):
 
     def whole(self, text: str, chunks: list[Chunk]) -> bytes:
         finish = _openai_finish(chunks[-1]) if chunks else "stop"
-        return encode(
-            ChatCompletion(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)],
-                usage=self._final_usage(chunks),
-            )
-        )
+        return self._completion(ChatMessageOut(content=text), finish, chunks)
 
 
 def _tool_calls_out(calls: Sequence[ToolCall]) -> list[ToolCallOut]:
@@ -375,12 +384,7 @@ class ToolCallRenderer(ChatRenderer):
         return "tool_calls" if chunk.finish_reason == "stop" and reader.complete() else "length"
 
     def chunk(self, chunk: Chunk) -> list[bytes]:
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        out = []
-        if not self.started:
-            self.started = True
-            out.append(self._frame(ChatDelta(role="assistant")))
+        out = self._start(chunk, content=None)
         for index, call_id, name, arguments in self.reader.feed(chunk.text):
             piece = ToolCallOut(
                 index=index,
@@ -398,15 +402,7 @@ class ToolCallRenderer(ChatRenderer):
         reader.feed(text)
         finish = self._finish(chunks[-1], reader) if chunks else "tool_calls"
         message = ChatMessageOut(content=None, tool_calls=_tool_calls_out(reader.calls))
-        return encode(
-            ChatCompletion(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[ChatChoice(message=message, finish_reason=finish)],
-                usage=self._final_usage(chunks),
-            )
-        )
+        return self._completion(message, finish, chunks)
 
 
 class AutoToolRenderer(ChatRenderer):
@@ -427,12 +423,7 @@ class AutoToolRenderer(ChatRenderer):
         return content, calls, "tool_calls" if calls and finish == "stop" else finish
 
     def chunk(self, chunk: Chunk) -> list[bytes]:
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        out = []
-        if not self.started:
-            self.started = True
-            out.append(self._frame(ChatDelta(role="assistant", content="")))
+        out = self._start(chunk)
         self.text += chunk.text
         if chunk.finish_reason is None:
             return out
@@ -452,15 +443,7 @@ class AutoToolRenderer(ChatRenderer):
             content=content or (None if calls else ""),
             tool_calls=_tool_calls_out(calls) or None,
         )
-        return encode(
-            ChatCompletion(
-                id=self.id,
-                created=self.created,
-                model=self.model,
-                choices=[ChatChoice(message=message, finish_reason=finish)],
-                usage=self._final_usage(chunks),
-            )
-        )
+        return self._completion(message, finish, chunks)
 
 
 # -- the response ---------------------------------------------------------------------------------

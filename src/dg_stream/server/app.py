@@ -101,6 +101,17 @@ class RequestRejected(Exception):
         self.body = ErrorBody(message=message, type=type, param=param, code=code)
         self.headers = headers
 
+    @classmethod
+    def invalid(cls, exc: InvalidRequestError, param: str | None = None) -> RequestRejected:
+        """The 400 for ``exc``, naming its parameter ``param`` where the endpoint calls it so."""
+        named = param or exc.param
+        return cls(
+            400,
+            renamed_message(exc.message, exc.param, named),
+            param=named,
+            code=exc.code or "invalid_value",
+        )
+
 
 def _unsupported(param: str, message: str) -> RequestRejected:
     return RequestRejected(400, message, param=param, code="unsupported_parameter")
@@ -340,13 +351,7 @@ class _Server:
                 code="response_format_timeout",
             ) from None
         except InvalidRequestError as exc:
-            param = rename(exc.param) or exc.param
-            raise RequestRejected(
-                400,
-                renamed_message(exc.message, exc.param, param),
-                param=param,
-                code=exc.code or "invalid_value",
-            ) from None
+            raise RequestRejected.invalid(exc, rename(exc.param)) from None
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
@@ -394,13 +399,7 @@ class _Server:
                 fit_max_new_tokens=max_tokens is None,
             )
         except InvalidRequestError as exc:
-            param = renames.get(exc.param or "", exc.param)
-            raise RequestRejected(
-                400,
-                renamed_message(exc.message, exc.param, param),
-                param=param,
-                code=exc.code or "invalid_value",
-            ) from None
+            raise RequestRejected.invalid(exc, renames.get(exc.param or "")) from None
         return request
 
     async def completions(self, http: Request) -> Any:
@@ -448,9 +447,7 @@ class _Server:
             tools = tools_from(body.tools)
             choice = tool_choice_from(body.tool_choice, tools)
         except InvalidRequestError as exc:
-            raise RequestRejected(
-                400, exc.message, param=exc.param, code=exc.code or "invalid_value"
-            ) from None
+            raise RequestRejected.invalid(exc) from None
         if choice.forced and response_format is not None and response_format.constrains:
             raise RequestRejected(
                 400,
@@ -730,9 +727,7 @@ def _response_format(value: Any) -> ResponseFormat | None:
     try:
         return response_format_from(value)
     except InvalidRequestError as exc:
-        raise RequestRejected(
-            400, exc.message, param="response_format", code=exc.code or "invalid_value"
-        ) from None
+        raise RequestRejected.invalid(exc, "response_format") from None
 
 
 def create_app(
