@@ -789,3 +789,41 @@ async def test_two_hundred_generations_leave_memory_as_they_found_it(tiny_tok: A
         assert backend.model_thread.counts == (0, 0, 0)
     finally:
         await backend.aclose()
+
+
+# -- prompts read together -----------------------------------------------------------------
+
+
+def test_prompts_that_join_together_are_read_in_shared_forwards(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    """Rows that join at once read their prompts in one forward where that is cheaper than
+    forwards of their own (a long one beside short ones reads alone), and each writes what
+    it writes alone."""
+    model, _ = greedy_setups["llama"]
+    prompts = [list(range(3, 3 + n)) for n in (30, 28, 31, 2, 90)]
+    expected = [reference(model, p, 10) for p in prompts]
+    engine = LocalBackend(model, None, tokenizer=tiny_tok).engine
+    batch = engine.batch()
+    sessions = [
+        engine.session(GenerationRequest(prompt=p, max_new_tokens=10, sampling=SamplingParams()))
+        for p in prompts
+    ]
+    for session in sessions:
+        batch.add(session.state)
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    try:
+        batch.run()  # the first round reads every prompt
+    finally:
+        hook.remove()
+    # 29, 27, 30 and 1 tokens to read share a forward (33 tokens of padding cost less than
+    # three more forwards); the last row's 89 would pad the others by 269: it reads alone.
+    # Then the round's decoding forward.
+    assert shapes == [(4, 30), (1, 89), (5, 1)]
+    drain(batch, sessions)
+    written = [s.state.ids[len(p) :].tolist() for s, p in zip(sessions, prompts, strict=True)]
+    assert written == expected

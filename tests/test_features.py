@@ -92,6 +92,37 @@ def test_the_drafter_sees_the_features_of_its_committed_context(arch: str, tiny_
         torch.testing.assert_close(features, expected[-m:], atol=2e-4, rtol=1e-4)
 
 
+def test_prompts_read_in_one_forward_hand_each_row_its_own_features(tiny_tok: Any) -> None:
+    """Rows joining together read their prompts in shared, right-padded forwards: each
+    row's features are still those of its own context, as a forward over it alone gives."""
+    from dg_stream import GenerationRequest, SamplingParams, SpeculativeConfig
+
+    model = tiny_causal_lm("llama", len(tiny_tok))
+    inner = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, model, window=6)
+    drafter = RecordingFeatureDrafter(inner)
+    engine = LocalBackend(model, drafter, tokenizer=tiny_tok).engine
+    batch = engine.batch()
+    # Pieces of 38, 6, 36 and 2 tokens: the padding reaches into each short row's window.
+    prompts = [PROMPTS["long"], PROMPTS["short"], PROMPTS["long"][2:], [9, 4, 17]]
+    for prompt in prompts:
+        request = GenerationRequest(
+            prompt=prompt,
+            max_new_tokens=3,
+            sampling=SamplingParams(),
+            speculative=SpeculativeConfig(block_size=2, adaptive=False),
+        )
+        batch.add(engine.session(request).state)
+    batch.run()  # reads the prompts together (one forward), drafts, verifies, drafts again
+    assert {len(context) for context, _ in drafter.seen} >= set(map(len, prompts))
+    for context, features in drafter.seen:
+        with torch.no_grad():
+            out = model(input_ids=context[None, :-1], output_hidden_states=True)
+        expected = verifier_features(out.hidden_states, inner.feature_layers)[0]
+        m = min(inner.feature_window, context.shape[0] - 1)
+        assert features is not None and features.shape == (m, expected.shape[-1])
+        torch.testing.assert_close(features, expected[-m:], atol=2e-4, rtol=1e-4)
+
+
 def test_a_one_token_prompt_starts_without_features(tiny_tok: Any) -> None:
     model = tiny_causal_lm("llama", len(tiny_tok))
     drafter = RecordingFeatureDrafter(

@@ -190,3 +190,49 @@ def test_stop_strings_across_any_chunking(text: str, stops: list[str], cuts: lis
     expected = text[: min(hits)] if hits else text
     assert out == expected
     assert matcher.stopped == bool(hits)
+
+
+# -- prompts read in shared forwards -------------------------------------------------------
+
+
+def _grouping_cost(groups: list[tuple[int, int]], pieces: list[int], forward: int) -> int:
+    return sum(forward + (end - begin) * max(pieces[begin:end]) for begin, end in groups)
+
+
+def _partitions(count: int) -> itertools.chain[list[tuple[int, int]]]:
+    """Every split of ``range(count)`` into consecutive ranges."""
+    splits = itertools.product([False, True], repeat=max(0, count - 1))
+
+    def ranges(cuts: tuple[bool, ...]) -> list[tuple[int, int]]:
+        bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), count]
+        return list(itertools.pairwise(bounds))
+
+    return itertools.chain(ranges(cuts) for cuts in splits)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(st.integers(1, 300), min_size=1, max_size=7),
+    gaps=st.lists(st.booleans(), min_size=7, max_size=7),
+    forward=st.integers(0, 200),
+)
+def test_prefill_groups_are_the_cheapest_split_of_neighbouring_rows(
+    pieces: list[int], gaps: list[bool], forward: int
+) -> None:
+    from dg_stream._rounds import prefill_groups
+
+    # Row indices in order, a gap where ``gaps`` says (rows between them read nothing).
+    rows = list(itertools.accumulate(2 if gap else 1 for gap in gaps[: len(pieces)]))
+    groups = prefill_groups(rows, pieces, forward)
+    # In order, covering every piece once, each a run of consecutive rows.
+    assert [i for begin, end in groups for i in range(begin, end)] == list(range(len(pieces)))
+    for begin, end in groups:
+        assert all(rows[i] + 1 == rows[i + 1] for i in range(begin, end - 1))
+    # And no split of those runs costs less.
+    allowed = [
+        split
+        for split in _partitions(len(pieces))
+        if all(rows[i] + 1 == rows[i + 1] for b, e in split for i in range(b, e - 1))
+    ]
+    cheapest = min(_grouping_cost(split, pieces, forward) for split in allowed)
+    assert _grouping_cost(groups, pieces, forward) == cheapest

@@ -5,7 +5,7 @@ A round is one verifier forward over every row of a ``BatchCache``:
 ```
 SequenceState x B
   │ prefill        ``prefill_chunk`` prompt tokens per round while others stream (else
-  │                up to ``MAX_PREFILL``), one row at a time
+  │                up to ``MAX_PREFILL``), neighbouring rows in one forward
   │ propose        each decoding row's draft block (DraftProposal; made at the end of the
   │                previous round, so a preview can show it)
   │ score          one forward: rows (B, T) = [newest token, draft...] padded to the widest,
@@ -65,6 +65,11 @@ __all__ = ["Batch", "RoundCore", "RowOutcome", "SequenceState"]
 #: Most prompt tokens one forward reads when no other generation is waiting (activations
 #: grow with it; the cache does not care).
 MAX_PREFILL = 4096
+#: What one verifier forward costs beyond the tokens it computes, in tokens: a prompt shares
+#: a forward with its neighbours' when the padding that takes costs less than this. (The
+#: embedded verifier on 2 CPU cores: 6 ms a forward, 0.15-0.25 ms a prompt token; a GPU's
+#: fixed cost is worth more tokens, so there this errs towards separate forwards.)
+FORWARD_COST_TOKENS = 48
 
 
 @dataclass(eq=False)
@@ -195,11 +200,9 @@ class RoundCore:
             for s, on in zip(states, active, strict=True)
         )
         budget = self.prefill_chunk if streaming else max(self.prefill_chunk, MAX_PREFILL)
-        if not self.verifier.batchable:
-            budget = max(s.ids.shape[0] for s in states)  # a prompt is read in one piece
-        for state, on in zip(states, active, strict=True):
-            if on and state.prompt_pending and budget > 0:
-                budget -= self._prefill(cache, state, budget)
+        pending = [s for s, on in zip(states, active, strict=True) if on and s.prompt_pending]
+        if pending:
+            self._prefill(cache, pending, budget)
         decoding = [
             i for i, s in enumerate(states) if active[i] and not s.finished and not s.prompt_pending
         ]
@@ -346,23 +349,55 @@ class RoundCore:
                 outcomes[i] = _row_failed(state, exc)
         return verdicts
 
-    def _prefill(self, cache: BatchCache | StateCache, state: SequenceState, budget: int) -> int:
-        """Read up to ``budget`` more prompt tokens into the state's row; returns how many."""
-        begin = state._cached
-        end = min(state.ids.shape[0] - 1, begin + budget)
+    def _prefill(
+        self, cache: BatchCache | StateCache, pending: list[SequenceState], budget: int
+    ) -> None:
+        """Read up to ``budget`` more prompt tokens of the ``pending`` rows (in row order),
+        rows next to each other in the cache sharing a forward where that costs less than
+        forwards of their own (``prefill_groups``)."""
+        if not self.verifier.batchable:  # a prompt is read in one piece, a row at a time
+            for state in pending:
+                self._prefill_rows(cache, [(state, state.ids.shape[0] - 1 - state._cached)])
+            return
+        pieces: list[tuple[SequenceState, int]] = []
+        for state in sorted(pending, key=lambda s: s.row):
+            piece = min(state.ids.shape[0] - 1 - state._cached, budget)
+            if piece <= 0:
+                break
+            pieces.append((state, piece))
+            budget -= piece
+        rows = [state.row for state, _ in pieces]
+        for begin, end in prefill_groups(rows, [piece for _, piece in pieces]):
+            self._prefill_rows(cache, pieces[begin:end])
+
+    def _prefill_rows(
+        self, cache: BatchCache | StateCache, pieces: list[tuple[SequenceState, int]]
+    ) -> None:
+        """One forward reading the next ``piece`` prompt tokens of each state; the states
+        hold consecutive rows. Shorter pieces are padded on the right: the padding's keys
+        lie past the row's length, where the next forward writes before reading."""
+        width = max(piece for _, piece in pieces)
+        fed = torch.full((len(pieces), width), self.verifier.pad_id, dtype=torch.long)
+        for i, (state, piece) in enumerate(pieces):
+            fed[i, :piece] = state.ids[state._cached : state._cached + piece]
+        # Features for each row's newest ``feature_window`` positions: the shortest piece's
+        # reach back from the end of the widest.
+        shortest = min(piece for _, piece in pieces)
+        skipped = max(0, shortest - self.feature_window)
         _, features = self.verifier.forward(
-            state.ids[None, begin:end],
+            fed,
             cache,
-            state.row,
+            pieces[0][0].row,
             self.feature_layers,
             self.raw_features,
             prefill=True,
-            feature_rows=self.feature_window,
+            feature_rows=width - skipped,
         )
-        state._cached = cache.lengths[state.row] = end
-        if features is not None:
-            keep(state, features[0], self.feature_window)
-        return end - begin
+        for i, (state, piece) in enumerate(pieces):
+            state._cached = cache.lengths[state.row] = state._cached + piece
+            if features is not None:
+                first = max(0, piece - self.feature_window) - skipped
+                keep(state, features[i, first : piece - skipped], self.feature_window)
 
     def _plan(self, states: Sequence[SequenceState], others: int = 0, width: int = 1) -> int | None:
         """The block size of the adaptive rows among ``states`` (None: there are none), who
@@ -663,6 +698,33 @@ def _fit_to_grammar(state: SequenceState, room: int) -> None:
         q = q[:legal]
     state.proposal = DraftProposal(tokens, q)
     state.forced = len(forced)
+
+
+def prefill_groups(
+    rows: Sequence[int], pieces: Sequence[int], forward_cost: int = FORWARD_COST_TOKENS
+) -> list[tuple[int, int]]:
+    """Split prompt pieces into forwards: ``[begin, end)`` index ranges, each of rows that are
+    consecutive in the cache (a forward reads a contiguous range of rows), chosen to minimise
+    the tokens computed, padding included, plus ``forward_cost`` per forward (what a forward
+    costs beyond its tokens). Rows of similar lengths share one; a short prompt next to a
+    long one reads alone rather than be padded to its length."""
+    count = len(pieces)
+    best = [0.0] + [float("inf")] * count  # best[j]: cost of the first j pieces
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        widest = 0
+        for begin in range(end - 1, -1, -1):
+            if begin < end - 1 and rows[begin] + 1 != rows[begin + 1]:
+                break
+            widest = max(widest, pieces[begin])
+            cost = best[begin] + forward_cost + (end - begin) * widest
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups, end = [], count
+    while end > 0:
+        groups.append((cut[end], end))
+        end = cut[end]
+    return groups[::-1]
 
 
 def truncate(new: list[int], eos_ids: Any, room: int) -> FinishReason | None:
