@@ -292,9 +292,10 @@ def bare_draft_ms(
     import torch
 
     from dg_stream._config import SamplingParams
+    from dg_stream._drafters.base import DraftRequest
 
     device = drafter.device
-    width = len(drafter.feature_layers) * int(verifier.config.hidden_size)
+    width = len(drafter.traits.feature_layers) * int(verifier.config.hidden_size)
     params = SamplingParams(temperature=0.0)
     g = torch.Generator().manual_seed(3)
     vocab = int(verifier.config.vocab_size)
@@ -304,14 +305,14 @@ def bare_draft_ms(
             session = drafter.session()
             ids = torch.tensor(context, device=device)
             features = torch.randn(len(context) - 1, width, device=device, dtype=drafter.dtype)
-            session.propose(ids, k, params, None, features=features)
+            session.propose(DraftRequest(ids, k, params, None, features=features))
             state = {"ids": ids}
 
             def run(session: Any = session, k: int = k, state: dict[str, Any] = state) -> None:
                 grown = torch.randint(2, vocab, (k + 1,), generator=g).to(device)
                 state["ids"] = torch.cat([state["ids"], grown])
                 rows = torch.randn(k + 1, width, device=device, dtype=drafter.dtype)
-                session.propose(state["ids"], k, params, None, features=rows)
+                session.propose(DraftRequest(state["ids"], k, params, None, features=rows))
 
             out[k] = _median_ms(run, device, repeats)
             session.close()
@@ -455,7 +456,8 @@ def measure_model(
                 **{k: v for k, v in DFLASH[name].items()},
                 "parameters": sum(p.numel() for p in inner.model.parameters()),
             }
-            ks = [k for k in ks if k <= drafter.max_block_size] or [drafter.max_block_size]
+            largest = drafter.traits.max_block_size
+            ks = [k for k in ks if k <= largest] or [largest]
         hybrid = LocalBackend(model, drafter, device=device, block_size=max(ks), adaptive=False)
         backends.append(hybrid)
 

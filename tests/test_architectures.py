@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import dg_stream
 from dg_stream import GenerationError, LocalBackend, SamplingParams
+from dg_stream._drafters.base import DraftProposal, DraftRequest
 from dg_stream._state_cache import StateCache
 from dg_stream._verifier import Verifier
 
@@ -333,10 +334,10 @@ class _FailsOnOnePrompt(NoisyOracleDrafter):
         super().__init__(sequences, vocab)
         self.poison = poison
 
-    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
-        if int(context[0]) == self.poison and context.shape[0] > 10:
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        if int(request.context[0]) == self.poison and request.context.shape[0] > 10:
             raise RuntimeError("this row's drafter failed")
-        return super().propose(context, k, *args, **options)
+        return super().propose(request)
 
 
 @pytest.mark.parametrize("family", ["llama", "jamba"])

@@ -577,16 +577,11 @@ def test_one_drafter_call_drafts_what_each_row_drafts_alone(
         )
         for i, context in enumerate(contexts)
     ]
-    together = drafter.propose_batch(requests)
+    together = drafter.propose_batch([drafter] * len(requests), requests)
+    assert drafter.traits.batched
     for request, got in zip(requests, together, strict=True):
-        alone = drafter.propose(
-            request.context,
-            request.k,
-            request.params,
-            torch.Generator().manual_seed(int(request.generator.initial_seed())),
-            steps=request.steps,
-            features=request.features,
-        )
+        seed = int(request.generator.initial_seed())
+        alone = drafter.propose(request._replace(generator=torch.Generator().manual_seed(seed)))
         assert got.tokens.tolist() == alone.tokens.tolist()
         assert (got.q is None) == (alone.q is None)
         if got.q is not None:

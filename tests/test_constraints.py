@@ -13,6 +13,7 @@ import jsonschema
 import msgspec
 import pytest
 import torch
+from _drafters import StatelessDrafter
 from _models import tiny_causal_lm, tiny_masked_lm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from scipy.stats import chi2_contingency
 import dg_stream
 from dg_stream import InvalidRequestError, LocalBackend
 from dg_stream._config import ResponseFormat, response_format_from
+from dg_stream._drafters.base import DrafterTraits, DraftProposal, DraftRequest
 
 PROMPT = [40, 41, 42, 43, 44]
 
@@ -195,30 +197,20 @@ def test_sampled_replies_follow_constrained_plain_sampling(
     assert chi2_contingency(table).pvalue > 1e-3, counts
 
 
-class _HalfIllegal:
+class _HalfIllegal(StatelessDrafter):
     """Drafts one token: ``legal`` or ``illegal`` with probability 1/2 each, and says so
     (q): a draft cut at its illegal token must then be followed by the residual
     ``normalize(max(0, p - q))``, not p."""
 
-    vocab_size: int | None = None
-    max_block_size = 4
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
+    traits = DrafterTraits(max_block_size=4)
 
     def __init__(self, legal: int, illegal: int, vocab: int) -> None:
         self.legal, self.illegal, self.vocab = legal, illegal, vocab
 
-    def session(self) -> _HalfIllegal:
-        return self
-
-    def close(self) -> None: ...
-
-    def propose(self, context: torch.Tensor, k: int, params: Any, generator: Any, **_: Any) -> Any:
-        from dg_stream._drafters.base import DraftProposal
-
+    def propose(self, request: DraftRequest) -> DraftProposal:
         q = torch.zeros(1, self.vocab)
         q[0, self.legal] = q[0, self.illegal] = 0.5
-        token = torch.multinomial(q[0], 1, generator=generator)
+        token = torch.multinomial(q[0], 1, generator=request.generator)
         return DraftProposal(token, q)
 
 
@@ -255,28 +247,18 @@ def test_a_draft_cut_at_an_illegal_token_keeps_sampling_exact(verifier: Any, tin
 # -- no draft token the grammar rejects reaches the verifier --------------------------------
 
 
-class _Illegal:
+class _Illegal(StatelessDrafter):
     """Drafts only tokens the grammar of a JSON object never allows first (letters)."""
 
-    vocab_size: int | None = None
-    max_block_size = 16
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
+    traits = DrafterTraits(max_block_size=16)
 
     def __init__(self, token: int) -> None:
         self.token = token
         self.proposed = 0
 
-    def session(self) -> _Illegal:
-        return self
-
-    def close(self) -> None: ...
-
-    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
-        from dg_stream._drafters.base import DraftProposal
-
-        self.proposed += k
-        return DraftProposal(torch.full((k,), self.token, dtype=torch.long), None)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        self.proposed += request.k
+        return DraftProposal(torch.full((request.k,), self.token, dtype=torch.long), None)
 
 
 def test_no_illegal_draft_reaches_the_verifier(verifier: Any, tiny_tok: Any) -> None:
@@ -616,27 +598,17 @@ def test_strict_closes_object_schemas_and_leaves_values_alone() -> None:
     assert "additionalProperties" not in closed["properties"]
 
 
-class _Script:
+class _Script(StatelessDrafter):
     """Drafts the continuation of a fixed script (then end-of-sequence and more): a drafter
     that agrees with the verifier up to the grammar's end and past it."""
 
-    vocab_size: int | None = None
-    max_block_size = 8
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
+    traits = DrafterTraits(max_block_size=8)
 
     def __init__(self, prompt: list[int], script: list[int]) -> None:
         self.start, self.script = len(prompt), script
 
-    def session(self) -> _Script:
-        return self
-
-    def close(self) -> None: ...
-
-    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
-        from dg_stream._drafters.base import DraftProposal
-
-        done = context.shape[0] - self.start
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        done, k = request.context.shape[0] - self.start, request.k
         return DraftProposal(torch.tensor(self.script[done : done + k], dtype=torch.long), None)
 
 

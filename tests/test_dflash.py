@@ -21,6 +21,7 @@ from test_greedy_lossless import PROMPTS, hybrid, reference
 
 from dg_stream import GenerationRequest, LocalBackend, SamplingParams, SpeculativeConfig
 from dg_stream._drafters import DFlashDrafter, DraftProposal
+from dg_stream._drafters.base import DraftRequest
 from dg_stream._drafters.dflash import DFlashSession
 from dg_stream._drafters.dflash_model import (
     ContextCache,
@@ -68,8 +69,9 @@ class TruthfulSession:
         self.drafter, self.truth, self.verifier, self.log = drafter, truth, verifier, log
         self.calls = 0
 
-    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> DraftProposal:
-        self.inner.propose(context, k, *args, **options)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        context, k = request.context, request.k
+        self.inner.propose(request)
         self.check_cache(context)
         n = context.shape[0]
         tokens = torch.tensor(self.truth[n : n + k], dtype=torch.long)
@@ -88,7 +90,9 @@ class TruthfulSession:
             return
         with torch.no_grad():
             out = self.verifier(input_ids=context[None, :-1], output_hidden_states=True)
-        features = verifier_features(out.hidden_states, self.drafter.feature_layers, raw=True)
+        features = verifier_features(
+            out.hidden_states, self.drafter.traits.feature_layers, raw=True
+        )
         fresh = ContextCache(len(self.drafter.model.layers))
         model = self.drafter.model
         block = self.drafter.embed(context[-1:])[None]
@@ -134,11 +138,13 @@ def test_drafts_depend_on_the_verifier_states(tiny_tok: Any) -> None:
     context = torch.tensor(PROMPTS["long"])
     with torch.no_grad():
         out = verifier(input_ids=context[None, :-1], output_hidden_states=True)
-    features = verifier_features(out.hidden_states, drafter.feature_layers, raw=True)[0]
+    features = verifier_features(out.hidden_states, drafter.traits.feature_layers, raw=True)[0]
     greedy = SamplingParams(temperature=0.0)
-    real = drafter.session().propose(context, 8, greedy, None, features=features)
-    other = drafter.session().propose(context, 8, greedy, None, features=features.flip(0))
-    none = drafter.session().propose(context, 8, greedy, None)
+    real = drafter.session().propose(DraftRequest(context, 8, greedy, None, features=features))
+    other = drafter.session().propose(
+        DraftRequest(context, 8, greedy, None, features=features.flip(0))
+    )
+    none = drafter.session().propose(DraftRequest(context, 8, greedy, None))
     assert real.tokens.shape == (8,)
     assert not torch.equal(real.tokens, other.tokens) or not torch.equal(real.tokens, none.tokens)
 
@@ -353,12 +359,18 @@ def test_a_smaller_block_drafts_the_first_slots_of_the_trained_one(tiny_tok: Any
     context = torch.tensor(PROMPTS["long"])
     with torch.no_grad():
         out = verifier(input_ids=context[None, :-1], output_hidden_states=True)
-    features = verifier_features(out.hidden_states, drafter.feature_layers, raw=True)[0]
+    features = verifier_features(out.hidden_states, drafter.traits.feature_layers, raw=True)[0]
     greedy = SamplingParams(temperature=0.0)
-    full = drafter.session().propose(context, 16, greedy, None, features=features).tokens
+    full = (
+        drafter.session().propose(DraftRequest(context, 16, greedy, None, features=features)).tokens
+    )
     assert full.shape == (16,)
     for k in (1, 2, 5):
-        short = drafter.session().propose(context, k, greedy, None, features=features).tokens
+        short = (
+            drafter.session()
+            .propose(DraftRequest(context, k, greedy, None, features=features))
+            .tokens
+        )
         assert torch.equal(short, full[:k])
 
 

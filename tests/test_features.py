@@ -8,16 +8,19 @@ another verifier must be refused at load time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _drafters import StatelessDrafter
 from _models import ARCHITECTURES, tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
 from test_greedy_lossless import PROMPTS, hybrid, reference
 
 from dg_stream import LocalBackend
 from dg_stream._drafters import DiffusionDrafter, DraftProposal
+from dg_stream._drafters.base import DraftRequest
 from dg_stream._errors import ModelLoadError
 from dg_stream._loading import FEATURE_PROJECTION_FILE, save_feature_projection
 from dg_stream._verifier import verifier_features
@@ -34,7 +37,7 @@ def test_features_are_unit_rms_layers_side_by_side() -> None:
     assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5)
 
 
-class RecordingFeatureDrafter:
+class RecordingFeatureDrafter(StatelessDrafter):
     """Wraps a feature-conditioned drafter; keeps every (context, features) it was handed.
 
     With ``truth`` (prompt + the verifier's greedy continuation) it proposes that instead, its
@@ -44,23 +47,14 @@ class RecordingFeatureDrafter:
     def __init__(self, inner: DiffusionDrafter, truth: list[int] | None = None) -> None:
         self.inner = inner
         self.truth = truth
-        self.vocab_size = inner.vocab_size
-        self.max_block_size = inner.max_block_size
-        self.feature_layers = inner.feature_layers
-        self.feature_window = inner.feature_window
-        self.feature_size = inner.feature_size
+        self.traits = replace(inner.traits, batched=False)
         self.seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-    def session(self) -> RecordingFeatureDrafter:
-        return self
-
-    def close(self) -> None: ...
-
-    def propose(self, context: torch.Tensor, k: int, *args: Any, **options: Any) -> Any:
-        features = options.get("features")
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        context, k, features = request.context, request.k, request.features
         self.seen.append((context.clone(), None if features is None else features.clone()))
         if self.truth is None:
-            return self.inner.propose(context, k, *args, **options)
+            return self.inner.propose(request)
         n = context.shape[0]
         tokens = torch.tensor(self.truth[n : n + k])
         if len(self.seen) % 2 and tokens.numel():
@@ -155,8 +149,8 @@ def test_the_features_change_the_drafts(tiny_tok: Any) -> None:
     from dg_stream import SamplingParams
 
     params = SamplingParams(temperature=1.0)
-    with_features = drafter.propose(context, 8, params, None, features=features).q
-    without = drafter.propose(context, 8, params, None).q
+    with_features = drafter.propose(DraftRequest(context, 8, params, None, features=features)).q
+    without = drafter.propose(DraftRequest(context, 8, params, None)).q
     assert with_features is not None and without is not None
     # A random tiny BERT predicts almost uniformly; still, every position moves.
     assert (with_features - without).abs().sum(-1).min() > 1e-4
@@ -201,8 +195,9 @@ def test_a_feature_drafter_for_another_verifier_is_refused(tmp_path: Path, tiny_
         LocalBackend(verifier, deep, tokenizer=tiny_tok)
 
 
-def test_a_drafter_written_before_features_still_works(tiny_tok: Any) -> None:
-    """No feature attributes, no ``features`` keyword: it is handed no features."""
+def test_a_drafter_of_the_earlier_contract_still_works(tiny_tok: Any) -> None:
+    """No traits, no feature attributes, no ``features`` keyword: it is read through
+    ``as_drafter`` with a deprecation warning, and handed no features."""
 
     class OlderDrafter:
         vocab_size = None
@@ -219,9 +214,26 @@ def test_a_drafter_written_before_features_still_works(tiny_tok: Any) -> None:
             return DraftProposal(context[-k:].clone(), None)  # repeats the context's tail
 
     verifier = tiny_causal_lm("llama", len(tiny_tok))
-    backend = LocalBackend(verifier, OlderDrafter(), tokenizer=tiny_tok)
+    with pytest.warns(DeprecationWarning, match="declare `traits`"):
+        backend = LocalBackend(verifier, OlderDrafter(), tokenizer=tiny_tok)
+    assert backend.drafter.traits.max_block_size == 8
+    assert not backend.drafter.traits.batched and not backend.drafter.traits.feature_layers
     prompt = PROMPTS["long"]
-    assert hybrid(backend, prompt, 20, 4)[0] == reference(verifier, prompt, 20)
+    ids, stats = hybrid(backend, prompt, 20, 4)
+    assert ids == reference(verifier, prompt, 20)
+    assert stats.drafted_tokens > 0  # it did draft, through the adapter
+
+
+def test_a_drafter_is_read_from_its_traits_alone(tiny_tok: Any) -> None:
+    """The round core reads ``traits``, not attributes: a drafter whose traits say it reads
+    no features is handed none, whatever attributes it also has."""
+    inner = tiny_feature_drafter(len(tiny_tok), tiny_tok.mask_token_id, tiny_causal_lm("llama", 50))
+    drafter = RecordingFeatureDrafter(inner)
+    drafter.traits = replace(drafter.traits, feature_layers=(), feature_window=0)
+    drafter.feature_layers = inner.feature_layers  # type: ignore[attr-defined]
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    hybrid(LocalBackend(verifier, drafter, tokenizer=tiny_tok), PROMPTS["long"], 8, 4)
+    assert drafter.seen and all(features is None for _, features in drafter.seen)
 
 
 def test_projection_must_fit_the_drafter() -> None:
@@ -245,7 +257,9 @@ def test_features_cover_only_the_feature_window(tiny_tok: Any) -> None:
     params = SamplingParams(temperature=1.0)
 
     def q(rows: int) -> torch.Tensor:
-        proposal = drafter.propose(context, 4, params, None, features=features[-rows:])
+        proposal = drafter.propose(
+            DraftRequest(context, 4, params, None, features=features[-rows:])
+        )
         assert proposal.q is not None
         return proposal.q
 

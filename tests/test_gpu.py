@@ -270,7 +270,7 @@ def test_seeded_sampling_is_the_same_alone_and_batched() -> None:
 def test_dflash_drafter_on_cuda(tiny_tok: Any) -> None:
     """fp32: the verifier's greedy output at every block size, drafts made on the GPU; bf16:
     both models in bf16 decode, greedy and sampled, without leaving the device."""
-    from dg_stream._drafters import DFlashDrafter
+    from dg_stream._drafters import DFlashDrafter, DraftRequest
 
     verifier = on_cuda(tiny_causal_lm("qwen3", len(tiny_tok)))
     drafter = on_cuda(tiny_dflash(verifier, tiny_tok.mask_token_id))
@@ -279,7 +279,7 @@ def test_dflash_drafter_on_cuda(tiny_tok: Any) -> None:
     assert backend.drafter.device.type == KIND
     session = backend.drafter.session()
     proposal = session.propose(
-        torch.tensor([5, 6, 7], device=CUDA), 4, SamplingParams(temperature=1.0), None
+        DraftRequest(torch.tensor([5, 6, 7], device=CUDA), 4, SamplingParams(temperature=1.0), None)
     )
     assert proposal.tokens.device.type == KIND and proposal.q is not None
     assert proposal.q.device.type == KIND

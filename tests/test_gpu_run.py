@@ -169,25 +169,25 @@ def test_oracle_drafters_follow_the_drafter_protocol(tiny_tok: Any) -> None:
 
     from dg_stream import SamplingParams
     from dg_stream._drafters import DFlashDrafter
+    from dg_stream._drafters.base import DraftRequest
 
     prompt = [5, 6, 7]
     oracle = OracleDrafter([[*prompt, 9, 10, 11, 12]], max_block_size=8)
     session = oracle.session()
     greedy = SamplingParams()
-    assert session.propose(torch.tensor(prompt), 2, greedy, None).tokens.tolist() == [9, 10]
-    assert session.propose(torch.tensor([*prompt, 9]), 8, greedy, None).tokens.tolist() == [
-        10,
-        11,
-        12,
-    ]
-    unknown = oracle.session().propose(torch.tensor([1, 2]), 4, greedy, None)
+    first = session.propose(DraftRequest(torch.tensor(prompt), 2, greedy, None))
+    assert first.tokens.tolist() == [9, 10]
+    rest = session.propose(DraftRequest(torch.tensor([*prompt, 9]), 8, greedy, None))
+    assert rest.tokens.tolist() == [10, 11, 12]
+    unknown = oracle.session().propose(DraftRequest(torch.tensor([1, 2]), 4, greedy, None))
     assert unknown.tokens.numel() == 0 and unknown.q is None
 
     verifier = tiny_causal_lm("qwen3", len(tiny_tok))
     inner = DFlashDrafter(tiny_dflash(verifier, tiny_tok.mask_token_id, block_size=9), verifier)
     over = OracleOverDrafter(inner, OracleDrafter([prompt], max_block_size=16))
-    assert over.max_block_size == 8 and over.feature_layers == inner.feature_layers
-    assert over.feature_stream and over.raw_features
+    assert over.traits.max_block_size == 8
+    assert over.traits.feature_layers == inner.traits.feature_layers
+    assert over.traits.feature_stream and over.traits.raw_features
     backend = LocalBackend(verifier, over, tokenizer=tiny_tok, block_size=4)
     expected = [t for c in _greedy(LocalBackend(verifier, None), prompt, 20) for t in c]
     over.oracle.set_sequences([prompt + expected])

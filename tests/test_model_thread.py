@@ -11,13 +11,13 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from _drafters import NoisyOracleDrafter
+from _drafters import NoisyOracleDrafter, StatelessDrafter
 from _models import tiny_causal_lm
 from test_batching import PROMPTS, collect, reference
 
 import dg_stream
 from dg_stream import GenerationError, LocalBackend
-from dg_stream._drafters.base import DraftProposal
+from dg_stream._drafters.base import DraftProposal, DraftRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -33,28 +33,16 @@ def model_and_expected(tiny_tok: Any) -> tuple[Any, list[list[int]]]:
     return model, [reference(model, p, 24) for p in PROMPTS]
 
 
-class UselessDrafter:
+class UselessDrafter(StatelessDrafter):
     """Proposes tokens the verifier never writes (a constant id it avoids)."""
-
-    vocab_size: int | None = None
-    max_block_size = 64
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
 
     def __init__(self, token: int) -> None:
         self.token = token
         self.sizes: list[int] = []
 
-    def session(self) -> UselessDrafter:
-        return self
-
-    def close(self) -> None: ...
-
-    def propose(
-        self, context: torch.Tensor, k: int, params: Any, generator: Any, **options: Any
-    ) -> DraftProposal:
-        self.sizes.append(k)
-        return DraftProposal(torch.full((k,), self.token, dtype=torch.long), None)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        self.sizes.append(request.k)
+        return DraftProposal(torch.full((request.k,), self.token, dtype=torch.long), None)
 
 
 class ThreadRecorder:
@@ -200,10 +188,11 @@ async def test_a_failing_row_ends_alone(
     model, expected = model_and_expected
 
     class FailsOnOnePrompt(NoisyOracleDrafter):
-        def propose(self, context: torch.Tensor, k: int, *args: Any, **kw: Any) -> Any:
+        def propose(self, request: DraftRequest) -> DraftProposal:
+            context = request.context
             if context[:2].tolist() == PROMPTS[2][:2] and context.shape[0] > len(PROMPTS[2]):
                 raise RuntimeError("this row's drafter broke")
-            return super().propose(context, k, *args, **kw)
+            return super().propose(request)
 
     drafter = FailsOnOnePrompt([p + e for p, e in zip(PROMPTS, expected, strict=True)], 300)
     backend = LocalBackend(model, drafter, tokenizer=tiny_tok, block_size=3)

@@ -151,8 +151,8 @@ def test_a_wrong_dflash_q_is_detected(verifier: Any) -> None:
         def __init__(self) -> None:
             self.inner = drafter.session()
 
-        def propose(self, *args: Any, **options: Any) -> DraftProposal:
-            tokens, q = self.inner.propose(*args, **options)
+        def propose(self, request: Any) -> DraftProposal:
+            tokens, q = self.inner.propose(request)
             assert q is not None
             return DraftProposal(tokens, torch.full_like(q, 1.0 / q.shape[-1]))
 

@@ -53,6 +53,14 @@ from ._tools import FunctionTool, ToolCall, ToolCallReader, ToolChoice, tool_cal
 if TYPE_CHECKING:
     from ._backends.local import LocalBackend
     from ._backends.remote import RemoteBackend, RemoteTimeout
+    from ._drafters.base import (
+        Drafter,
+        DrafterTraits,
+        DraftProposal,
+        DraftRequest,
+        DraftSession,
+        propose_each,
+    )
 
 __version__ = "0.1.0"
 
@@ -68,6 +76,11 @@ __all__ = [
     "Completion",
     "DGStreamError",
     "DerivedStream",
+    "DraftProposal",
+    "DraftRequest",
+    "DraftSession",
+    "Drafter",
+    "DrafterTraits",
     "FinishReason",
     "FunctionTool",
     "GenerationError",
@@ -101,6 +114,7 @@ __all__ = [
     "collect",
     "generate",
     "map_text",
+    "propose_each",
     "stop_at",
     "tee",
     "tool_call_format",
@@ -110,6 +124,18 @@ __all__ = [
 
 _LAZY = {
     "LocalBackend": ("._backends.local", "LocalBackend"),
+    # The drafter contract, for drafters of one's own (torch: lazy too).
+    **{
+        name: ("._drafters.base", name)
+        for name in (
+            "DraftProposal",
+            "DraftRequest",
+            "DraftSession",
+            "Drafter",
+            "DrafterTraits",
+            "propose_each",
+        )
+    },
     # httpx only (no torch); lazy so that ``import dg_stream`` stays quick.
     "RemoteBackend": ("._backends.remote", "RemoteBackend"),
     "RemoteTimeout": ("._backends.remote", "RemoteTimeout"),

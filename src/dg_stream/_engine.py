@@ -124,7 +124,7 @@ class GenerationSession:
         seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         policy: BlockSizePolicy | None = None
         if self.adaptive and engine.drafter is not None:
-            largest = min(4 * self.block_size, 64, engine.drafter.max_block_size)
+            largest = min(4 * self.block_size, 64, engine.drafter.traits.max_block_size)
             policy = BlockSizePolicy(
                 self.block_size,
                 largest,

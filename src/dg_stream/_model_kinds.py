@@ -26,9 +26,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ._drafters.base import Drafter
+
 from ._loading import (
     _check_path,
     check_vocabularies,
@@ -163,15 +167,16 @@ def build_drafter(
 ) -> Any:
     """The ``Drafter`` for ``drafter`` (see ``LocalBackend``), bound to ``verifier`` (a
     ``Verifier``) and refused with ``ModelLoadError`` where it cannot serve it."""
-    from ._drafters import CausalDrafter, DFlashDrafter, DiffusionDrafter, NgramDrafter
+    from ._drafters import CausalDrafter, DFlashDrafter, DiffusionDrafter, NgramDrafter, as_drafter
 
     if drafter is None:
         return None
     if isinstance(drafter, str) and drafter == "ngram":
         return NgramDrafter()
-    if hasattr(drafter, "session") and hasattr(drafter, "max_block_size"):
-        check_features(drafter, verifier.config)
-        return drafter  # already a Drafter
+    if hasattr(drafter, "session"):  # already a drafter (of this contract or the earlier)
+        made = as_drafter(drafter)
+        check_features(made, verifier.config)
+        return made
     projection = None
     if isinstance(drafter, (str, os.PathLike)):
         path = drafter
@@ -224,10 +229,10 @@ def build_drafter(
     return diffusion
 
 
-def check_features(drafter: Any, config: Any) -> None:
+def check_features(drafter: Drafter, config: Any) -> None:
     """A feature-conditioned drafter must fit the layers and width of the verifier whose
     ``config`` is given."""
-    feature_layers = tuple(getattr(drafter, "feature_layers", ()) or ())
+    feature_layers = drafter.traits.feature_layers
     if not feature_layers:
         return
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
@@ -238,7 +243,7 @@ def check_features(drafter: Any, config: Any) -> None:
             f"the drafter reads verifier layers {list(feature_layers)}, but the "
             f"verifier has {layers} layers"
         )
-    size = getattr(drafter, "feature_size", None)  # known to drafters with a projection
+    size = drafter.traits.feature_size  # known to drafters with a projection
     if size is not None and hidden and size != wanted:
         raise ModelLoadError(
             f"the drafter reads {size} verifier features per token, but "

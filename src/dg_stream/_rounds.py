@@ -55,7 +55,14 @@ from ._block_policy import (
 from ._chunks import FinishReason, StepStats
 from ._config import SamplingParams
 from ._constraints import Constraint
-from ._drafters.base import Drafter, DraftProposal, DraftRequest, DraftSession, empty_proposal
+from ._drafters.base import (
+    Drafter,
+    DrafterTraits,
+    DraftProposal,
+    DraftRequest,
+    DraftSession,
+    empty_proposal,
+)
 from ._sampling import apply_repetition_penalty, process_logits
 from ._state_cache import StateCache
 from ._verifier import Verifier
@@ -165,14 +172,13 @@ class RoundCore:
         self.drafter = drafter
         self.costs = costs
         self.prefill_chunk = max(1, prefill_chunk)
-        # Verifier features for drafters that read them (older drafters lack the attributes).
-        self.feature_window = int(getattr(drafter, "feature_window", 0) or 0)
-        layers = getattr(drafter, "feature_layers", ()) or ()
-        self.feature_layers: tuple[int, ...] = tuple(layers) if self.feature_window > 0 else ()
-        # A drafter that caches what it has read (DFlash) is handed each position's features
-        # once; it reads them raw when its own projection normalises them.
-        self.feature_stream = bool(getattr(drafter, "feature_stream", False))
-        self.raw_features = bool(getattr(drafter, "raw_features", False))
+        traits = drafter.traits if drafter is not None else DrafterTraits(max_block_size=0)
+        self.traits = traits
+        # Verifier features for drafters that read them; a drafter that caches what it has
+        # read (DFlash) is handed each position's features once.
+        self.feature_window = traits.feature_window if traits.reads_features else 0
+        self.feature_layers = traits.feature_layers if traits.reads_features else ()
+        self.raw_features = traits.raw_features
         self.probe_every = 4
         self._plain_rounds = 0
         self._probe_gap = self.probe_every  # rounds per row between probes; doubles while
@@ -455,6 +461,7 @@ class RoundCore:
         the seconds. A failed drafter call ends the rows it was drafting for."""
         seconds = dict.fromkeys(chosen, 0.0)
         wanted: list[tuple[int, SequenceState, int]] = []
+        sessions: list[DraftSession] = []
         for i in chosen:
             state = states[i]
             remaining = state.max_new_tokens - state.generated
@@ -472,12 +479,15 @@ class RoundCore:
                 _fit_to_grammar(state, room)
             else:
                 wanted.append((i, state, k))
-        batched = getattr(self.drafter, "propose_batch", None)
-        if len(wanted) > 1 and batched is not None:
+                sessions.append(state.draft_session)
+        if not wanted:
+            return seconds
+        assert self.drafter is not None
+        if len(wanted) > 1 and self.traits.batched:
             started = time.perf_counter()
             try:
                 requests = [self._request(state, k) for _, state, k in wanted]
-                proposals = batched(requests)
+                proposals = self.drafter.propose_batch(sessions, requests)
             except Exception as exc:
                 for i, state, _ in wanted:
                     outcomes[i] = _row_failed(state, exc)
@@ -488,22 +498,10 @@ class RoundCore:
             for i, state, k in wanted:
                 seconds[i] = self._drafted(state, k, share)
             return seconds
-        for i, state, k in wanted:
-            started = time.perf_counter()
-            assert state.draft_session is not None
-            request = self._request(state, k)
-            # Features go only to drafters that read them (older drafters lack the keyword).
-            extra = {"features": request.features} if self.feature_layers else {}
+        for (i, state, k), session in zip(wanted, sessions, strict=True):
+            started = time.perf_counter()  # each row alone: a failure ends that row only
             try:
-                state.proposal = state.draft_session.propose(
-                    request.context,
-                    k,
-                    request.params,
-                    request.generator,
-                    steps=request.steps,
-                    confidence=request.confidence,
-                    **extra,
-                )
+                state.proposal = session.propose(self._request(state, k))
             except Exception as exc:
                 outcomes[i] = _row_failed(state, exc)
                 continue
@@ -524,7 +522,7 @@ class RoundCore:
         remaining = state.max_new_tokens - state.generated
         _fit_to_grammar(state, min(self._widest(state), remaining - 1))
         state.draft_seconds = seconds
-        if self.feature_stream:
+        if self.traits.feature_stream:
             state.features = None  # the drafter has them now
         if state.policy is not None:
             self.costs.observe_draft(k, seconds, state.steps)

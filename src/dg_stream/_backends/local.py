@@ -114,10 +114,11 @@ class LocalBackend:
         # Loaded on the torch thread, like every round after: a torch parallel region run on
         # this thread would leave a second OpenMP team behind (see _model_thread).
         model, tok, self.drafter = run_on_torch_thread(load)
+        traits = self.drafter.traits if self.drafter is not None else None
         if block_size is None:
-            block_size = getattr(self.drafter, "recommended_block_size", None) or 8
+            block_size = (traits.recommended_block_size if traits else None) or 8
         if adaptive is None:
-            adaptive = bool(getattr(self.drafter, "recommended_adaptive", None))
+            adaptive = bool(traits.recommended_adaptive if traits else None)
         self.defaults = SpeculativeConfig(
             block_size=block_size, steps=steps, adaptive=adaptive, confidence=confidence
         )

@@ -1,14 +1,38 @@
-"""The drafter protocol: propose a block of tokens that the verifier will check."""
+"""The drafter contract: what a drafter declares once, and how it proposes blocks.
+
+```
+Drafter ── traits: DrafterTraits        what it reads and returns, declared once
+        ── session() ─► DraftSession    one per generation, owns that row's state
+        ── propose_batch(sessions, requests)   several rows at once (traits.batched)
+DraftSession.propose(DraftRequest) ─► DraftProposal (tokens, q) on the verifier's device
+```
+
+The round core reads ``traits`` and nothing else about a drafter: no probing for optional
+attributes. Drafters written against the earlier contract (attributes on the drafter,
+``propose(context, k, params, generator, *, steps, confidence, features)`` on its sessions)
+still work through ``as_drafter``, which reads them once and warns.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from .._config import SamplingParams
 
-__all__ = ["DraftProposal", "DraftRequest", "DraftSession", "Drafter"]
+__all__ = [
+    "DraftProposal",
+    "DraftRequest",
+    "DraftSession",
+    "Drafter",
+    "DrafterTraits",
+    "as_drafter",
+    "empty_proposal",
+]
 
 
 class DraftProposal(NamedTuple):
@@ -25,7 +49,14 @@ class DraftProposal(NamedTuple):
 
 
 class DraftRequest(NamedTuple):
-    """One row of a batched drafter call: ``DraftSession.propose``'s arguments."""
+    """What one row asks of its drafter session.
+
+    context: (n,) committed ids; k: most tokens to draft; params and generator: how to draw
+    them (the row's own generator, on the verifier's device); steps and confidence: the
+    request's denoising options (drafters that do not denoise ignore them); features:
+    ((m, F)) the verifier's features of the last m context tokens before the newest one, for
+    drafters that read them (``DrafterTraits.feature_layers``).
+    """
 
     context: torch.Tensor
     k: int
@@ -36,26 +67,48 @@ class DraftRequest(NamedTuple):
     features: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class DrafterTraits:
+    """What a drafter is, declared once.
+
+    max_block_size: most tokens one proposal may hold (position limits of the model).
+    vocab_size: ids the drafter can emit, ``None`` when it proposes context ids only.
+    feature_layers: verifier layers whose features it reads (``verifier_features``); empty
+    for drafters that read tokens only. feature_window: how many positions before the newest
+    token a proposal reads features of. feature_size: their width, when the drafter knows it
+    (a projection's), so that a verifier of another width is refused at load.
+    feature_stream: it caches what it has read, so each committed position's features are
+    handed over once (DFlash) instead of the newest ``feature_window`` every time.
+    raw_features: it reads the verifier's hidden states as they are, not at unit RMS.
+    exact_q: its sampled proposals carry the q their tokens were drawn from (a proposal may
+    still come without: a point mass, exact too); False for lookup drafters.
+    batched: ``propose_batch`` drafts several rows in one forward; without it each row's
+    session proposes on its own (a failure then ends that row alone).
+    recommended_block_size, recommended_adaptive: the defaults its checkpoint records.
+    """
+
+    max_block_size: int
+    vocab_size: int | None = None
+    feature_layers: tuple[int, ...] = ()
+    feature_window: int = 0
+    feature_size: int | None = None
+    feature_stream: bool = False
+    raw_features: bool = False
+    exact_q: bool = True
+    batched: bool = False
+    recommended_block_size: int | None = None
+    recommended_adaptive: bool | None = None
+
+    @property
+    def reads_features(self) -> bool:
+        return bool(self.feature_layers) and self.feature_window > 0
+
+
 class DraftSession(Protocol):
     """Per-generation drafter state (a cache, say); never shared between generations."""
 
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
-        """Draft up to ``k`` tokens following ``context`` ((n,) committed ids).
-
-        ``steps`` and ``confidence`` are the request's denoising options; drafters that do not
-        denoise ignore them. ``features`` ((m, F)) are the verifier's features of the last m
-        context tokens before the newest one, given to drafters that ask for them.
-        """
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        """Draft up to ``request.k`` tokens following ``request.context``."""
         ...
 
     def close(self) -> None:
@@ -63,28 +116,101 @@ class DraftSession(Protocol):
         ...
 
 
+@runtime_checkable
 class Drafter(Protocol):
     """A source of draft blocks; ``session()`` is called once per generation."""
 
-    #: Number of ids the drafter can emit, or ``None`` when it proposes context ids only.
-    vocab_size: int | None
-    #: Most tokens one proposal may hold (position limits of the model).
-    max_block_size: int
-    #: Verifier layers whose features the drafter reads (see ``verifier_features``); empty
-    #: for drafters that read tokens only. Optional: a drafter without it reads none.
-    feature_layers: tuple[int, ...]
-    #: How many positions before the newest token a proposal reads features for.
-    feature_window: int
-    # Two optional flags (absent means False): ``feature_stream``, the drafter caches what it
-    # has read, so each committed position's features are handed over once (DFlash) instead
-    # of the latest ``feature_window`` rows every time; ``raw_features``, it reads the
-    # verifier's hidden states as they are rather than at unit RMS.
-    # One optional method: ``propose_batch(requests: list[DraftRequest]) -> list[DraftProposal]``
-    # drafts for several generations in one call (a stateless drafter whose session is
-    # itself); without it, each generation's session proposes on its own.
+    @property
+    def traits(self) -> DrafterTraits: ...
 
     def session(self) -> DraftSession: ...
+
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        """One proposal per (session, request), several rows in one forward where
+        ``traits.batched``; ``propose_each`` otherwise."""
+        ...
+
+
+def propose_each(
+    sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+) -> list[DraftProposal]:
+    """``propose_batch`` for drafters whose rows draft alone."""
+    return [s.propose(r) for s, r in zip(sessions, requests, strict=True)]
 
 
 def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
     return DraftProposal(torch.empty(0, dtype=torch.long, device=device), None)
+
+
+# -- the earlier contract --------------------------------------------------------------------
+
+
+def as_drafter(drafter: Any) -> Drafter:
+    """``drafter`` as a ``Drafter``: itself when it declares ``traits``; a drafter of the
+    earlier contract is wrapped (with a ``DeprecationWarning``)."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    if not (hasattr(drafter, "session") and hasattr(drafter, "max_block_size")):
+        raise TypeError(f"{type(drafter).__name__} is not a drafter (no traits or session())")
+    warnings.warn(
+        f"{type(drafter).__name__} follows the drafter contract before DrafterTraits: declare "
+        "`traits` and take a DraftRequest in DraftSession.propose",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return _EarlierDrafter(drafter)
+
+
+class _EarlierDrafter:
+    """A drafter of the earlier contract, read once."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        layers = tuple(getattr(inner, "feature_layers", ()) or ())
+        window = int(getattr(inner, "feature_window", 0) or 0)
+        self._batch = getattr(inner, "propose_batch", None)
+        self.traits = DrafterTraits(
+            max_block_size=int(inner.max_block_size),
+            vocab_size=getattr(inner, "vocab_size", None),
+            feature_layers=layers,
+            feature_window=window,
+            feature_size=getattr(inner, "feature_size", None),
+            feature_stream=bool(getattr(inner, "feature_stream", False)),
+            raw_features=bool(getattr(inner, "raw_features", False)),
+            batched=self._batch is not None,
+            recommended_block_size=getattr(inner, "recommended_block_size", None),
+            recommended_adaptive=getattr(inner, "recommended_adaptive", None),
+        )
+
+    def session(self) -> DraftSession:
+        return _EarlierSession(self.inner.session(), self.traits.reads_features)
+
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        if self._batch is None:
+            return propose_each(sessions, requests)
+        return list(self._batch(list(requests)))  # stateless: the session was itself
+
+
+class _EarlierSession:
+    def __init__(self, inner: Any, features: bool) -> None:
+        self.inner, self.features = inner, features
+
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        extra = {"features": request.features} if self.features else {}
+        proposal: DraftProposal = self.inner.propose(
+            request.context,
+            request.k,
+            request.params,
+            request.generator,
+            steps=request.steps,
+            confidence=request.confidence,
+            **extra,
+        )
+        return proposal
+
+    def close(self) -> None:
+        self.inner.close()

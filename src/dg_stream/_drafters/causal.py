@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .._config import SamplingParams
 from .._sampling import logits_to_probs, sample
 from .._verifier import cache_keyword
-from .base import DraftProposal, empty_proposal
+from .base import (
+    DrafterTraits,
+    DraftProposal,
+    DraftRequest,
+    DraftSession,
+    empty_proposal,
+    propose_each,
+)
 
 __all__ = ["CausalDrafter"]
 
@@ -19,16 +26,18 @@ class CausalDrafter:
 
     def __init__(self, model: Any) -> None:
         self.model = model.eval()
-        self.vocab_size: int | None = int(model.config.vocab_size)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        self.max_block_size = 64
-        self.feature_layers: tuple[int, ...] = ()
-        self.feature_window = 0
+        self.traits = DrafterTraits(max_block_size=64, vocab_size=int(model.config.vocab_size))
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
 
     def session(self) -> _CausalDraftSession:
         return _CausalDraftSession(self)
+
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        return propose_each(sessions, requests)
 
 
 class _CausalDraftSession:
@@ -47,17 +56,8 @@ class _CausalDraftSession:
         self.cached = None
 
     @torch.inference_mode()
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        context, k, params = request.context, request.k, request.params
         if k <= 0:
             return empty_proposal(context.device)
         model, device = self.drafter.model, self.drafter.device
@@ -79,7 +79,7 @@ class _CausalDraftSession:
                 token = logits.argmax()
             else:
                 probs = logits_to_probs(logits, params)
-                token = sample(probs, generator)
+                token = sample(probs, request.generator)
                 dists.append(probs)
             tokens.append(token)
             if i + 1 < k:

@@ -10,13 +10,20 @@ what each token was drawn from and the speculative-sampling rule applies unchang
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .._config import SamplingParams
 from .._sampling import logits_to_probs, sample
-from .base import DraftProposal, empty_proposal
+from .base import (
+    DrafterTraits,
+    DraftProposal,
+    DraftRequest,
+    DraftSession,
+    empty_proposal,
+    propose_each,
+)
 from .dflash_model import ContextCache, DFlashModel
 
 __all__ = ["DFlashDrafter", "DFlashSession"]
@@ -28,11 +35,6 @@ class DFlashDrafter:
     Raises ``ValueError`` (naming the mismatch) when the checkpoint was made for a verifier of
     another width or depth, or its mask id is not in the verifier's embedding table.
     """
-
-    #: The engine hands each committed position's features once, as the verifier computed them
-    #: (``fc`` was trained on raw hidden states, not unit-RMS ones).
-    feature_stream = True
-    raw_features = True
 
     def __init__(self, model: DFlashModel, verifier_model: Any) -> None:
         self.model = model.eval()
@@ -68,29 +70,37 @@ class DFlashDrafter:
                 f"verifier's embedding table of {rows} ids"
             )
         self.embed, self.head = embed, head
-        self.vocab_size: int | None = int(head.weight.shape[0])
-        self.max_block_size = self.spec.block_size - 1
+        self.max_block_size = largest = self.spec.block_size - 1
         # The whole trained block unless the config records a faster one (dg_stream's own
         # keys, as for diffusion drafters: measured, e.g. on 2 CPU cores).
         recommended = getattr(model.config, "dg_stream_block_size", None)
-        self.recommended_block_size: int | None = min(
-            int(recommended or self.max_block_size), self.max_block_size
-        )
         adaptive = getattr(model.config, "dg_stream_adaptive", None)
-        self.recommended_adaptive: bool | None = None if adaptive is None else bool(adaptive)
-        self.feature_layers: tuple[int, ...] = self.spec.feature_layers
         # Every committed position's features: the drafter attends over the whole context.
         limit = getattr(config, "max_position_embeddings", None)
-        self.feature_window = int(limit) if isinstance(limit, int) and limit > 0 else 1 << 30
+        self.traits = DrafterTraits(
+            max_block_size=self.max_block_size,
+            vocab_size=int(head.weight.shape[0]),
+            feature_layers=self.spec.feature_layers,
+            feature_window=int(limit) if isinstance(limit, int) and limit > 0 else 1 << 30,
+            feature_size=model.feature_size,
+            # Each committed position's features once, as the verifier computed them (``fc``
+            # was trained on raw hidden states, not unit-RMS ones).
+            feature_stream=True,
+            raw_features=True,
+            recommended_block_size=min(int(recommended or largest), largest),
+            recommended_adaptive=None if adaptive is None else bool(adaptive),
+        )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
-    @property
-    def feature_size(self) -> int:
-        return self.model.feature_size
-
     def session(self) -> DFlashSession:
         return DFlashSession(self)
+
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        # Each session's context cache has its own length: rows draft one at a time.
+        return propose_each(sessions, requests)
 
 
 class DFlashSession:
@@ -123,20 +133,11 @@ class DFlashSession:
         return rows.to(device)[None], positions
 
     @torch.inference_mode()
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
-        """Draft up to ``k`` tokens after ``context`` ((n,) ids) in one forward; ``features``
-        ((m, F)) are the verifier's raw states of the m positions before the newest token.
-        ``steps`` and ``confidence`` do not apply: one pass fills the block."""
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        """Draft up to ``k`` tokens after the context in one forward; the features are the
+        verifier's raw states of the positions before the newest token. ``steps`` and
+        ``confidence`` do not apply: one pass fills the block."""
+        context, k, params, features = request.context, request.k, request.params, request.features
         drafter = self.drafter
         k = min(k, drafter.max_block_size)
         if k <= 0 or self.cache is None:
@@ -157,7 +158,7 @@ class DFlashSession:
         if params.greedy:
             return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
         q = logits_to_probs(logits, params)  # (k, V)
-        return DraftProposal(sample(q, generator).to(context.device), q.to(context.device))
+        return DraftProposal(sample(q, request.generator).to(context.device), q.to(context.device))
 
     def close(self) -> None:
         self.cache = None

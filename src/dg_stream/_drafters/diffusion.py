@@ -14,13 +14,14 @@ token has none yet (the verifier has not read it).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .._config import SamplingParams
 from .._sampling import logits_to_probs, sample
-from .base import DraftProposal, DraftRequest, empty_proposal
+from .base import DrafterTraits, DraftProposal, DraftRequest, DraftSession, empty_proposal
 from .lean_bert import maybe_lean
 
 __all__ = ["DiffusionDrafter", "place_features"]
@@ -110,6 +111,20 @@ class DiffusionDrafter:
         """Width of the verifier features the drafter reads (0: none)."""
         return 0 if self.projection is None else int(self.projection.shape[1])
 
+    @property
+    def traits(self) -> DrafterTraits:
+        return DrafterTraits(
+            max_block_size=self.max_block_size,
+            vocab_size=self.vocab_size,
+            feature_layers=self.feature_layers,
+            feature_window=self.feature_window,
+            feature_size=self.feature_size if self.projection is not None else None,
+            exact_q=True,  # one-step drafts; multi-step ones unmask out of order (no q)
+            batched=True,
+            recommended_block_size=self.recommended_block_size,
+            recommended_adaptive=self.recommended_adaptive,
+        )
+
     def session(self) -> DiffusionDrafter:
         return self  # stateless: the context is re-read each proposal (it is short)
 
@@ -191,8 +206,11 @@ class DiffusionDrafter:
         return list(self._proposable(logits).split([k for _, k, _ in rows]))
 
     @torch.inference_mode()
-    def propose_batch(self, requests: list[DraftRequest]) -> list[DraftProposal]:
-        """Several generations' blocks: the one-step rows in one forward, others alone."""
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        """Several generations' blocks (the sessions are this drafter: it keeps no per-row
+        state): the one-step rows in one forward, others alone."""
         proposals: list[DraftProposal | None] = [None] * len(requests)
         together: list[tuple[int, DraftRequest]] = []
         for i, request in enumerate(requests):
@@ -200,15 +218,7 @@ class DiffusionDrafter:
             if k > 0 and min(request.steps or self.steps, k) <= 1:
                 together.append((i, request._replace(k=k)))
             else:
-                proposals[i] = self.propose(
-                    request.context,
-                    request.k,
-                    request.params,
-                    request.generator,
-                    steps=request.steps,
-                    confidence=request.confidence,
-                    features=request.features,
-                )
+                proposals[i] = self.propose(request)
         rows = []
         for _, request in together:
             ctx = request.context[-self.window :].to(self.device)
@@ -244,18 +254,10 @@ class DiffusionDrafter:
         return DraftProposal(sample(q, generator).to(device), q.to(device))
 
     @torch.inference_mode()
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
-        k = min(k, self.max_block_size)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        context, params, generator = request.context, request.params, request.generator
+        steps, confidence = request.steps, request.confidence
+        k = min(request.k, self.max_block_size)
         if k <= 0:
             return empty_proposal(context.device)
         steps = max(1, min(steps or self.steps, k))
@@ -263,7 +265,7 @@ class DiffusionDrafter:
         ctx = context[-self.window :].to(self.device)
         n = ctx.shape[0]
         ids = torch.cat([ctx, torch.full((k,), self.mask_token_id, device=self.device)])
-        extra = self._extra_embeddings(features, n + k, n)
+        extra = self._extra_embeddings(request.features, n + k, n)
         if steps == 1:
             return self._draw(self._logits(ids, k, extra), params, generator, context.device)
         masked = torch.ones(k, dtype=torch.bool, device=self.device)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-from .._config import SamplingParams
-from .base import DraftProposal, empty_proposal
+from .base import (
+    DrafterTraits,
+    DraftProposal,
+    DraftRequest,
+    DraftSession,
+    empty_proposal,
+    propose_each,
+)
 
 __all__ = ["NgramDrafter"]
 
@@ -14,10 +20,7 @@ class NgramDrafter:
     """No model: match the last ``n`` tokens (``max_ngram`` down to ``min_ngram``) earlier in
     the context and propose the tokens that followed the most recent match."""
 
-    vocab_size: int | None = None
-    max_block_size = 64
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
+    traits = DrafterTraits(max_block_size=64, exact_q=False)
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -31,17 +34,13 @@ class NgramDrafter:
     def close(self) -> None:
         return None
 
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        return propose_each(sessions, requests)
+
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        context, k = request.context, request.k
         n_ctx = context.shape[0]
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
             pattern = context[-n:]

@@ -7,20 +7,27 @@ verify forward and nothing else. ``OracleOverDrafter`` runs a real drafter's for
 proposal (its cost, its cache) and then proposes the oracle's tokens instead of its own: the
 rounds cost what they cost with that drafter, and accept like the oracle.
 
-Both follow the ``Drafter`` protocol (``_drafters.base``): a session per generation, drafts as
-tensors on the verifier's device, ``q = None`` (a point mass, exact for any draft). Neither has
-``propose_batch``: each row's session proposes on its own.
+Both follow the ``Drafter`` contract (``_drafters.base``): a session per generation, drafts as
+tensors on the verifier's device, ``q = None`` (a point mass, exact for any draft). Neither
+batches: each row's session proposes on its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
 
 import torch
 
-from .._config import SamplingParams
-from .._drafters.base import DraftProposal, empty_proposal
+from .._drafters.base import (
+    Drafter,
+    DrafterTraits,
+    DraftProposal,
+    DraftRequest,
+    DraftSession,
+    empty_proposal,
+    propose_each,
+)
 
 __all__ = ["OracleDrafter", "OracleOverDrafter", "OracleSession"]
 
@@ -34,10 +41,6 @@ class OracleDrafter:
     verifier's), so the engine copies nothing between devices.
     """
 
-    vocab_size: int | None = None
-    feature_layers: tuple[int, ...] = ()
-    feature_window = 0
-
     def __init__(
         self,
         sequences: Sequence[Sequence[int]] = (),
@@ -47,6 +50,7 @@ class OracleDrafter:
     ) -> None:
         self.device = torch.device(device)
         self.max_block_size = max_block_size
+        self.traits = DrafterTraits(max_block_size=max_block_size, exact_q=False)
         self.sequences: list[torch.Tensor] = []
         self.set_sequences(sequences)
 
@@ -66,6 +70,11 @@ class OracleDrafter:
     def session(self) -> OracleSession:
         return OracleSession(self)
 
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        return propose_each(sessions, requests)
+
 
 class OracleSession:
     """One generation: finds its sequence at the first proposal (one host copy of the prompt),
@@ -77,18 +86,8 @@ class OracleSession:
         self.looked_up = False
         self.proposals = 0
 
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
-        return DraftProposal(self.tokens(context, k), None)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        return DraftProposal(self.tokens(request.context, request.k), None)
 
     def tokens(self, context: torch.Tensor, k: int) -> torch.Tensor:
         """The next ``k`` known tokens after ``context`` (fewer past the sequence's end; none
@@ -115,41 +114,29 @@ class OracleOverDrafter:
     feature-stream flags), so the engine feeds it exactly as it feeds ``inner``.
     """
 
-    def __init__(self, inner: Any, oracle: OracleDrafter) -> None:
+    def __init__(self, inner: Drafter, oracle: OracleDrafter) -> None:
         self.inner = inner
         self.oracle = oracle
-        self.vocab_size: int | None = getattr(inner, "vocab_size", None)
-        self.max_block_size = min(int(inner.max_block_size), oracle.max_block_size)
-        self.feature_layers: tuple[int, ...] = tuple(getattr(inner, "feature_layers", ()) or ())
-        self.feature_window = int(getattr(inner, "feature_window", 0) or 0)
-        self.feature_stream = bool(getattr(inner, "feature_stream", False))
-        self.raw_features = bool(getattr(inner, "raw_features", False))
+        largest = min(inner.traits.max_block_size, oracle.max_block_size)
+        self.traits = replace(inner.traits, max_block_size=largest, exact_q=False, batched=False)
 
     def session(self) -> _OverSession:
         return _OverSession(self.inner.session(), self.oracle.session())
 
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
+    ) -> list[DraftProposal]:
+        return propose_each(sessions, requests)
+
 
 class _OverSession:
-    def __init__(self, inner: Any, oracle: OracleSession) -> None:
+    def __init__(self, inner: DraftSession, oracle: OracleSession) -> None:
         self.inner = inner
         self.oracle = oracle
 
-    def propose(
-        self,
-        context: torch.Tensor,
-        k: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        *,
-        steps: int | None = None,
-        confidence: float | None = None,
-        features: torch.Tensor | None = None,
-    ) -> DraftProposal:
-        extra = {"features": features} if features is not None else {}
-        made = self.inner.propose(
-            context, k, params, generator, steps=steps, confidence=confidence, **extra
-        )
-        return DraftProposal(self.oracle.tokens(context, int(made.tokens.shape[0])), None)
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        made = self.inner.propose(request)
+        return DraftProposal(self.oracle.tokens(request.context, int(made.tokens.shape[0])), None)
 
     def close(self) -> None:
         self.inner.close()

@@ -127,7 +127,7 @@ class _Setup:
         if config.dflash is not None:
             self.dflash = backend(config.dflash)
             total = verifier_bytes + _model_bytes(self.dflash.drafter.model)
-            largest = self.dflash.drafter.max_block_size
+            largest = self.dflash.drafter.traits.max_block_size
             for k in sorted({min(k, largest) for k in config.block_sizes}):
                 self.methods.append(self._dflash(k, False, total))
             if config.adaptive:
