@@ -113,11 +113,11 @@ def test_a_drafter_that_never_agrees_is_switched_off() -> None:
     core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
     core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
     core.realized = RealizedRates()
-    blocks = [core._plan([_PlanOnly(policy)]) for _ in range(300)]  # type: ignore[list-item]
+    blocks = [core._plan([_PlanOnly(policy)]) for _ in range(800)]  # type: ignore[list-item]
     probes = [i for i, block in enumerate(blocks) if block]
     assert blocks[:4] == [0, 0, 0, 4] and set(blocks) == {0, 4}  # plain, with probes...
     gaps = [b - a for a, b in itertools.pairwise(probes)]
-    assert gaps[:4] == [8, 16, 32, 32] and set(gaps[3:]) == {32}  # ...that back off to 32
+    assert gaps[:6] == [8, 16, 32, 64, 128, 128] and set(gaps[5:]) == {128}  # ...backing off
 
 
 def test_a_drafter_that_always_agrees_gets_the_largest_block_that_pays() -> None:
@@ -300,19 +300,19 @@ def test_a_fixed_block_is_switched_off_by_its_own_acceptance_only() -> None:
 
     def decisions(accepted: list[int]) -> list[int]:
         gate, sizes, seen = DraftGate(4), [], iter(accepted)
-        for _ in range(120):
+        for _ in range(400):
             size = gate.size()
             sizes.append(size)
             if size:
                 gate.observe(size, next(seen, 0))
         return sizes
 
-    rejected = decisions([0] * 200)
+    rejected = decisions([0] * 400)
     assert rejected[:3] == [4, 4, 0]  # it settles first
     drafted = [i for i, size in enumerate(rejected) if size]
     gaps = [b - a for a, b in itertools.pairwise(drafted[1:])]
-    assert gaps[:2] == [16, 32] and set(gaps[2:]) == {32}
-    assert decisions([0] * 200) == rejected  # reproducible
-    recovered = decisions([0] * 2 + [4] * 200)  # the text turns predictable
+    assert gaps[:4] == [16, 32, 64, 128] and set(gaps[3:]) == {128}
+    assert decisions([0] * 400) == rejected  # reproducible
+    recovered = decisions([0] * 2 + [4] * 400)  # the text turns predictable
     assert recovered[-20:] == [4] * 20
     assert DraftGate(8).threshold == 1.6 and DraftGate(1).threshold == 0.5

@@ -432,11 +432,11 @@ class RoundCore:
         # agreeing: all rows in the same round (one wider call), and the more rows, the
         # rarer and shorter (each probe widens all of them, which costs a compute-bound
         # machine in proportion; each tells about all of them). A probe that changes nothing
-        # doubles the wait for the next (up to 64 rounds per row in a batch, 32 alone: a
-        # single stream's text changes regime often), and none is made where even a draft
-        # accepted whole could not pay at this load: 16 rows on 2 CPU cores lost 3-7% to
-        # probes taken every 16 rounds, and one stream sampled at temperature 1 (0.09 drafts
-        # accepted per call) lost 10% to probes every 4 rounds.
+        # doubles the wait for the next (up to 64 rounds per row in a batch, 128 alone), and
+        # none is made where even a draft accepted whole could not pay at this load: 16 rows
+        # on 2 CPU cores lost 3-7% to probes taken every 16 rounds, and one stream sampled
+        # at temperature 1 (0.08 drafts accepted per call) lost 10% to probes every 4
+        # rounds and 3% to probes every 32 (a probe costs about one plain round).
         self._plain_rounds += 1
         if self._plain_rounds < self._probe_gap * rows:
             return 0
@@ -445,7 +445,7 @@ class RoundCore:
         probe = requested if rows == 1 else max(1, requested // 2)
         if not drafting_could_pay(policies, self.costs, probe, others=others, width=width):
             return 0
-        most = 16 if rows > 1 else 8
+        most = 16 if rows > 1 else 32
         self._probe_gap = min(2 * self._probe_gap, most * self.probe_every)
         return probe
 
