@@ -395,3 +395,102 @@ def test_the_context_cache_appends_in_place_and_grows_geometrically() -> None:
     assert torch.equal(cache.positions, torch.arange(expected.shape[2]))
     assert len(buffers) <= 6  # doublings from 64, not one copy per commit
     assert cache.nbytes <= 2 * 2 * (expected.numel() * 4) + 8 * 2 * expected.shape[2] + 4096
+
+
+# -- several generations in one forward ----------------------------------------------------
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_rows_drafted_together_draft_what_each_drafts_alone(sliding: bool, tiny_tok: Any) -> None:
+    """``propose_batch``: contexts of different lengths, caches grown over several rounds by
+    different numbers of committed positions (a gap restarting one), greedy and sampled rows:
+    every row's tokens (and q) equal those of its twin session proposing alone."""
+    verifier = tiny_causal_lm("qwen3", len(tiny_tok))
+    network = tiny_dflash(verifier, tiny_tok.mask_token_id, scale=3.0)
+    if sliding:
+        network.config.layer_types = ["sliding_attention", "full_attention"]
+        network.layers[0].self_attn.sliding_window = 6
+    drafter = DFlashDrafter(network, verifier)
+    assert drafter.traits.batched
+    width = drafter.traits.feature_size
+    assert width is not None
+    generator = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(5, 200, (n,), generator=generator) for n in (2, 9, 30, 14)]
+    together = [drafter.session() for _ in contexts]
+    alone = [drafter.session() for _ in contexts]
+    handed = [0] * len(contexts)  # positions whose features each row has been handed
+    sampled = SamplingParams(temperature=0.8)
+    for round_ in range(4):
+        requests = []
+        for i, context in enumerate(contexts):
+            newest = context.shape[0] - 1
+            if round_ == 2 and i == 1:
+                handed[i] += 3  # positions never handed over: that cache restarts
+            rows = torch.randn(max(0, newest - handed[i]), width, generator=generator)
+            handed[i] = newest
+            params = sampled if i % 2 else SamplingParams()
+            requests.append(
+                DraftRequest(
+                    context,
+                    3 + i,
+                    params,
+                    torch.Generator().manual_seed(round_ * 10 + i),
+                    features=rows,
+                )
+            )
+        got = drafter.propose_batch(together, requests)
+        for i, request in enumerate(requests):
+            seed = int(request.generator.initial_seed())
+            one = alone[i].propose(request._replace(generator=torch.Generator().manual_seed(seed)))
+            assert got[i].tokens.tolist() == one.tokens.tolist(), (round_, i)
+            assert (got[i].q is None) == (one.q is None)
+            if one.q is not None:
+                torch.testing.assert_close(got[i].q, one.q, atol=1e-5, rtol=1e-4)
+        # Each row commits a different number of tokens before the next round.
+        contexts = [
+            torch.cat([c, torch.randint(5, 200, (1 + (i + round_) % 3,), generator=generator)])
+            for i, c in enumerate(contexts)
+        ]
+    for session in together:
+        assert session.cache is not None and session.cache.length > 0
+
+
+def test_concurrent_streams_with_a_dflash_drafter_write_the_verifiers_tokens(
+    tiny_tok: Any,
+) -> None:
+    """Streams sharing rounds draft in one DFlash forward and still write plain decoding's
+    tokens."""
+    import anyio
+
+    import dg_stream
+
+    verifier = tiny_causal_lm("qwen3", len(tiny_tok))
+    drafter = DFlashDrafter(tiny_dflash(verifier, tiny_tok.mask_token_id), verifier)
+    calls = []
+    batch = drafter.propose_batch
+
+    def counting(sessions: Any, requests: Any) -> Any:
+        calls.append(len(requests))
+        return batch(sessions, requests)
+
+    drafter.propose_batch = counting  # type: ignore[method-assign]
+    backend = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=4, adaptive=False)
+    prompts = list(PROMPTS.values())
+    expected = [reference(verifier, p, 24) for p in prompts]
+
+    async def main() -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in prompts]
+
+        async def one(i: int) -> None:
+            completion = await dg_stream.generate(
+                prompts[i], backend=backend, max_new_tokens=24
+            ).collect()
+            out[i] = list(completion.token_ids)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        return out
+
+    assert anyio.run(main) == expected
+    assert max(calls) == len(prompts)  # rows did draft together

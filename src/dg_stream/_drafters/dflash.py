@@ -11,7 +11,7 @@ what each token was drawn from and the speculative-sampling rule applies unchang
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -22,7 +22,6 @@ from .base import (
     DraftRequest,
     DraftSession,
     empty_proposal,
-    propose_each,
 )
 from .dflash_model import ContextCache, DFlashModel
 
@@ -87,6 +86,7 @@ class DFlashDrafter:
             # was trained on raw hidden states, not unit-RMS ones).
             feature_stream=True,
             raw_features=True,
+            batched=True,
             recommended_block_size=min(int(recommended or largest), largest),
             recommended_adaptive=None if adaptive is None else bool(adaptive),
         )
@@ -96,11 +96,44 @@ class DFlashDrafter:
     def session(self) -> DFlashSession:
         return DFlashSession(self)
 
+    @torch.inference_mode()
     def propose_batch(
         self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
     ) -> list[DraftProposal]:
-        # Each session's context cache has its own length: rows draft one at a time.
-        return propose_each(sessions, requests)
+        """Several generations' blocks in one forward (``DFlashModel.forward_rows``: the
+        projections and MLPs batched, attention per row over its own cached context); each
+        row drafts what it drafts alone. ``sessions`` are this drafter's ``DFlashSession``s."""
+        own = [cast(DFlashSession, s) for s in sessions]
+        out: list[DraftProposal | None] = [None] * len(own)
+        rows = []
+        for i, (session, request) in enumerate(zip(own, requests, strict=True)):
+            if min(request.k, self.max_block_size) <= 0 or session.cache is None:
+                out[i] = empty_proposal(request.context.device)
+            else:
+                rows.append(i)
+        if rows:
+            blocks, positions, contexts = zip(
+                *(own[i]._inputs(requests[i]) for i in rows), strict=True
+            )
+            caches = [cache for i in rows if (cache := own[i].cache) is not None]
+            hidden = self.model.forward_rows(
+                torch.cat(blocks), torch.cat(positions), list(contexts), caches
+            )
+            for r, i in enumerate(rows):
+                out[i] = self._draw(hidden[r], requests[i])
+        return [p for p in out if p is not None]
+
+    def _draw(self, hidden: torch.Tensor, request: DraftRequest) -> DraftProposal:
+        """A block from its (slots + 1, H) hidden states: the first k slots after the
+        newest token, read through the verifier's head."""
+        k = min(request.k, self.max_block_size)
+        head_dtype = self.head.weight.dtype  # the drafter may run in another precision
+        logits = self.model.logits(hidden[1 : k + 1].to(head_dtype), self.head).float()
+        device = request.context.device
+        if request.params.greedy:
+            return DraftProposal(logits.argmax(dim=-1).to(device), None)
+        q = logits_to_probs(logits, request.params)  # (k, V)
+        return DraftProposal(sample(q, request.generator).to(device), q.to(device))
 
 
 class DFlashSession:
@@ -132,33 +165,36 @@ class DFlashSession:
         positions = torch.arange(first + skip, newest, device=device)[None]
         return rows.to(device)[None], positions
 
-    @torch.inference_mode()
-    def propose(self, request: DraftRequest) -> DraftProposal:
-        """Draft up to ``k`` tokens after the context in one forward; the features are the
-        verifier's raw states of the positions before the newest token. ``steps`` and
-        ``confidence`` do not apply: one pass fills the block."""
-        context, k, params, features = request.context, request.k, request.params, request.features
-        drafter = self.drafter
-        k = min(k, drafter.max_block_size)
-        if k <= 0 or self.cache is None:
-            return empty_proposal(context.device)
+    def _inputs(
+        self, request: DraftRequest
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The block's embeddings (1, slots + 1, H) and positions (1, slots + 1), and the
+        new context rows (n, F) with their positions (n,) (None: nothing new)."""
+        drafter, context = self.drafter, request.context
         newest = int(context.shape[0]) - 1  # position of the newest committed token
-        new, new_positions = self._new_context(features, newest)
+        new, new_positions = self._new_context(request.features, newest)
         device = drafter.device
         # Always the whole trained block: its slots attend to each other, so a shorter block
         # would draft differently from what training taught; the first k are returned.
         slots = drafter.max_block_size
         ids = torch.full((slots + 1,), drafter.spec.mask_token_id, dtype=torch.long, device=device)
         ids[0] = context[-1]
-        block = drafter.embed(ids)[None].to(drafter.dtype)  # (1, slots+1, H)
+        block = drafter.embed(ids)[None].to(drafter.dtype)
         positions = torch.arange(newest, newest + slots + 1, device=device)[None]
-        hidden = drafter.model(block, positions, new, new_positions, cache=self.cache)
-        head_dtype = drafter.head.weight.dtype  # the drafter may run in another precision
-        logits = drafter.model.logits(hidden[0, 1 : k + 1].to(head_dtype), drafter.head).float()
-        if params.greedy:
-            return DraftProposal(logits.argmax(dim=-1).to(context.device), None)
-        q = logits_to_probs(logits, params)  # (k, V)
-        return DraftProposal(sample(q, request.generator).to(context.device), q.to(context.device))
+        fresh = None if new is None or new_positions is None else (new[0], new_positions[0])
+        return block, positions, fresh
+
+    @torch.inference_mode()
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        """Draft up to ``k`` tokens after the context in one forward; the features are the
+        verifier's raw states of the positions before the newest token. ``steps`` and
+        ``confidence`` do not apply: one pass fills the block."""
+        if min(request.k, self.drafter.max_block_size) <= 0 or self.cache is None:
+            return empty_proposal(request.context.device)
+        block, positions, fresh = self._inputs(request)
+        new, new_positions = (None, None) if fresh is None else (fresh[0][None], fresh[1][None])
+        hidden = self.drafter.model(block, positions, new, new_positions, cache=self.cache)
+        return self.drafter._draw(hidden[0], request)
 
     def close(self) -> None:
         self.cache = None

@@ -221,6 +221,24 @@ class _Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return _rotate(k, *rope), v
 
+    def _queries(
+        self, block: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        b, q_len, _ = block.shape
+        q = self.q_norm(self.q_proj(block).view(b, q_len, self.heads, self.head_dim))
+        return _rotate(q.transpose(1, 2), *rope)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, heads, Q, d) queries over (B, kv_heads, K, d) keys and values -> (B, Q, H)."""
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, _, q_len, _ = q.shape
+        return out.transpose(1, 2).reshape(b, q_len, self.heads * self.head_dim)
+
     def forward(
         self,
         block: torch.Tensor,
@@ -231,9 +249,7 @@ class _Attention(nn.Module):
         cache: ContextCache | None,
         layer: int,
     ) -> torch.Tensor:
-        b, q_len, _ = block.shape
-        q = self.q_norm(self.q_proj(block).view(b, q_len, self.heads, self.head_dim))
-        q = _rotate(q.transpose(1, 2), *block_rope)
+        q = self._queries(block, block_rope)
         k, v = self._keys_values(block, block_rope)
         k_ctx: torch.Tensor | None = None
         v_ctx: torch.Tensor | None = None
@@ -246,11 +262,41 @@ class _Attention(nn.Module):
             k_ctx, v_ctx = cache.keys[layer], cache.values[layer]
         if k_ctx is not None and v_ctx is not None:
             k, v = torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2)
-        groups = self.heads // self.kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, self.heads * self.head_dim))
+        return self.o_proj(self._attend(q, k, v, mask))
+
+    def forward_rows(
+        self,
+        block: torch.Tensor,
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor | None,
+        context_rope: tuple[torch.Tensor, torch.Tensor] | None,
+        splits: list[int],
+        caches: list[ContextCache],
+        masks: list[torch.Tensor | None],
+        layer: int,
+    ) -> torch.Tensor:
+        """``forward`` for B generations at once, each with its own cache: the projections
+        of every row's block (B, Q, H) and of all new context rows ((1, sum(splits), H),
+        ``splits[i]`` of them row i's) in one call each; attention row by row, since each
+        row's cached context has its own length."""
+        q = self._queries(block, block_rope)
+        k, v = self._keys_values(block, block_rope)
+        if context is not None:
+            assert context_rope is not None
+            k_new, v_new = self._keys_values(context, context_rope)
+            for cache, k_row, v_row in zip(
+                caches, k_new.split(splits, dim=2), v_new.split(splits, dim=2), strict=True
+            ):
+                if k_row.shape[2]:
+                    cache.extend(layer, k_row, v_row)
+        out = []
+        for i, cache in enumerate(caches):
+            k_row, v_row = k[i : i + 1], v[i : i + 1]
+            k_ctx, v_ctx = cache.keys[layer], cache.values[layer]
+            if k_ctx is not None and v_ctx is not None:
+                k_row, v_row = torch.cat([k_ctx, k_row], dim=2), torch.cat([v_ctx, v_row], dim=2)
+            out.append(self._attend(q[i : i + 1], k_row, v_row, masks[i]))
+        return self.o_proj(torch.cat(out))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -333,6 +379,46 @@ class DFlashModel(nn.Module):
                     mask, block_positions, context_positions, cache, attn.sliding_window
                 )
             h = attn(layer.input_layernorm(x), block_rope, ctx, ctx_rope, layer_mask, cache, index)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def forward_rows(
+        self,
+        block: torch.Tensor,
+        block_positions: torch.Tensor,
+        contexts: list[tuple[torch.Tensor, torch.Tensor] | None],
+        caches: list[ContextCache],
+    ) -> torch.Tensor:
+        """``forward`` with a cache for several generations at once: block (B, Q, H) at
+        ``block_positions`` (B, Q); ``contexts[i]``: row i's new (n_i, F) raw features and
+        their (n_i,) positions, or None; each is appended to ``caches[i]``. What each row
+        gets equals a ``forward`` of that row alone, up to float rounding."""
+        x = block
+        block_rope = self.rotary_emb(x, block_positions)
+        splits = [0 if c is None else int(c[0].shape[0]) for c in contexts]
+        ctx = ctx_rope = None
+        if any(splits):
+            rows = torch.cat([c[0] for c in contexts if c is not None])[None]
+            positions = torch.cat([c[1] for c in contexts if c is not None])[None]
+            ctx = self.hidden_norm(self.fc(rows.to(x.dtype)))
+            ctx_rope = self.rotary_emb(ctx, positions)
+            for cache, context in zip(caches, contexts, strict=True):
+                if context is not None and context[1].shape[0]:
+                    cache.extend_positions(context[1])
+        for index, module in enumerate(self.layers):
+            layer = cast(_Layer, module)
+            attn = layer.self_attn
+            masks: list[torch.Tensor | None] = [None] * len(caches)
+            window = attn.sliding_window
+            if window is not None:
+                masks = [
+                    _within_window(None, block_positions[i : i + 1], None, cache, window)
+                    for i, cache in enumerate(caches)
+                ]
+            h = attn.forward_rows(
+                layer.input_layernorm(x), block_rope, ctx, ctx_rope, splits, caches, masks, index
+            )
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
