@@ -822,3 +822,28 @@ def test_prompts_that_join_together_are_read_in_shared_forwards(
     drain(batch, sessions)
     written = [s.state.ids[len(p) :].tolist() for s, p in zip(sessions, prompts, strict=True)]
     assert written == expected
+
+
+def test_a_row_part_way_through_its_prompt_is_not_padded_past_its_reservation(
+    greedy_setups: dict[str, Any], tiny_tok: Any
+) -> None:
+    """A long prompt read in pieces (its last piece short) and a new neighbour: read apart,
+    since reading them together would pad the first past what the bounded cache holds for
+    it (a CacheFullError that would end every row of the round)."""
+    model, _ = greedy_setups["llama"]
+    engine = LocalBackend(model, None, tokenizer=tiny_tok).engine
+    prompts = [[5 + i % 40 for i in range(90)], list(range(3, 40))]
+    batch = engine.batch(max_positions=2 * (90 + 4))
+    sessions = [
+        engine.session(GenerationRequest(prompt=p, max_new_tokens=4, sampling=SamplingParams()))
+        for p in prompts
+    ]
+    first, second = (s.state for s in sessions)
+    batch.add(first)
+    batch.core._prefill(batch.cache, [first], 80)  # 80 of its 89 pending tokens
+    batch.add(second)
+    batch.core._prefill(batch.cache, [first, second], 128)  # 9 and 36 to read
+    assert (first._cached, second._cached) == (89, 36)
+    drain(batch, sessions)
+    written = [s.state.ids[len(p) :].tolist() for s, p in zip(sessions, prompts, strict=True)]
+    assert written == [reference(model, p, 4) for p in prompts]

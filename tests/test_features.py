@@ -214,7 +214,7 @@ def test_a_drafter_of_the_earlier_contract_still_works(tiny_tok: Any) -> None:
             return DraftProposal(context[-k:].clone(), None)  # repeats the context's tail
 
     verifier = tiny_causal_lm("llama", len(tiny_tok))
-    with pytest.warns(DeprecationWarning, match="declare `traits`"):
+    with pytest.warns(FutureWarning, match="declare `traits`"):
         backend = LocalBackend(verifier, OlderDrafter(), tokenizer=tiny_tok)
     assert backend.drafter.traits.max_block_size == 8
     assert not backend.drafter.traits.batched and not backend.drafter.traits.feature_layers
@@ -222,6 +222,95 @@ def test_a_drafter_of_the_earlier_contract_still_works(tiny_tok: Any) -> None:
     ids, stats = hybrid(backend, prompt, 20, 4)
     assert ids == reference(verifier, prompt, 20)
     assert stats.drafted_tokens > 0  # it did draft, through the adapter
+
+
+def test_a_batching_drafter_of_the_earlier_contract_drafts_its_rows_together(
+    tiny_tok: Any,
+) -> None:
+    """The earlier ``propose_batch(requests)`` of a stateless drafter is kept: one call for
+    the rows of a round, and the verifier's output."""
+    import anyio
+
+    import dg_stream
+
+    inner = tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id)
+    diffusion = DiffusionDrafter(inner, mask_token_id=tiny_tok.mask_token_id, window=12)
+    calls: list[int] = []
+
+    class OlderBatching:
+        max_block_size = 8
+
+        def session(self) -> Any:
+            return self
+
+        def close(self) -> None: ...
+
+        def propose(self, context: Any, k: int, params: Any, generator: Any, **_: Any) -> Any:
+            return diffusion.propose(DraftRequest(context, k, params, generator))
+
+        def propose_batch(self, requests: list[DraftRequest]) -> list[DraftProposal]:
+            calls.append(len(requests))
+            return [diffusion.propose(r) for r in requests]
+
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    with pytest.warns(FutureWarning):
+        backend = LocalBackend(verifier, OlderBatching(), tokenizer=tiny_tok)
+    assert backend.drafter.traits.batched
+    prompts = [PROMPTS["long"], PROMPTS["short"], PROMPTS["long"][5:]]
+
+    async def main() -> list[list[int]]:
+        async def one(prompt: list[int]) -> list[int]:
+            return list(
+                (
+                    await dg_stream.generate(
+                        prompt, backend=backend, max_new_tokens=12, block_size=3, adaptive=False
+                    ).collect()
+                ).token_ids
+            )
+
+        out: dict[int, list[int]] = {}
+        async with anyio.create_task_group() as group:
+            for i, prompt in enumerate(prompts):
+
+                async def run(i: int = i, prompt: list[int] = prompt) -> None:
+                    out[i] = await one(prompt)
+
+                group.start_soon(run)
+        return [out[i] for i in range(len(prompts))]
+
+    assert anyio.run(main) == [reference(verifier, p, 12) for p in prompts]
+    assert max(calls) == len(prompts)
+
+
+def test_what_is_not_a_drafter_is_refused_at_load(tiny_tok: Any) -> None:
+    """Traits of the wrong type, batching without ``propose_batch``: a ModelLoadError that
+    says which; a drafter whose rows draft alone needs no ``propose_batch``."""
+    from dg_stream import DrafterTraits
+
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+
+    class Declared:
+        traits: Any = DrafterTraits(max_block_size=4)
+
+        def session(self) -> Any:
+            return self
+
+        def close(self) -> None: ...
+
+        def propose(self, request: DraftRequest) -> DraftProposal:
+            return DraftProposal(request.context[-request.k :].clone(), None)
+
+    backend = LocalBackend(verifier, Declared(), tokenizer=tiny_tok)
+    prompt = PROMPTS["long"]
+    assert hybrid(backend, prompt, 10, 4)[0] == reference(verifier, prompt, 10)
+    batching = Declared()
+    batching.traits = DrafterTraits(max_block_size=4, batched=True)
+    with pytest.raises(ModelLoadError, match="no propose_batch"):
+        LocalBackend(verifier, batching, tokenizer=tiny_tok)
+    wrong = Declared()
+    wrong.traits = {"max_block_size": 4}
+    with pytest.raises(ModelLoadError, match="not DrafterTraits"):
+        LocalBackend(verifier, wrong, tokenizer=tiny_tok)
 
 
 def test_a_drafter_is_read_from_its_traits_alone(tiny_tok: Any) -> None:

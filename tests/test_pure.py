@@ -215,24 +215,32 @@ def _partitions(count: int) -> itertools.chain[list[tuple[int, int]]]:
     pieces=st.lists(st.integers(1, 300), min_size=1, max_size=7),
     gaps=st.lists(st.booleans(), min_size=7, max_size=7),
     forward=st.integers(0, 200),
+    offsets=st.lists(st.sampled_from([0, 0, 0, 128]), min_size=7, max_size=7),
 )
 def test_prefill_groups_are_the_cheapest_split_of_neighbouring_rows(
-    pieces: list[int], gaps: list[bool], forward: int
+    pieces: list[int], gaps: list[bool], forward: int, offsets: list[int]
 ) -> None:
+    """Groups are runs of consecutive rows read up to the same position (``starts``), and no
+    such split costs less."""
     from dg_stream._rounds import prefill_groups
 
     # Row indices in order, a gap where ``gaps`` says (rows between them read nothing).
     rows = list(itertools.accumulate(2 if gap else 1 for gap in gaps[: len(pieces)]))
-    groups = prefill_groups(rows, pieces, forward)
-    # In order, covering every piece once, each a run of consecutive rows.
+    starts = offsets[: len(pieces)]
+
+    def shareable(i: int) -> bool:  # pieces i and i + 1 may share a forward
+        return rows[i] + 1 == rows[i + 1] and starts[i] == starts[i + 1]
+
+    groups = prefill_groups(rows, pieces, forward, starts=starts)
+    # In order, covering every piece once, each a run of rows that may share.
     assert [i for begin, end in groups for i in range(begin, end)] == list(range(len(pieces)))
     for begin, end in groups:
-        assert all(rows[i] + 1 == rows[i + 1] for i in range(begin, end - 1))
+        assert all(shareable(i) for i in range(begin, end - 1))
     # And no split of those runs costs less.
     allowed = [
         split
         for split in _partitions(len(pieces))
-        if all(rows[i] + 1 == rows[i + 1] for b, e in split for i in range(b, e - 1))
+        if all(shareable(i) for b, e in split for i in range(b, e - 1))
     ]
     cheapest = min(_grouping_cost(split, pieces, forward) for split in allowed)
     assert _grouping_cost(groups, pieces, forward) == cheapest

@@ -141,6 +141,18 @@ def test_a_wrong_q_is_detected(verifier: Any) -> None:
     assert min(p_values(runs, exact_marginals(verifier, params))) < 1e-6
 
 
+def test_a_q_the_drafter_does_not_vouch_for_is_ignored(verifier: Any) -> None:
+    """The same lying drafter declaring ``exact_q=False``: its q is dropped and its drafts
+    judged as point masses, so the output follows the verifier again."""
+    from dataclasses import replace
+
+    params = SamplingParams(temperature=1.0)
+    drafter = MislabelledDrafter(V)
+    drafter.traits = replace(drafter.traits, exact_q=False)
+    runs = sample_runs(LocalBackend(verifier, drafter), params, block_size=2)
+    assert min(p_values(runs, exact_marginals(verifier, params))) > 1e-3
+
+
 def test_a_wrong_dflash_q_is_detected(verifier: Any) -> None:
     """A DFlash session that reports a uniform q for the tokens it really drew is caught."""
     from dg_stream._drafters import DFlashDrafter, DraftProposal

@@ -174,7 +174,10 @@ def build_drafter(
     if isinstance(drafter, str) and drafter == "ngram":
         return NgramDrafter()
     if hasattr(drafter, "session"):  # already a drafter (of this contract or the earlier)
-        made = as_drafter(drafter)
+        try:
+            made = as_drafter(drafter)
+        except TypeError as exc:
+            raise ModelLoadError(f"cannot use this drafter: {exc}") from exc
         check_features(made, verifier.config)
         return made
     projection = None

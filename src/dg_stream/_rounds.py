@@ -373,17 +373,22 @@ class RoundCore:
             pieces.append((state, piece))
             budget -= piece
         rows = [state.row for state, _ in pieces]
-        for begin, end in prefill_groups(rows, [piece for _, piece in pieces]):
+        starts = [state._cached for state, _ in pieces]
+        for begin, end in prefill_groups(rows, [piece for _, piece in pieces], starts=starts):
             self._prefill_rows(cache, pieces[begin:end])
 
     def _prefill_rows(
         self, cache: BatchCache | StateCache, pieces: list[tuple[SequenceState, int]]
     ) -> None:
         """One forward reading the next ``piece`` prompt tokens of each state; the states
-        hold consecutive rows. Shorter pieces are padded on the right: the padding's keys
-        lie past the row's length, where the next forward writes before reading."""
+        hold consecutive rows, all read up to the same position. Shorter pieces are padded
+        on the right: the padding's keys lie past the row's length, where the next forward
+        writes before reading, and within what the longest piece needs anyway."""
         width = max(piece for _, piece in pieces)
-        fed = torch.full((len(pieces), width), self.verifier.pad_id, dtype=torch.long)
+        device = pieces[0][0].ids.device  # the ids live beside the verifier: no host copy
+        fed = torch.full(
+            (len(pieces), width), self.verifier.pad_id, dtype=torch.long, device=device
+        )
         for i, (state, piece) in enumerate(pieces):
             fed[i, :piece] = state.ids[state._cached : state._cached + piece]
         # Features for each row's newest ``feature_window`` positions: the shortest piece's
@@ -519,6 +524,9 @@ class RoundCore:
         return state.policy.max_block if state.policy is not None else state.block_size
 
     def _drafted(self, state: SequenceState, k: int, seconds: float) -> float:
+        proposal = state.proposal
+        if proposal is not None and proposal.q is not None and not self.traits.exact_q:
+            state.proposal = DraftProposal(proposal.tokens, None)  # judged as a point mass
         remaining = state.max_new_tokens - state.generated
         _fit_to_grammar(state, min(self._widest(state), remaining - 1))
         state.draft_seconds = seconds
@@ -699,20 +707,29 @@ def _fit_to_grammar(state: SequenceState, room: int) -> None:
 
 
 def prefill_groups(
-    rows: Sequence[int], pieces: Sequence[int], forward_cost: int = FORWARD_COST_TOKENS
+    rows: Sequence[int],
+    pieces: Sequence[int],
+    forward_cost: int = FORWARD_COST_TOKENS,
+    *,
+    starts: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
     """Split prompt pieces into forwards: ``[begin, end)`` index ranges, each of rows that are
-    consecutive in the cache (a forward reads a contiguous range of rows), chosen to minimise
-    the tokens computed, padding included, plus ``forward_cost`` per forward (what a forward
-    costs beyond its tokens). Rows of similar lengths share one; a short prompt next to a
-    long one reads alone rather than be padded to its length."""
+    consecutive in the cache (a forward reads a contiguous range of rows) and, with
+    ``starts``, read up to the same position (a row further along would be padded past its
+    own reservation, and every row would attend over the furthest one's span), chosen to
+    minimise the tokens computed, padding included, plus ``forward_cost`` per forward (what a
+    forward costs beyond its tokens). Rows of similar lengths share one; a short prompt next
+    to a long one reads alone rather than be padded to its length."""
     count = len(pieces)
     best = [0.0] + [float("inf")] * count  # best[j]: cost of the first j pieces
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
         widest = 0
         for begin in range(end - 1, -1, -1):
-            if begin < end - 1 and rows[begin] + 1 != rows[begin + 1]:
+            if begin < end - 1 and (
+                rows[begin] + 1 != rows[begin + 1]
+                or (starts is not None and starts[begin] != starts[begin + 1])
+            ):
                 break
             widest = max(widest, pieces[begin])
             cost = best[begin] + forward_cost + (end - begin) * widest

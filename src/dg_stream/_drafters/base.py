@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 
@@ -80,8 +80,9 @@ class DrafterTraits:
     feature_stream: it caches what it has read, so each committed position's features are
     handed over once (DFlash) instead of the newest ``feature_window`` every time.
     raw_features: it reads the verifier's hidden states as they are, not at unit RMS.
-    exact_q: its sampled proposals carry the q their tokens were drawn from (a proposal may
-    still come without: a point mass, exact too); False for lookup drafters.
+    exact_q: its sampled proposals' q is the distribution their tokens were drawn from; where
+    False, any q a proposal carries is ignored and the draft judged as a point mass (exact for
+    any draft), so a drafter that reports scores rather than that distribution stays lossless.
     batched: ``propose_batch`` drafts several rows in one forward; without it each row's
     session proposes on its own (a failure then ends that row alone).
     recommended_block_size, recommended_adaptive: the defaults its checkpoint records.
@@ -116,9 +117,11 @@ class DraftSession(Protocol):
         ...
 
 
-@runtime_checkable
 class Drafter(Protocol):
-    """A source of draft blocks; ``session()`` is called once per generation."""
+    """A source of draft blocks; ``session()`` is called once per generation.
+
+    ``propose_batch`` is called only where ``traits.batched``; a drafter whose rows draft
+    alone may leave it out (or return ``propose_each``)."""
 
     @property
     def traits(self) -> DrafterTraits: ...
@@ -128,8 +131,7 @@ class Drafter(Protocol):
     def propose_batch(
         self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
     ) -> list[DraftProposal]:
-        """One proposal per (session, request), several rows in one forward where
-        ``traits.batched``; ``propose_each`` otherwise."""
+        """One proposal per (session, request), several rows in one forward."""
         ...
 
 
@@ -149,16 +151,26 @@ def empty_proposal(device: torch.device | str = "cpu") -> DraftProposal:
 
 def as_drafter(drafter: Any) -> Drafter:
     """``drafter`` as a ``Drafter``: itself when it declares ``traits``; a drafter of the
-    earlier contract is wrapped (with a ``DeprecationWarning``)."""
-    if isinstance(drafter, Drafter):
-        return drafter
-    if not (hasattr(drafter, "session") and hasattr(drafter, "max_block_size")):
-        raise TypeError(f"{type(drafter).__name__} is not a drafter (no traits or session())")
+    earlier contract is wrapped, with a ``FutureWarning`` (shown by default: drafters are
+    built on dg_stream's torch thread, where a ``DeprecationWarning`` would be filtered
+    out). Raises ``TypeError`` for anything else."""
+    name = type(drafter).__name__
+    if not callable(getattr(drafter, "session", None)):
+        raise TypeError(f"{name} is not a drafter: it has no session()")
+    traits = getattr(drafter, "traits", None)
+    if isinstance(traits, DrafterTraits):
+        if traits.batched and not callable(getattr(drafter, "propose_batch", None)):
+            raise TypeError(f"{name} declares traits.batched but has no propose_batch()")
+        return cast(Drafter, drafter)
+    if traits is not None:
+        raise TypeError(f"{name}.traits is a {type(traits).__name__}, not DrafterTraits")
+    if not hasattr(drafter, "max_block_size"):
+        raise TypeError(f"{name} is not a drafter: it declares no traits")
     warnings.warn(
-        f"{type(drafter).__name__} follows the drafter contract before DrafterTraits: declare "
-        "`traits` and take a DraftRequest in DraftSession.propose",
-        DeprecationWarning,
-        stacklevel=3,
+        f"{name} follows the drafter contract before DrafterTraits: declare `traits` and take "
+        "a DraftRequest in DraftSession.propose (the earlier contract will be removed)",
+        FutureWarning,
+        stacklevel=2,
     )
     return _EarlierDrafter(drafter)
 

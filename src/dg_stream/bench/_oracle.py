@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 import torch
 
@@ -109,16 +110,18 @@ class OracleOverDrafter:
     """A real drafter's cost with the oracle's acceptance.
 
     Every proposal runs ``inner``'s session (its forward, its cache growing with the
-    context, the verifier features it reads) and then returns the oracle's tokens, as many as
-    the inner drafter made. Declares what ``inner`` declares (block limit, features, the
-    feature-stream flags), so the engine feeds it exactly as it feeds ``inner``.
+    context, the verifier features it reads; several rows in one forward where ``inner``
+    batches) and then returns the oracle's tokens, as many as the inner drafter made.
+    Declares what ``inner`` declares (block limit, features, the feature-stream flags,
+    batching), so the engine feeds it exactly as it feeds ``inner``; its drafts are point
+    masses (``exact_q`` False).
     """
 
     def __init__(self, inner: Drafter, oracle: OracleDrafter) -> None:
         self.inner = inner
         self.oracle = oracle
         largest = min(inner.traits.max_block_size, oracle.max_block_size)
-        self.traits = replace(inner.traits, max_block_size=largest, exact_q=False, batched=False)
+        self.traits = replace(inner.traits, max_block_size=largest, exact_q=False)
 
     def session(self) -> _OverSession:
         return _OverSession(self.inner.session(), self.oracle.session())
@@ -126,7 +129,12 @@ class OracleOverDrafter:
     def propose_batch(
         self, sessions: Sequence[DraftSession], requests: Sequence[DraftRequest]
     ) -> list[DraftProposal]:
-        return propose_each(sessions, requests)
+        over = [cast(_OverSession, s) for s in sessions]
+        made = self.inner.propose_batch([s.inner for s in over], requests)
+        return [
+            DraftProposal(s.oracle.tokens(r.context, int(m.tokens.shape[0])), None)
+            for s, r, m in zip(over, requests, made, strict=True)
+        ]
 
 
 class _OverSession:
