@@ -151,3 +151,90 @@ def test_adaptive_block_size_is_lossless(models: dict[str, Any], tiny_tok: Any) 
     expected = reference(model, prompt, 40)
     backend = LocalBackend(model, "ngram", tokenizer=tiny_tok, adaptive=True, block_size=2)
     assert hybrid(backend, prompt, 40, 2)[0] == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_causal_drafter_drafts_its_rows_together_as_each_alone(arch: str, tiny_tok: Any) -> None:
+    """Sessions of one causal drafter share a batched cache: contexts of different lengths,
+    ragged commits over rounds, greedy and sampled rows, a session leaving mid-way (its row
+    taken by another): each row drafts what a drafter of its own drafts (tokens and q)."""
+    from dg_stream import SamplingParams
+    from dg_stream._drafters.base import DraftRequest
+
+    model = tiny_causal_lm(arch, len(tiny_tok), seed=7)
+    shared, solo = CausalDrafter(model), CausalDrafter(model)
+    assert shared.traits.batched
+    generator = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(5, 200, (n,), generator=generator) for n in (1, 7, 23, 12)]
+    together = [shared.session() for _ in contexts]
+    alone = [solo.session() for _ in contexts]
+    sampled = SamplingParams(temperature=0.9, top_k=20)
+    for round_ in range(4):
+        live = [i for i in range(len(contexts)) if together[i] is not None]
+        requests = [
+            DraftRequest(
+                contexts[i],
+                2 + i,
+                sampled if i % 2 else SamplingParams(),
+                torch.Generator().manual_seed(10 * round_ + i),
+            )
+            for i in live
+        ]
+        got = shared.propose_batch([together[i] for i in live], requests)
+        for i, request, proposal in zip(live, requests, got, strict=True):
+            seed = int(request.generator.initial_seed())
+            one = alone[i].propose(request._replace(generator=torch.Generator().manual_seed(seed)))
+            assert proposal.tokens.tolist() == one.tokens.tolist(), (round_, i)
+            assert (proposal.q is None) == (one.q is None)
+            if one.q is not None:
+                torch.testing.assert_close(proposal.q, one.q, atol=1e-5, rtol=1e-4)
+        if round_ == 1:  # the first row leaves: the last one moves into its place
+            together[0].close()
+            together[0] = None
+        contexts = [
+            torch.cat([c, torch.randint(5, 200, (1 + (i + round_) % 3,), generator=generator)])
+            for i, c in enumerate(contexts)
+        ]
+    assert shared._pool is not None and shared._pool.rows == 3
+    for session in together[1:]:
+        session.close()
+    assert shared._pool.rows == 0
+
+
+def test_concurrent_streams_with_a_causal_drafter_write_the_verifiers_tokens(
+    tiny_tok: Any,
+) -> None:
+    import anyio
+
+    import dg_stream
+
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    drafter = CausalDrafter(tiny_causal_lm("llama", len(tiny_tok), seed=7))
+    calls: list[int] = []
+    batch = drafter.propose_batch
+
+    def counting(sessions: Any, requests: Any) -> Any:
+        calls.append(len(requests))
+        return batch(sessions, requests)
+
+    drafter.propose_batch = counting  # type: ignore[method-assign]
+    backend = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=3, adaptive=False)
+    prompts = list(PROMPTS.values())
+
+    async def main() -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+
+        async def one(i: int) -> None:
+            completion = await dg_stream.generate(
+                prompts[i], backend=backend, max_new_tokens=20
+            ).collect()
+            out[i] = list(completion.token_ids)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        return [out[i] for i in range(len(prompts))]
+
+    assert anyio.run(main) == [reference(verifier, p, 20) for p in prompts]
+    assert max(calls) == len(prompts)  # the rows drafted together
+    assert drafter._pool is not None and drafter._pool.rows == 0  # every row freed
