@@ -112,7 +112,7 @@ def test_a_drafter_that_never_agrees_is_switched_off() -> None:
     assert policy.best() == 0
     core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
     core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
-    core.realized = RealizedRates()
+    core.realized, core._held_plain = RealizedRates(), None
     blocks = [core._plan([_PlanOnly(policy)]) for _ in range(800)]  # type: ignore[list-item]
     probes = [i for i, block in enumerate(blocks) if block]
     assert blocks[:4] == [0, 0, 0, 4] and set(blocks) == {0, 4}  # plain, with probes...
@@ -249,7 +249,7 @@ def test_a_batch_that_does_not_draft_probes_ever_more_rarely(tiny_tok: Any) -> N
     costs = _costs({1: 0.010, 16: 0.011, 64: 0.014, 144: 0.020}, {1: 0.0005, 8: 0.001})
     core = RoundCore.__new__(RoundCore)  # only the planning state: no models needed
     core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 4, 0, 4
-    core.realized = RealizedRates()
+    core.realized, core._held_plain = RealizedRates(), None
     states = [_PlanOnly(BlockSizePolicy(8, 16, costs)) for _ in range(4)]
     for state in states:
         for _ in range(30):
@@ -316,3 +316,29 @@ def test_a_fixed_block_is_switched_off_by_its_own_acceptance_only() -> None:
     recovered = decisions([0] * 2 + [4] * 400)  # the text turns predictable
     assert recovered[-20:] == [4] * 20
     assert DraftGate(8).threshold == 1.6 and DraftGate(1).threshold == 0.5
+
+
+def test_a_held_plain_decision_gives_way_to_new_acceptance_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain decoding, once chosen, is recomputed once in ``REPLAN_EVERY`` rounds while only
+    timings move; a verified draft (a probe that was accepted) is heard at the next round."""
+    import dg_stream._rounds as rounds
+
+    costs = _costs({1: 10.0, 5: 14.0}, {4: 3.0})
+    policy = BlockSizePolicy(requested=4, max_block=16, costs=costs)
+    for _ in range(20):
+        policy.observe(drafted=4, accepted=0)
+    core = rounds.RoundCore.__new__(rounds.RoundCore)  # the planning state only
+    core.costs, core.probe_every, core._plain_rounds, core._probe_gap = costs, 1000, 0, 1000
+    core.realized, core._held_plain = RealizedRates(), None
+    computed = []
+    real = rounds.shared_block
+    monkeypatch.setattr(rounds, "shared_block", lambda *a, **k: computed.append(1) or real(*a, **k))
+    state = _PlanOnly(policy)
+    held = 3 * (rounds.REPLAN_EVERY + 1)
+    assert [core._plan([state]) for _ in range(held)] == [0] * held  # type: ignore[list-item]
+    assert len(computed) == 3
+    for _ in range(30):  # the text turns predictable: every draft is accepted
+        policy.observe(drafted=4, accepted=4)
+    assert core._plan([state]) > 0  # type: ignore[list-item]

@@ -260,11 +260,14 @@ class BlockSizePolicy:
             shared.copy(decay=0.9) if shared is not None else AcceptanceEstimate(max_block)
         )
         self._warmup = [self.requested, max(1, self.requested // 2), 0] * 3
+        self.observed = 0  # verified drafts seen: what can change the acceptance estimate
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.acceptance.observe(drafted, accepted)
         if self.shared is not None:
             self.shared.observe(drafted, accepted)
+        if drafted > 0:
+            self.observed += 1
 
     def best(self) -> int:
         """The block size with the most expected tokens per second for this row alone."""
