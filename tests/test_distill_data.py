@@ -188,10 +188,100 @@ def test_distil_command_line(
             *("--shards", "1", "--shard-rows", "4", "--context-tokens", "24"),
             *("--continuation-tokens", "16", "--batch-size", "4", "--steps", "3"),
             *("--eval-prompts", "0", "--threads", "1", "--fp32"),
+            *("--soft-top-k", "4", "--soft-weight", "0.5"),
         ]
     )
     assert code == 0
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["layout"]["top_k"] == 4 and settings["soft_weight"] == 0.5
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{\n") :])  # the summary, after the progress lines
     assert summary["training"]["finished"] and summary["data"]["shards"] == 1
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# -- the verifier's distribution as well as its choice ------------------------------------
+
+
+def test_soft_targets_are_the_distribution_each_token_was_chosen_from() -> None:
+    from dg_stream.train.distill_data import continue_greedily
+
+    verifier = tiny_causal_lm("llama", 300)
+    contexts = torch.randint(3, 300, (4, 17), generator=torch.Generator().manual_seed(0))
+    ids, soft = continue_greedily(verifier, contexts, 10, top_k=5)
+    assert soft is not None and soft.ids.shape == soft.probs.shape == (4, 10, 5)
+    assert torch.equal(ids, batched_greedy(verifier, contexts, 10))  # the same text
+    assert torch.equal(soft.ids[:, :, 0], ids[:, 17:])  # the chosen token is the likeliest
+    with torch.no_grad():  # and the probabilities are the verifier's own
+        full = verifier(input_ids=ids).logits[:, 16:-1].float().softmax(dim=-1)
+    expected = full.gather(-1, soft.ids)
+    torch.testing.assert_close(soft.probs.float(), expected, atol=2e-3, rtol=1e-2)
+    assert bool((soft.probs[..., :-1] >= soft.probs[..., 1:]).all())
+
+
+def test_shards_keep_soft_targets_and_earlier_shards_still_load(
+    tmp_path: Path, tiny_tok: Any
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from dg_stream.train.distill_data import load_soft_targets
+
+    verifier = tiny_causal_lm("llama", len(tiny_tok))
+    stream = TokenStream([TEXT * 20], tiny_tok, 0)
+    soft_layout = dataclasses.replace(LAYOUT, top_k=4)
+    generate_shards(verifier, stream, tmp_path / "soft", soft_layout, 2, log=lambda _: None)
+    soft = load_soft_targets(tmp_path / "soft", 2, soft_layout)
+    assert soft is not None and soft.ids.shape == (12, 20, 4) and soft.ids.dtype == torch.long
+    assert soft.probs.dtype == torch.float16 and bool((soft.probs.sum(-1) <= 1.01).all())
+    ids = load_shards(tmp_path / "soft", 2, soft_layout)
+    assert torch.equal(soft.ids[:, :, 0], ids[:, LAYOUT.context_tokens :])
+    assert load_soft_targets(tmp_path / "soft", 2, LAYOUT) is None  # a layout without them
+    # A shard written before top_k existed (its layout lacks the field) is read as top_k 0.
+    generate_shards(verifier, stream, tmp_path / "old", LAYOUT, 1, log=lambda _: None)
+    path = shard_path(tmp_path / "old", 0)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    layout = json.loads(metadata["layout"])
+    del layout["top_k"]
+    metadata["layout"] = json.dumps(layout)
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    assert load_shards(tmp_path / "old", 1, LAYOUT).shape == (6, 44)
+    with pytest.raises(ValueError, match="layout"):
+        load_shards(tmp_path / "old", 1, soft_layout)
+
+
+def test_a_run_on_soft_targets_trains_and_resumes_exactly(
+    tmp_path: Path, corpus: Corpus, verifier_dir: Path, drafter_dir: Path
+) -> None:
+    layout = dataclasses.replace(LAYOUT, top_k=8)
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    config = _config(layout=layout, soft_weight=0.7)
+    summary = run_distillation(corpus, verifier_dir, drafter_dir, whole, config, prompts=[])
+    assert summary["training"]["finished"]
+    run_distillation(
+        corpus,
+        verifier_dir,
+        drafter_dir,
+        halves,
+        _config(layout=layout, soft_weight=0.7, stop_at=4),
+        prompts=[],
+    )
+    run_distillation(corpus, verifier_dir, drafter_dir, halves, config, prompts=[])
+    a, b = _weights(whole), _weights(halves)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    plain = run_distillation(
+        corpus,
+        verifier_dir,
+        drafter_dir,
+        tmp_path / "plain",
+        _config(layout=layout, soft_weight=0.0),
+        prompts=[],
+    )
+    assert plain["training"]["finished"]
+    c = _weights(tmp_path / "plain")
+    assert any(not torch.equal(a[n], c[n]) for n in a if n != "optimizer step")  # it counts
+    with pytest.raises(ValueError, match="soft_weight"):
+        _config(soft_weight=1.5)

@@ -34,6 +34,7 @@ def _distil(args: argparse.Namespace) -> int:
             context_tokens=args.context_tokens,
             continuation_tokens=args.continuation_tokens,
             seed=args.seed,
+            top_k=args.soft_top_k,
         ),
         shards=args.shards,
         generation_dtype=args.generation_dtype,
@@ -47,6 +48,7 @@ def _distil(args: argparse.Namespace) -> int:
         eval_block=args.eval_block,
         time_budget=args.time_budget,
         stop_at=args.stop_at,
+        soft_weight=args.soft_weight,
     )
     summary = run_distillation(
         corpus, args.verifier, args.init_from, args.out, config, device=args.device
@@ -84,6 +86,20 @@ def add_distil_command(commands: Any) -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         default="bfloat16",
         help="verifier precision while writing the data (default %(default)s)",
+    )
+    p.add_argument(
+        "--soft-top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the verifier's K most likely ids per generated token and train against "
+        "that distribution too (default 0: its greedy token only)",
+    )
+    p.add_argument(
+        "--soft-weight",
+        type=float,
+        default=0.5,
+        help="share of the loss on the verifier's distribution (default %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20000, help="schedule length over all sessions")

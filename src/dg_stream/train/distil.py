@@ -35,7 +35,13 @@ import torch
 
 from ._loop import Checkpointer, TokenStream, autocast_dtype, optimize, pick_device
 from .corpus import Corpus
-from .distill_data import ShardLayout, generate_shards, load_shards, shard_path
+from .distill_data import (
+    ShardLayout,
+    generate_shards,
+    load_shards,
+    load_soft_targets,
+    shard_path,
+)
 from .distillation import Distillation, DrafterTrainingConfig
 from .drafter import _batch, _warm_start, ensure_mask_token
 
@@ -66,6 +72,15 @@ class DistilRunConfig:
     eval_block: int = 8
     time_budget: float | None = None  # seconds of this session, data and training together
     stop_at: int | None = None  # end this session at this step (tests, fixed-size sessions)
+    # The share of the loss that matches the verifier's distribution (its ``layout.top_k``
+    # most likely ids, renormalised) rather than its greedy token alone; 0 without top_k.
+    soft_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise ValueError(f"soft_weight must be within [0, 1], got {self.soft_weight}")
+        if self.layout.top_k < 0:
+            raise ValueError(f"top_k must be 0 or more, got {self.layout.top_k}")
 
 
 def diffusion_loss(
@@ -76,9 +91,12 @@ def diffusion_loss(
     generator: torch.Generator,
     device: torch.device,
     amp: torch.dtype | None,
+    soft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """The MDLM loss of one batch of a token-only BERT drafter, and the batch's input tokens.
-    Only the block's positions go through the vocabulary head."""
+    Only the block's positions go through the vocabulary head. Where the data holds the
+    verifier's distribution, ``soft_weight`` of each position's loss is the cross-entropy
+    against it (its top ids, renormalised): what sampled drafts are accepted by."""
     batch = _batch(data, config, mask_id, generator)
     inputs, targets = batch.inputs.to(device), batch.targets.to(device)
     weights = batch.weights.to(device)
@@ -86,10 +104,15 @@ def diffusion_loss(
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         hidden = model.bert(input_ids=inputs).last_hidden_state[:, -k:]  # (B, k, H)
         logits = model.cls(hidden).float()  # (B, k, V)
-    ce = torch.nn.functional.cross_entropy(
+    loss = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), reduction="none"
-    )
-    return (ce.view_as(weights) * weights).sum(dim=1).mean(), inputs.numel()
+    ).view_as(weights)
+    if batch.soft is not None and soft_weight > 0:
+        ids, probs = batch.soft[0].to(device), batch.soft[1].to(device)
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        soft = -(probs * logits.log_softmax(dim=-1).gather(-1, ids)).sum(dim=-1)  # (B, k)
+        loss = (1 - soft_weight) * loss + soft_weight * soft
+    return (loss * weights).sum(dim=1).mean(), inputs.numel()
 
 
 def _export(model: Any, tokenizer: Any, folder: Path) -> None:
@@ -179,7 +202,7 @@ def run_distillation(
     settings = out / "settings.json"
     if settings.exists():  # a run continues on the settings it began with
         saved = json.loads(settings.read_text())
-        if saved["layout"] != asdict(config.layout):
+        if ShardLayout.from_saved(saved["layout"]) != config.layout:
             raise ValueError(f"{out} holds data of layout {saved['layout']}; use a new folder")
     settings.write_text(json.dumps({**asdict(config), "init_from": str(init_from)}, indent=1))
     from transformers import AutoTokenizer
@@ -218,7 +241,7 @@ def run_distillation(
 
     # 2. Training on every shard, warm-started, resumable to the step.
     ids = load_shards(out / "data", config.shards, config.layout)
-    data = Distillation(ids)
+    data = Distillation(ids, soft=load_soft_targets(out / "data", config.shards, config.layout))
     train_config = replace(
         base,
         batch_size=config.batch_size,
@@ -290,7 +313,14 @@ def run_distillation(
 
     def batch_loss() -> tuple[torch.Tensor, int]:
         loss, tokens = diffusion_loss(
-            model, data, train_config, tokenizer.mask_token_id, generator, dev, amp
+            model,
+            data,
+            train_config,
+            tokenizer.mask_token_id,
+            generator,
+            dev,
+            amp,
+            soft_weight=config.soft_weight,
         )
         losses.append(float(loss.detach()))
         return loss, tokens

@@ -11,6 +11,10 @@ so this module does it the cheap way and keeps what it made:
   keys and values at each step, which copies the whole cache per token: on 2 CPU cores that
   was 61% of a step at 128 rows and 300 positions. ``PreallocatedLayer`` writes each step
   into a buffer sized for the whole row and hands the attention a view of the filled part.
+- **The verifier's distribution, not only its choice** (``top_k`` > 0): at every generated
+  position the forward that chose the token has the whole distribution at hand, so its
+  ``top_k`` most likely ids and their probabilities are kept too (fp16), at no extra forward:
+  soft targets for a drafter that should agree with the verifier when it samples.
 - **Compact, resumable storage.** Token ids are stored as int16 when the vocabulary fits
   (int32 otherwise), one safetensors file per shard with its layout in the metadata. Shard
   ``i``'s contexts come from a generator seeded with ``(seed, i)`` alone, so a shard is the
@@ -30,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -42,9 +46,12 @@ from ._loop import TokenStream
 __all__ = [
     "PreallocatedLayer",
     "ShardLayout",
+    "SoftTargets",
     "batched_greedy",
+    "continue_greedily",
     "generate_shards",
     "load_shards",
+    "load_soft_targets",
     "shard_path",
 ]
 
@@ -58,11 +65,26 @@ class ShardLayout:
     context_tokens: int = 128
     continuation_tokens: int = 192
     seed: int = 0
+    top_k: int = 0  # the verifier's most likely ids kept per generated position (0: none)
 
     @property
     def length(self) -> int:
         """Tokens per row: the context and its continuation."""
         return self.context_tokens + self.continuation_tokens
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> ShardLayout:
+        """A layout as written by this or an earlier version (fields added since take their
+        defaults: shards made before ``top_k`` hold none)."""
+        return cls(**saved)
+
+
+class SoftTargets(NamedTuple):
+    """The verifier's ``K`` most likely ids at each generated position and their
+    probabilities: (N, continuation, K) each."""
+
+    ids: torch.Tensor
+    probs: torch.Tensor
 
 
 def shard_path(folder: str | Path, index: int) -> Path:
@@ -124,9 +146,18 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-@torch.inference_mode()
 def batched_greedy(verifier: Any, contexts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(N, C) equal-length contexts continued greedily by ``new_tokens``: (N, C + new).
+    """(N, C) equal-length contexts continued greedily by ``new_tokens``: (N, C + new)."""
+    return continue_greedily(verifier, contexts, new_tokens)[0]
+
+
+@torch.inference_mode()
+def continue_greedily(
+    verifier: Any, contexts: torch.Tensor, new_tokens: int, top_k: int = 0
+) -> tuple[torch.Tensor, SoftTargets | None]:
+    """(N, C) equal-length contexts continued greedily by ``new_tokens``: (N, C + new) ids,
+    and with ``top_k`` the distribution each new token was chosen from (its ``top_k`` most
+    likely ids, probabilities in float16).
 
     No padding and no mask: every row has the same length, so the causal mask of the
     prefill is the only one, and each later step attends to every cached position.
@@ -136,13 +167,24 @@ def batched_greedy(verifier: Any, contexts: torch.Tensor, new_tokens: int) -> to
     cache = _cache(verifier, contexts.shape[1] + new_tokens)
     kw = {cache_keyword(verifier): cache, "use_cache": True, "logits_to_keep": 1}
     out = verifier(input_ids=contexts, **kw)
-    ids = torch.empty(contexts.shape[0], new_tokens, dtype=contexts.dtype, device=contexts.device)
+    n, device = contexts.shape[0], contexts.device
+    ids = torch.empty(n, new_tokens, dtype=contexts.dtype, device=device)
+    soft = None
+    if top_k > 0:
+        soft = SoftTargets(
+            torch.empty(n, new_tokens, top_k, dtype=torch.long, device=device),
+            torch.empty(n, new_tokens, top_k, dtype=torch.float16, device=device),
+        )
     for i in range(new_tokens):
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (N, 1)
+        logits = out.logits[:, -1]  # (N, V)
+        token = logits.argmax(dim=-1, keepdim=True)  # (N, 1)
         ids[:, i : i + 1] = token
+        if soft is not None:
+            probs, best = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+            soft.ids[:, i], soft.probs[:, i] = best, probs.half()
         if i < new_tokens - 1:  # the last token's own forward would be wasted
             out = verifier(input_ids=token, **kw)
-    return torch.cat([contexts, ids], dim=1)
+    return torch.cat([contexts, ids], dim=1), soft
 
 
 def _metadata(layout: ShardLayout, vocab_size: int, verifier_name: str) -> dict[str, str]:
@@ -185,14 +227,14 @@ def generate_shards(
         generator = torch.Generator().manual_seed(layout.seed * 1_000_003 + index)
         contexts = stream.windows(layout.rows, layout.context_tokens, generator).to(device)
         tick = time.perf_counter()
-        ids = batched_greedy(verifier, contexts, layout.continuation_tokens)
+        ids, soft = continue_greedily(verifier, contexts, layout.continuation_tokens, layout.top_k)
         seconds = time.perf_counter() - tick
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {"ids": _compact(ids.cpu(), vocab).contiguous()},
-            str(tmp),
-            metadata=_metadata(layout, vocab, verifier_name),
-        )
+        tensors = {"ids": _compact(ids.cpu(), vocab).contiguous()}
+        if soft is not None:
+            tensors["top_ids"] = _compact(soft.ids.cpu(), vocab).contiguous()
+            tensors["top_probs"] = soft.probs.cpu().contiguous()
+        save_file(tensors, str(tmp), metadata=_metadata(layout, vocab, verifier_name))
         tmp.replace(path)
         made += 1
         tokens += layout.rows * layout.continuation_tokens
@@ -210,16 +252,33 @@ def generate_shards(
 def load_shards(folder: str | Path, count: int, layout: ShardLayout) -> torch.Tensor:
     """The first ``count`` shards as one (count * rows, length) int64 tensor; refuses shards
     of another layout (a run must read the data it was started on)."""
+    return torch.cat([_read(folder, index, layout, "ids") for index in range(count)])
+
+
+def load_soft_targets(folder: str | Path, count: int, layout: ShardLayout) -> SoftTargets | None:
+    """The first ``count`` shards' soft targets (None for a layout without ``top_k``)."""
+    if layout.top_k <= 0:
+        return None
+    return SoftTargets(
+        torch.cat([_read(folder, i, layout, "top_ids") for i in range(count)]),
+        torch.cat([_read(folder, i, layout, "top_probs") for i in range(count)]),
+    )
+
+
+def _read(folder: str | Path, index: int, layout: ShardLayout, name: str) -> torch.Tensor:
+    """One tensor of shard ``index``, checked to be of ``layout``; ids as int64."""
     from safetensors import safe_open
 
-    rows = []
-    for index in range(count):
-        path = shard_path(folder, index)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: generate the data first")
-        with safe_open(str(path), framework="pt") as f:
-            saved = json.loads((f.metadata() or {}).get("layout", "{}"))
-            if saved != asdict(layout):
-                raise ValueError(f"{path} holds layout {saved}, not {asdict(layout)}")
-            rows.append(f.get_tensor("ids").long())
-    return torch.cat(rows)
+    path = shard_path(folder, index)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: generate the data first")
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get("layout", "{}"))
+        try:
+            same = bool(saved) and ShardLayout.from_saved(saved) == layout
+        except TypeError:  # fields this version does not know
+            same = False
+        if not same:
+            raise ValueError(f"{path} holds layout {saved}, not {asdict(layout)}")
+        tensor = f.get_tensor(name)
+    return tensor.long() if name.endswith("ids") else tensor

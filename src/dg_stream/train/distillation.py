@@ -87,11 +87,14 @@ class Distillation(NamedTuple):
 
     ids: (N, C + continuation) tokens. features: (N, P, F) float16 verifier features of the
     last P positions that have them (every position but the final token), for a
-    feature-conditioned drafter; ``None`` otherwise.
+    feature-conditioned drafter; ``None`` otherwise. soft: the verifier's most likely ids and
+    their probabilities at each continuation position, (N, continuation, K) each (int64,
+    float16), or ``None``.
     """
 
     ids: torch.Tensor
     features: torch.Tensor | None = None
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @torch.inference_mode()

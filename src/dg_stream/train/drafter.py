@@ -62,6 +62,8 @@ class Batch(NamedTuple):
     weights: torch.Tensor  # (B, k) MDLM weights, 0 on positions left unmasked
     features: torch.Tensor | None  # (B, m, F) verifier features of the m context tokens before
     # the newest, whose features the verifier has not computed when the drafter runs
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, k, K) the verifier's most
+    # likely ids at each block position and their probabilities
 
 
 def _batch(
@@ -102,7 +104,11 @@ def _batch(
         # Stored features start `features_read` positions before the newest context token.
         index = torch.arange(-read - 1, -1)[None, :] - (first - 1 - config.features_read)
         features = data.features[rows[:, None], cut[:, None] + index].float()
-    return Batch(inputs, targets, weights, features)
+    soft = None
+    if data.soft is not None:  # the block's positions within the continuation
+        where = cut[:, None] + torch.arange(k)[None, :] - first
+        soft = (data.soft[0][rows[:, None], where], data.soft[1][rows[:, None], where].float())
+    return Batch(inputs, targets, weights, features, soft)
 
 
 class FeatureConditionedMLM(torch.nn.Module):
