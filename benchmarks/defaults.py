@@ -19,7 +19,6 @@ and ``.png``. The issue this serves: the default never below plain decoding, in 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from dg_stream._argtypes import OneLineErrorParser, positive_int
+from dg_stream.bench._report import markdown_table, save_figure, write_document
 
 MODES = {
     "greedy": {"temperature": 0.0},
@@ -112,19 +112,23 @@ def measure(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| dtype | mode | plain tok/s | default tok/s | default ÷ plain | accepted/call | "
-        "identical |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        same = "—" if r["identical"] is None else ("yes" if r["identical"] else "NO")
-        lines.append(
-            f"| {r['dtype']} | {r['mode']} | {r['plain_tokens_per_second']} | "
-            f"{r['default_tokens_per_second']} | {r['ratio']:.2f}× | "
-            f"{r['accepted_per_call']:.2f} | {same} |"
+    header = (
+        "dtype", "mode", "plain tok/s", "default tok/s", "default ÷ plain", "accepted/call",
+        "identical",
+    )  # fmt: skip
+    cells = [
+        (
+            r["dtype"],
+            r["mode"],
+            r["plain_tokens_per_second"],
+            r["default_tokens_per_second"],
+            f"{r['ratio']:.2f}×",
+            f"{r['accepted_per_call']:.2f}",
+            "—" if r["identical"] is None else ("yes" if r["identical"] else "NO"),
         )
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return "\n".join(markdown_table(header, "llrrrrl", cells))
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -142,9 +146,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("generate() defaults against plain decoding, one stream")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +172,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(prompts)} held-out prompts × {args.new_tokens} tokens, one stream, "
         f"{args.repeats} interleaved repeats (medians), {args.threads} threads\n\n{text}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"defaults-{args.name}"
     document = {
         "what": "generate() default options ÷ plain decoding, one stream, by mode and dtype",
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
+    write_document(document, stem.with_suffix(".json"))
     figure(rows, stem.with_suffix(".png"))
     print(f"\nfiles: {stem}.json, {stem}.png")
 

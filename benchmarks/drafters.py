@@ -21,7 +21,6 @@ Greedy drafts; contexts of 200 + 17 i tokens for row i. Prints a Markdown table 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from dg_stream._argtypes import OneLineErrorParser, int_list, positive_int
+from dg_stream.bench._report import markdown_table, save_figure, write_document
 
 
 def drafters(verifier: Any) -> dict[str, Any]:
@@ -141,16 +141,12 @@ def measure(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| drafter | rows | one at a time ms | one call ms | speed-up |",
-        "|---|---:|---:|---:|---:|",
+    header = ("drafter", "rows", "one at a time ms", "one call ms", "speed-up")
+    cells = [
+        (r["drafter"], r["rows"], r["one_at_a_time_ms"], r["batched_ms"], f"{r['speedup']:.2f}×")
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['drafter']} | {r['rows']} | {r['one_at_a_time_ms']} | {r['batched_ms']} | "
-            f"{r['speedup']:.2f}× |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(header, "lrrrr", cells))
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -170,9 +166,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("drafting several generations in one call")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None, build: Callable[[Any], dict[str, Any]] = drafters) -> None:
@@ -195,7 +189,6 @@ def main(argv: list[str] | None = None, build: Callable[[Any], dict[str, Any]] =
         f"block {args.block}, {args.rounds} rounds per run, {args.repeats} interleaved repeats "
         f"(medians), {args.threads} threads\n\n{table(rows)}"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"drafters-{args.name}"
     document = {
         "what": "a round's drafting for R generations: propose_batch against each session alone",
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None, build: Callable[[Any], dict[str, Any]] =
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
+    write_document(document, stem.with_suffix(".json"))
     figure(rows, stem.with_suffix(".png"))
     print(f"\nfiles: {stem}.json, {stem}.png")
 

@@ -108,3 +108,39 @@ class NoisyOracleDrafter(StatelessDrafter):
         if slot < k:
             draft[slot] = (draft[slot] + 1) % self.vocab
         return DraftProposal(draft, None)
+
+
+def count_batches(drafter: Any) -> list[int]:
+    """Record the rows of every ``propose_batch`` call of ``drafter`` (patched in place)."""
+    calls: list[int] = []
+    batch = drafter.propose_batch
+
+    def counting(sessions: Any, requests: Any) -> Any:
+        calls.append(len(requests))
+        return batch(sessions, requests)
+
+    drafter.propose_batch = counting
+    return calls
+
+
+def concurrent_ids(backend: Any, prompts: Sequence[Any], new: int, **options: Any) -> list[Any]:
+    """The token ids of one stream per prompt, all started at once on ``backend``."""
+    import anyio
+
+    import dg_stream
+
+    async def main() -> list[Any]:
+        out: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            generation = dg_stream.generate(
+                prompts[i], backend=backend, max_new_tokens=new, **options
+            )
+            out[i] = list((await generation.collect()).token_ids)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        return [out[i] for i in range(len(prompts))]
+
+    return anyio.run(main)

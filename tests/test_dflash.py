@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from _drafters import concurrent_ids, count_batches
 from _models import tiny_causal_lm, tiny_dflash
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -460,37 +461,11 @@ def test_concurrent_streams_with_a_dflash_drafter_write_the_verifiers_tokens(
 ) -> None:
     """Streams sharing rounds draft in one DFlash forward and still write plain decoding's
     tokens."""
-    import anyio
-
-    import dg_stream
-
     verifier = tiny_causal_lm("qwen3", len(tiny_tok))
     drafter = DFlashDrafter(tiny_dflash(verifier, tiny_tok.mask_token_id), verifier)
-    calls = []
-    batch = drafter.propose_batch
-
-    def counting(sessions: Any, requests: Any) -> Any:
-        calls.append(len(requests))
-        return batch(sessions, requests)
-
-    drafter.propose_batch = counting  # type: ignore[method-assign]
+    calls = count_batches(drafter)
     backend = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=4, adaptive=False)
     prompts = list(PROMPTS.values())
     expected = [reference(verifier, p, 24) for p in prompts]
-
-    async def main() -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in prompts]
-
-        async def one(i: int) -> None:
-            completion = await dg_stream.generate(
-                prompts[i], backend=backend, max_new_tokens=24
-            ).collect()
-            out[i] = list(completion.token_ids)
-
-        async with anyio.create_task_group() as group:
-            for i in range(len(prompts)):
-                group.start_soon(one, i)
-        return out
-
-    assert anyio.run(main) == expected
+    assert concurrent_ids(backend, prompts, 24) == expected
     assert max(calls) == len(prompts)  # rows did draft together

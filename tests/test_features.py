@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _drafters import StatelessDrafter
+from _drafters import StatelessDrafter, concurrent_ids
 from _models import ARCHITECTURES, tiny_causal_lm, tiny_feature_drafter, tiny_masked_lm
 from test_greedy_lossless import PROMPTS, hybrid, reference
 
@@ -229,10 +229,6 @@ def test_a_batching_drafter_of_the_earlier_contract_drafts_its_rows_together(
 ) -> None:
     """The earlier ``propose_batch(requests)`` of a stateless drafter is kept: one call for
     the rows of a round, and the verifier's output."""
-    import anyio
-
-    import dg_stream
-
     inner = tiny_masked_lm(len(tiny_tok), tiny_tok.mask_token_id)
     diffusion = DiffusionDrafter(inner, mask_token_id=tiny_tok.mask_token_id, window=12)
     calls: list[int] = []
@@ -258,27 +254,8 @@ def test_a_batching_drafter_of_the_earlier_contract_drafts_its_rows_together(
     assert backend.drafter.traits.batched
     prompts = [PROMPTS["long"], PROMPTS["short"], PROMPTS["long"][5:]]
 
-    async def main() -> list[list[int]]:
-        async def one(prompt: list[int]) -> list[int]:
-            return list(
-                (
-                    await dg_stream.generate(
-                        prompt, backend=backend, max_new_tokens=12, block_size=3, adaptive=False
-                    ).collect()
-                ).token_ids
-            )
-
-        out: dict[int, list[int]] = {}
-        async with anyio.create_task_group() as group:
-            for i, prompt in enumerate(prompts):
-
-                async def run(i: int = i, prompt: list[int] = prompt) -> None:
-                    out[i] = await one(prompt)
-
-                group.start_soon(run)
-        return [out[i] for i in range(len(prompts))]
-
-    assert anyio.run(main) == [reference(verifier, p, 12) for p in prompts]
+    got = concurrent_ids(backend, prompts, 12, block_size=3, adaptive=False)
+    assert got == [reference(verifier, p, 12) for p in prompts]
     assert max(calls) == len(prompts)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from _drafters import OracleDrafter
+from _drafters import OracleDrafter, concurrent_ids, count_batches
 from _models import ARCHITECTURES, tiny_causal_lm, tiny_masked_lm
 
 from dg_stream import GenerationRequest, LocalBackend, SpeculativeConfig
@@ -204,37 +204,12 @@ def test_a_causal_drafter_drafts_its_rows_together_as_each_alone(arch: str, tiny
 def test_concurrent_streams_with_a_causal_drafter_write_the_verifiers_tokens(
     tiny_tok: Any,
 ) -> None:
-    import anyio
-
-    import dg_stream
-
     verifier = tiny_causal_lm("llama", len(tiny_tok))
     drafter = CausalDrafter(tiny_causal_lm("llama", len(tiny_tok), seed=7))
-    calls: list[int] = []
-    batch = drafter.propose_batch
-
-    def counting(sessions: Any, requests: Any) -> Any:
-        calls.append(len(requests))
-        return batch(sessions, requests)
-
-    drafter.propose_batch = counting  # type: ignore[method-assign]
+    calls = count_batches(drafter)
     backend = LocalBackend(verifier, drafter, tokenizer=tiny_tok, block_size=3, adaptive=False)
     prompts = list(PROMPTS.values())
-
-    async def main() -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-
-        async def one(i: int) -> None:
-            completion = await dg_stream.generate(
-                prompts[i], backend=backend, max_new_tokens=20
-            ).collect()
-            out[i] = list(completion.token_ids)
-
-        async with anyio.create_task_group() as group:
-            for i in range(len(prompts)):
-                group.start_soon(one, i)
-        return [out[i] for i in range(len(prompts))]
-
-    assert anyio.run(main) == [reference(verifier, p, 20) for p in prompts]
+    expected = [reference(verifier, p, 20) for p in prompts]
+    assert concurrent_ids(backend, prompts, 20) == expected
     assert max(calls) == len(prompts)  # the rows drafted together
     assert drafter._pool is not None and drafter._pool.rows == 0  # every row freed
